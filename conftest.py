@@ -1,0 +1,2 @@
+# pytester runs inner pytest sessions for the plugin's options and error messages.
+pytest_plugins = ["pytester"]

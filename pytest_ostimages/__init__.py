@@ -1,0 +1,15 @@
+"""pytest-ostimages: disposable VMs booted from installed, layered ost-images."""
+
+from .catalog import Catalog, Image
+from .config import OstConfig
+from .errors import BootError, ImageError, OstError, SSHCommandError, VirtError
+from .lab import Lab, Network, VMSpec
+from .plugin import VMFactory, vm_fixture, vm_group_fixture, vm_member_fixture
+from .ssh import CommandResult
+from .vm import VM
+
+__all__ = [
+    "BootError", "Catalog", "CommandResult", "Image", "ImageError", "Lab", "Network",
+    "OstConfig", "OstError", "SSHCommandError", "VM", "VMFactory", "VMSpec", "VirtError",
+    "vm_fixture", "vm_group_fixture", "vm_member_fixture",
+]

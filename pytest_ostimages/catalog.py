@@ -1,0 +1,267 @@
+"""Step 1: find the installed ost-images.
+
+ost-images ships each layer as an RPM ``ost-images-<distro>-<layer>`` with files
+under ``/usr/share/ost-images/``::
+
+    <distro>-<layer>.qcow2              the layer (upper layers are qcow2 overlays)
+    <distro>_id_rsa, <distro>_id_rsa.pub  the root SSH key baked into the images
+    <distro>-<layer>-pkglist.txt        packages in the layer
+    <distro>-<layer>-pkglist-diff.txt   packages added on top of the parent layer
+
+The RPM database is asked first (it also gives package names and versions and
+notices files a package lists but that are missing); without RPMs the images
+directory is scanned. Distro names have no hyphen, layer names may have some, so
+file names are split at the first hyphen.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from .errors import ImageError
+
+PACKAGE_PREFIX = "ost-images-"
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Image:
+    """One installed layer with its resolved backing chain (top first)."""
+
+    distro: str
+    layer: str
+    path: Path
+    chain: tuple[Path, ...]
+    package: Optional[Package] = None
+    pkglist: Optional[Path] = None
+    pkglist_diff: Optional[Path] = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.distro}-{self.layer}"
+
+
+@dataclass
+class _Entry:
+    """What the catalog knows about a layer before its chain is checked."""
+
+    path: Path
+    package: Optional[Package] = None
+    pkglist: Optional[Path] = None
+    pkglist_diff: Optional[Path] = None
+
+
+@dataclass
+class Catalog:
+    """The ost-images installed in one directory."""
+
+    directory: Path
+    source: str  # "rpm" or "directory": where the file list came from
+    layers: dict[tuple[str, str], _Entry] = field(default_factory=dict)
+    keys: dict[str, Path] = field(default_factory=dict)
+    missing: dict[Path, Package] = field(default_factory=dict)
+    _resolved: dict[tuple[str, str], Image] = field(default_factory=dict, repr=False)
+
+    # --- discovery ------------------------------------------------------------
+
+    @classmethod
+    def discover(cls, directory: Path, rpm: Sequence[str] = ("rpm",)) -> "Catalog":
+        """The images of `directory`, from the RPM database when it has any."""
+        files = _rpm_files(rpm, directory)
+        if files:
+            catalog = cls(directory, "rpm")
+            for path, package in files:
+                if path.exists():
+                    catalog._add(path, package)
+                elif path.suffix == ".qcow2" or path.name.endswith("_id_rsa"):
+                    catalog.missing[path] = package
+            return catalog
+        catalog = cls(directory, "directory")
+        if directory.is_dir():
+            for path in sorted(directory.iterdir()):
+                catalog._add(path, None)
+        return catalog
+
+    def _add(self, path: Path, package: Optional[Package]) -> None:
+        name = path.name
+        if name.endswith("_id_rsa"):
+            self.keys[name[: -len("_id_rsa")]] = path
+            return
+        distro, sep, rest = name.partition("-")
+        if not sep or not distro:
+            return
+        if name.endswith(".qcow2"):
+            entry = self.layers.setdefault((distro, rest[: -len(".qcow2")]), _Entry(path))
+            entry.path, entry.package = path, package
+        elif name.endswith("-pkglist-diff.txt"):
+            self._entry(distro, rest[: -len("-pkglist-diff.txt")]).pkglist_diff = path
+        elif name.endswith("-pkglist.txt"):
+            self._entry(distro, rest[: -len("-pkglist.txt")]).pkglist = path
+
+    def _entry(self, distro: str, layer: str) -> _Entry:
+        default = self.directory / f"{distro}-{layer}.qcow2"
+        return self.layers.setdefault((distro, layer), _Entry(default))
+
+    # --- queries ----------------------------------------------------------------
+
+    def distros(self) -> list[str]:
+        return sorted({d for (d, _), e in self.layers.items() if e.path.exists()} | set(self.keys))
+
+    def layer_names(self, distro: str) -> list[str]:
+        return sorted(l for (d, l), e in self.layers.items() if d == distro and e.path.exists())
+
+    def describe(self) -> str:
+        """One line per distro, for error messages."""
+        if not self.distros():
+            return "  (none)"
+        return "\n".join(f"  {d}: {', '.join(self.layer_names(d)) or '(no layers)'}" for d in self.distros())
+
+    def choose_distro(self, requested: Optional[str]) -> str:
+        distros = self.distros()
+        if not distros:
+            raise ImageError(self._nothing_installed())
+        if requested is not None:
+            if requested not in distros:
+                raise ImageError(
+                    f"Distro {requested!r} is not installed in {self.directory}.\n"
+                    f"Installed:\n{self.describe()}\n"
+                    f"Choose one of them with --ost-distro, or install ost-images-{requested}-base."
+                )
+            return requested
+        if len(distros) > 1:
+            raise ImageError(
+                f"Several distros are installed in {self.directory}; choose one with "
+                f"--ost-distro (ini ost_distro, env OST_DISTRO):\n{self.describe()}"
+            )
+        return distros[0]
+
+    def image(self, distro: str, layer: str) -> Image:
+        """The layer with a validated backing chain, or an ImageError saying why not."""
+        key = (distro, layer)
+        if key in self._resolved:
+            return self._resolved[key]
+        wanted = self.directory / f"{distro}-{layer}.qcow2"
+        if wanted in self.missing:
+            package = self.missing[wanted]
+            raise ImageError(
+                f"Package {package.name}-{package.version} lists {wanted}, but the file is "
+                f"missing. Reinstall it: dnf reinstall {package.name}"
+            )
+        entry = self.layers.get(key)
+        if entry is None or not entry.path.exists():
+            if distro not in self.distros():
+                raise ImageError(self._nothing_installed() if not self.distros() else
+                                 f"Distro {distro!r} is not installed in {self.directory}.\n"
+                                 f"Installed:\n{self.describe()}")
+            raise ImageError(
+                f"Layer {layer!r} of {distro} is not installed in {self.directory}.\n"
+                f"Installed layers of {distro}: {', '.join(self.layer_names(distro))}\n"
+                f"Use one of them, or install ost-images-{distro}-{layer}."
+            )
+        image = Image(distro, layer, entry.path, backing_chain(entry.path, entry.package),
+                      entry.package, entry.pkglist, entry.pkglist_diff)
+        self._resolved[key] = image
+        return image
+
+    def image_from_path(self, path: Path, distro: str) -> Image:
+        """An image given as a path (``--ost-image=/some/file.qcow2``)."""
+        path = path.resolve()
+        if not path.is_file():
+            raise ImageError(f"Image {path} does not exist. Give a layer name "
+                             f"({', '.join(self.layer_names(distro)) or 'none installed'}) "
+                             f"or the path of an existing qcow2 file.")
+        stem = path.name[: -len(".qcow2")] if path.name.endswith(".qcow2") else path.stem
+        file_distro, sep, layer = stem.partition("-")
+        if sep and file_distro in self.distros():
+            distro = file_distro
+        else:
+            layer = stem
+        return Image(distro, layer, path, backing_chain(path, None))
+
+    def ssh_key(self, distro: str) -> Path:
+        """The private root key of the distro's images."""
+        expected = self.directory / f"{distro}_id_rsa"
+        if expected in self.missing:
+            package = self.missing[expected]
+            raise ImageError(f"Package {package.name}-{package.version} lists {expected}, but the "
+                             f"file is missing. Reinstall it: dnf reinstall {package.name}")
+        key = self.keys.get(distro)
+        if key is None:
+            raise ImageError(
+                f"No SSH key for {distro}: expected {expected} (shipped by "
+                f"ost-images-{distro}-base). Install or reinstall that package."
+            )
+        return key
+
+    def _nothing_installed(self) -> str:
+        return (
+            f"No ost-images are installed: the RPM database has no {PACKAGE_PREFIX}* package "
+            f"with files in {self.directory}, and the directory holds no <distro>-<layer>.qcow2.\n"
+            f"Install some (e.g. dnf install ost-images-el9stream-engine-installed "
+            f"ost-images-el9stream-host-installed) or point --ost-images-dir at your images."
+        )
+
+
+def _rpm_files(rpm: Sequence[str], directory: Path) -> list[tuple[Path, Package]]:
+    """(file, package) of every ost-images-* package file inside `directory`."""
+    query = [*rpm, "-qa", "--qf", "[%{NAME}\t%{VERSION}-%{RELEASE}\t%{FILENAMES}\n]",
+             PACKAGE_PREFIX + "*"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError:  # no rpm on this host: the directory scan is all we have
+        return []
+    found = []
+    for line in out.splitlines():
+        name, _, rest = line.partition("\t")
+        version, _, filename = rest.partition("\t")
+        path = Path(filename)
+        if path.parent == directory:
+            found.append((path, Package(name, version)))
+    return found
+
+
+def backing_chain(path: Path, package: Optional[Package]) -> tuple[Path, ...]:
+    """The chain of `path` (top first), checked by qemu-img; ImageError if broken."""
+    owner = f" (package {package.name}-{package.version})" if package else ""
+    fix = (f"Reinstall the packages of the chain, e.g. dnf reinstall {package.name} "
+           f"ost-images-{path.name.partition('-')[0]}-base" if package
+           else "Rebuild or replace the image and its backing files.")
+    try:
+        result = subprocess.run(
+            ["qemu-img", "info", "--backing-chain", "--output=json", "-U", str(path)],
+            capture_output=True, text=True, check=False,
+        )
+    except FileNotFoundError:
+        raise ImageError("qemu-img is not installed; it is needed to check and overlay "
+                         "images. Install qemu-img (RPM) or qemu-utils (Debian).") from None
+    if result.returncode != 0:
+        raise ImageError(
+            f"Image {path}{owner} cannot be used: its backing chain is broken.\n"
+            f"  qemu-img: {result.stderr.strip()}\n  {fix}"
+        )
+    infos = json.loads(result.stdout)
+    if isinstance(infos, dict):  # a flat image
+        infos = [infos]
+    top = infos[0]
+    if top.get("format") != "qcow2":
+        raise ImageError(f"Image {path}{owner} is not a qcow2 image (qemu-img sees format "
+                         f"{top.get('format')!r}). {fix}")
+    return tuple(Path(info["filename"]).resolve() for info in infos)
+
+
+def read_pkglist(path: Optional[Path]) -> list[str]:
+    return path.read_text().split() if path is not None and path.exists() else []
+
+
+def layers_in(catalog: Catalog, distro: str) -> Iterable[Image]:
+    for layer in catalog.layer_names(distro):
+        yield catalog.image(distro, layer)

@@ -1,0 +1,231 @@
+"""All settings of the plugin, resolved once into a typed :class:`OstConfig`.
+
+Every setting ``x_y`` exists as the command-line flag ``--ost-x-y``, the ini key
+``ost_x_y`` and the environment variable ``OST_X_Y``. Precedence: factory argument
+> command line > ini file > environment > default. Values are parsed by one parser
+per setting, whatever their source, so a bad value gets the same message everywhere.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import pytest
+
+VIRT_TYPES = ("auto", "kvm", "qemu")
+CPU_MODES = ("auto", "host-passthrough", "host-model", "maximum", "default")
+
+
+@dataclass(frozen=True)
+class PerRole:
+    """A number that may differ per VM role, e.g. ``--ost-memory=1024,engine=4096``.
+
+    Roles are looked up by kind: ``host0`` and ``host1`` use the ``host`` entry.
+    """
+
+    default: int
+    roles: Mapping[str, int] = field(default_factory=dict)
+
+    def for_role(self, role: str) -> int:
+        kind = role.rstrip("0123456789") or role
+        return self.roles.get(role, self.roles.get(kind, self.default))
+
+
+@dataclass(frozen=True)
+class OstConfig:
+    """The resolved settings of one pytest session."""
+
+    images_dir: Path = Path("/usr/share/ost-images")
+    distro: Optional[str] = None
+    image: Optional[str] = None
+    libvirt_uri: str = "qemu:///system"
+    virt_type: str = "auto"
+    cpu_mode: str = "auto"
+    memory: PerRole = PerRole(2048, {"engine": 4096})
+    vcpus: PerRole = PerRole(2)
+    hosts: int = 2
+    boot_timeout: float = 600.0
+    workdir: Path = Path("/var/tmp/pytest-ostimages")
+    keep: bool = False
+    templates: Optional[Path] = None
+    subnet_pool: ipaddress.IPv4Network = ipaddress.IPv4Network("192.168.128.0/17")
+    dns_domain: str = "ost.test"
+
+
+# --- parsers: str -> value, raising ValueError with what was expected -------------
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("expected a whole number, e.g. 2") from None
+    if value < 0:
+        raise ValueError("expected a number >= 0")
+    return value
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number of seconds, e.g. 600") from None
+    if value <= 0:
+        raise ValueError("expected a number of seconds greater than 0")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return raw
+
+    return parse
+
+
+def _per_role(raw: str) -> PerRole:
+    """``1024`` or ``1024,engine=4096,host=2048`` (a bare number is the default)."""
+    default: Optional[int] = None
+    roles: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        role, sep, number = part.rpartition("=")
+        if sep and not role:
+            raise ValueError(f"{part!r} has no role before '='")
+        try:
+            value = int(number)
+        except ValueError:
+            raise ValueError(
+                f"{part!r} is not a number; expected e.g. '1024' or '1024,engine=4096'"
+            ) from None
+        if value <= 0:
+            raise ValueError(f"{part!r} must be greater than 0")
+        if role:
+            roles[role] = value
+        else:
+            default = value
+    if default is None and not roles:
+        raise ValueError("expected e.g. '1024' or '1024,engine=4096'")
+    return PerRole(default if default is not None else 0, roles)
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _subnet_pool(raw: str) -> ipaddress.IPv4Network:
+    try:
+        pool = ipaddress.IPv4Network(raw)
+    except ValueError as exc:
+        raise ValueError(f"expected an IPv4 network such as 192.168.128.0/17 ({exc})") from None
+    if pool.prefixlen > 24:
+        raise ValueError("expected a prefix of /24 or larger: networks are allocated as /24s")
+    return pool
+
+
+def _dns_domain(raw: str) -> str:
+    labels = raw.strip(".").split(".")
+    if not all(lab and lab.replace("-", "").isalnum() for lab in labels):
+        raise ValueError("expected a DNS domain such as ost.test")
+    return raw.strip(".")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name, parser and help. Flags/ini/env names derive from it."""
+
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+    flag: bool = False
+
+    @property
+    def option(self) -> str:
+        return "--ost-" + self.name.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "ost_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "OST_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("images_dir", _path, "directory of installed ost-images (default /usr/share/ost-images)"),
+    Setting("distro", str, "distro of the images to use (default: the only one installed)"),
+    Setting("image", str, "layer (e.g. engine-installed) or qcow2 path for the ost_vm fixture"),
+    Setting("libvirt_uri", str, "libvirt connection URI (default qemu:///system)"),
+    Setting("virt_type", _choice(VIRT_TYPES), "auto, kvm or qemu (TCG emulation); auto uses kvm when libvirt offers it"),
+    Setting("cpu_mode", _choice(CPU_MODES), "guest CPU: auto (host-passthrough on kvm, maximum on qemu), "
+            "host-passthrough, host-model, maximum or default"),
+    Setting("memory", _per_role, "guest memory in MiB, per role: '2048,engine=4096'"),
+    Setting("vcpus", _per_role, "guest vCPUs, per role: '2' or '2,engine=4'"),
+    Setting("hosts", _positive_int, "number of VMs in the hosts fixture (default 2)"),
+    Setting("boot_timeout", _seconds, "seconds to wait for a VM to answer SSH (default 600)"),
+    Setting("workdir", _path, "where session work directories are made; must be traversable "
+            "by libvirt's qemu user (default /var/tmp/pytest-ostimages)"),
+    Setting("keep", _bool, "keep the work directory (overlays, console logs) after the session", flag=True),
+    Setting("templates", _path, "directory with your own domain.xml / network.xml templates"),
+    Setting("subnet_pool", _subnet_pool, "IPv4 range from which /24 management networks are taken "
+            "(default 192.168.128.0/17)"),
+    Setting("dns_domain", _dns_domain, "DNS domain of the management network (default ost.test)"),
+)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ostimages", "VMs from installed ost-images (pytest-ostimages)")
+    for setting in SETTINGS:
+        help = f"{setting.help} [ini: {setting.ini}, env: {setting.env}]"
+        if setting.flag:
+            group.addoption(setting.option, action="store_const", const="true", default=None,
+                            dest=setting.ini, help=help)
+            parser.addini(setting.ini, help=setting.help, type="string", default=None)
+        else:
+            group.addoption(setting.option, action="store", default=None, dest=setting.ini,
+                            metavar=setting.name.upper(), help=help)
+            parser.addini(setting.ini, help=setting.help, type="string", default=None)
+
+
+def resolve(
+    option: Callable[[str], Optional[str]],
+    ini: Callable[[str], Optional[str]],
+    environ: Mapping[str, str],
+) -> OstConfig:
+    """Build the config from raw sources; raise pytest.UsageError for a bad value."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        for source, raw in (
+            (setting.option, option(setting.ini)),
+            (f"ini {setting.ini}", ini(setting.ini)),
+            (f"${setting.env}", environ.get(setting.env)),
+        ):
+            if raw is not None:
+                try:
+                    values[setting.name] = setting.parse(raw)
+                except ValueError as exc:
+                    raise pytest.UsageError(f"{source}={raw!r}: {exc}") from None
+                break
+    if "memory" in values and values["memory"].default == 0:
+        values["memory"] = PerRole(OstConfig.memory.default, values["memory"].roles)
+    if "vcpus" in values and values["vcpus"].default == 0:
+        values["vcpus"] = PerRole(OstConfig.vcpus.default, values["vcpus"].roles)
+    return OstConfig(**values)
+
+
+def from_pytest(config: pytest.Config) -> OstConfig:
+    return resolve(config.getoption, config.getini, os.environ)

@@ -1,0 +1,233 @@
+"""The session's lab: images -> overlays -> network -> domains -> SSH, and teardown.
+
+One :class:`Lab` per pytest session (per xdist worker). It creates nothing until
+the first VM is asked for, checks every input (images, chain, key, libvirt)
+before creating anything, boots the VMs of a batch together and records a
+cleanup for every object it makes, so that closing it removes them all, also
+after a failure half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ipaddress
+import os
+import secrets
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
+
+from . import virt
+from .catalog import Catalog, Image
+from .config import OstConfig
+from .errors import OstError
+from .overlay import WorkDir
+from .render import HostEntry, Label, Templates, domain_xml, network_xml
+from .ssh import SSH, load_key
+from .vm import VM
+
+if TYPE_CHECKING:
+    import libvirt
+    import paramiko
+
+FIRST_VM_HOST = 10  # VMs get .10 - .99; .100 up is the dynamic DHCP range
+LAST_VM_HOST = 99
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """What to boot: a role name and a layer name (or qcow2 path)."""
+
+    role: str
+    image: str
+    memory: Optional[int] = None
+    vcpus: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Network:
+    """The session's management network."""
+
+    name: str
+    bridge: str
+    subnet: ipaddress.IPv4Network
+    domain: str
+    handle: "libvirt.virNetwork"
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 1
+
+
+class Lab:
+    def __init__(self, config: OstConfig, progress: Callable[[str], None] = lambda _: None,
+                 run_id: Optional[str] = None) -> None:
+        self.config = config
+        self.progress = progress
+        self.run_id = run_id or secrets.token_hex(4)
+        self.workdir = WorkDir(config.workdir, self.run_id)
+        self.vms: dict[str, VM] = {}
+        self.network: Optional[Network] = None
+        self._cleanup = contextlib.ExitStack()
+        self._conn: Optional["libvirt.virConnect"] = None
+        self._next_host = FIRST_VM_HOST
+
+    # --- inputs, checked before anything is created -------------------------------
+
+    @functools.cached_property
+    def catalog(self) -> Catalog:
+        return Catalog.discover(self.config.images_dir)
+
+    @functools.cached_property
+    def distro(self) -> str:
+        return self.catalog.choose_distro(self.config.distro)
+
+    def image(self, name: str) -> Image:
+        """A layer name of the chosen distro, or a path to a qcow2 file."""
+        if "/" in name or name.endswith(".qcow2"):
+            return self.catalog.image_from_path(Path(name), self.distro)
+        return self.catalog.image(self.distro, name)
+
+    @functools.cached_property
+    def _key(self) -> "paramiko.PKey":
+        self.catalog.ssh_key(self.distro)  # a clear error if it is missing
+        return load_key(self.workdir.private_key(self.catalog.ssh_key(self.distro)))
+
+    @functools.cached_property
+    def templates(self) -> Templates:
+        return Templates(self.config.templates)
+
+    @property
+    def conn(self) -> "libvirt.virConnect":
+        if self._conn is None:
+            self._conn = virt.connect(self.config.libvirt_uri)
+            self._cleanup.callback(self._conn.close)
+        return self._conn
+
+    @functools.cached_property
+    def virt_type(self) -> str:
+        return virt.resolve_virt_type(self.conn, self.config.virt_type)
+
+    def label(self, role: str = "") -> Label:
+        return Label(self.run_id, os.getpid(), socket.gethostname(), str(self.workdir.path), role)
+
+    # --- creating things ----------------------------------------------------------
+
+    def _start(self) -> None:
+        """Check libvirt and the templates, then make the work directory."""
+        if self.workdir.path.exists():
+            return
+        self.templates.load("domain.xml"), self.templates.load("network.xml")
+        self.virt_type  # noqa: B018 - connects and checks KVM before anything exists
+        self.workdir.create()
+        if not self.config.keep:
+            self._cleanup.callback(self.workdir.remove)
+        self.progress(f"work directory {self.workdir.path}")
+
+    def _create_network(self, roles: list[str]) -> list[HostEntry]:
+        """Create the management network with DHCP/DNS entries for `roles`."""
+        name = f"ost-{self.run_id}"
+
+        def create(subnet: ipaddress.IPv4Network) -> tuple[Network, list[HostEntry]]:
+            entries = [_entry(role, subnet.network_address + FIRST_VM_HOST + i)
+                       for i, role in enumerate(roles)]
+            xml = network_xml(self.templates.load("network.xml"), name=name, bridge=name,
+                              subnet=subnet, domain=self.config.dns_domain, hosts=entries,
+                              label=self.label())
+            handle = virt.create_network(self.conn, xml)
+            self._cleanup.callback(virt.remove_network, handle)
+            return Network(name, name, subnet, self.config.dns_domain, handle), entries
+
+        self.network, entries = virt.with_free_subnet(
+            self.conn, self.config.subnet_pool, self.config.workdir / "subnets.lock", create)
+        self._next_host = FIRST_VM_HOST + len(entries)
+        self.progress(f"network {name}: {self.network.subnet}, bridge {name}")
+        return entries
+
+    def _reserve(self, role: str) -> HostEntry:
+        """A DHCP/DNS entry for a VM added to the running network."""
+        assert self.network is not None
+        if self._next_host > LAST_VM_HOST:
+            raise OstError(f"A session can have at most {LAST_VM_HOST - FIRST_VM_HOST + 1} VMs.")
+        entry = _entry(role, self.network.subnet.network_address + self._next_host)
+        virt.add_network_host(self.network.handle, entry, self.network.domain)
+        self._next_host += 1
+        return entry
+
+    def ensure_network(self) -> Network:
+        if self.network is None:
+            self._start()
+            self._create_network([])
+        assert self.network is not None
+        return self.network
+
+    def boot(self, specs: list[VMSpec]) -> list[VM]:
+        """Boot `specs` together and wait until each answers SSH."""
+        taken = [s.role for s in specs if s.role in self.vms]
+        if len({s.role for s in specs}) != len(specs) or taken:
+            raise OstError(f"VM roles must be unique in a session; got {[s.role for s in specs]}")
+        images = {s.role: self.image(s.image) for s in specs}  # every input checked first
+        self._start()
+        key = self._key
+        if self.network is None:
+            entries = self._create_network([s.role for s in specs])
+        else:
+            entries = [self._reserve(s.role) for s in specs]
+        assert self.network is not None
+        cpu_mode = virt.resolve_cpu_mode(self.virt_type, self.config.cpu_mode)
+        started: list[VM] = []
+        for spec, entry in zip(specs, entries):
+            image = images[spec.role]
+            memory = spec.memory or self.config.memory.for_role(spec.role)
+            vcpus = spec.vcpus or self.config.vcpus.for_role(spec.role)
+            name = f"ost-{self.run_id}-{spec.role}"
+            overlay = self.workdir.overlay(image, name)
+            console = self.workdir.path / f"{name}.console.log"
+            xml = domain_xml(self.templates.load("domain.xml"), name=name, virt_type=self.virt_type,
+                             cpu_mode=cpu_mode, memory_mib=memory, vcpus=vcpus, disk=overlay,
+                             network=self.network.name, mac=entry.mac, console_log=console,
+                             label=self.label(spec.role))
+            domain = virt.create_domain(self.conn, xml)
+            self._cleanup.callback(virt.remove_domain, domain)
+            vm = VM(name, spec.role, f"{spec.role}.{self.network.domain}", entry.ip, entry.mac,
+                    image, overlay, console, domain, SSH(str(entry.ip), key))
+            self._cleanup.callback(vm.close)
+            self.vms[spec.role] = vm
+            started.append(vm)
+            self.progress(f"{spec.role}: booting {image.label} as {name} ({vcpus} vCPU, "
+                          f"{memory} MiB, {self.virt_type}) at {entry.ip}")
+        self._wait_all(started)
+        return started
+
+    def _wait_all(self, vms: list[VM]) -> None:
+        start = time.monotonic()
+
+        def wait(vm: VM) -> None:
+            seconds = vm.wait_for_ssh(self.config.boot_timeout)
+            self.progress(f"{vm.role}: ssh ready in {seconds:.1f} s")
+
+        with ThreadPoolExecutor(max_workers=len(vms)) as pool:
+            futures = [pool.submit(wait, vm) for vm in vms]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        if len(vms) > 1:
+            self.progress(f"{len(vms)} VMs ready in {time.monotonic() - start:.1f} s")
+
+    def close(self) -> None:
+        """Remove every domain, network and file this lab made."""
+        if self.vms or self.network:
+            self.progress(f"removing {len(self.vms)} VMs and network of run {self.run_id}")
+        self._cleanup.close()
+        self.vms.clear()
+        self.network = None
+
+
+def _entry(role: str, ip: ipaddress.IPv4Address) -> HostEntry:
+    # A MAC made of the address: unique on the network and easy to match in logs.
+    o = ip.packed
+    return HostEntry(role, f"52:54:00:{o[1]:02x}:{o[2]:02x}:{o[3]:02x}", ip)

@@ -1,0 +1,76 @@
+"""Step 2: the session's work directory and the per-VM qcow2 overlays in it.
+
+Installed images are only ever backing files: qemu-img opens them read-only to
+create an overlay, and nothing is copied. Everything a session makes on disk
+(overlays, console logs, the SSH key copy) lives in one work directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+from .catalog import Image
+from .errors import ImageError, OstError
+
+
+class WorkDir:
+    """``<root>/<run_id>``: one directory per session, removed at the end."""
+
+    def __init__(self, root: Path, run_id: str) -> None:
+        self.path = root / run_id
+
+    def create(self) -> None:
+        root = self.path.parent
+        try:
+            root.mkdir(mode=0o755, parents=True, exist_ok=True)
+            self.path.mkdir(mode=0o755)
+        except OSError as exc:
+            raise OstError(f"Cannot create the work directory {self.path}: {exc.strerror}. "
+                           f"Choose a writable place with --ost-workdir.") from None
+        # qemu runs as another user (libvirt-qemu) and must reach the overlays.
+        os.chmod(self.path, 0o755)
+        for folder in [self.path, *self.path.parents]:
+            if not folder.stat().st_mode & stat.S_IXOTH:
+                raise OstError(
+                    f"The work directory {self.path} is inside {folder}, which other users "
+                    f"cannot traverse (mode {stat.filemode(folder.stat().st_mode)}), so libvirt's "
+                    f"qemu user cannot open the overlays. Use --ost-workdir under a directory "
+                    f"with o+x (default /var/tmp/pytest-ostimages), or chmod o+x {folder}."
+                )
+
+    def overlay(self, image: Image, name: str) -> Path:
+        """A new qcow2 overlay on `image`, backed by absolute path with its format."""
+        path = self.path / f"{name}.qcow2"
+        result = subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
+             "-b", str(image.path), str(path)],
+            capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            raise ImageError(f"Cannot create an overlay of {image.path} at {path}: "
+                             f"{result.stderr.strip()}")
+        return path
+
+    def private_key(self, key: Path) -> Path:
+        """`key` itself if only its owner can read it, else a 0600 copy (OpenSSH-style)."""
+        try:
+            mode = key.stat().st_mode
+            key.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"Cannot read the SSH key {key}: {exc.strerror}. The tests need "
+                             f"it to log into the VMs; run as a user who can read it "
+                             f"(ost-images installs it 0644).") from None
+        if not mode & 0o077:
+            return key
+        copy = self.path / key.name
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key.read_bytes())
+        return copy
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

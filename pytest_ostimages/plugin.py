@@ -1,0 +1,232 @@
+"""pytest-ostimages: the pytest entry point (options, hooks and fixtures).
+
+How ``pytest --ost-image=engine-installed`` becomes a booted VM:
+
+1. :func:`pytest_configure` resolves the options into an :class:`OstConfig`.
+2. :func:`pytest_collection_modifyitems` notes which VM fixtures the tests use,
+   so that all of them are booted together.
+3. The ``ost_vm`` fixture asks the session's :class:`~pytest_ostimages.lab.Lab`,
+   which finds the layer (catalog.py), makes an overlay (overlay.py), renders
+   the network and domain XML (render.py), creates them (virt.py) and waits
+   for SSH (ssh.py), handing back a :class:`~pytest_ostimages.vm.VM`.
+4. At the end of the session the lab removes everything it made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from typing import Any, Callable, Iterator, Optional
+
+import pytest
+
+from . import config as ostconfig
+from .catalog import Catalog
+from .config import OstConfig
+from .errors import OstError
+from .lab import Lab, Network, VMSpec
+from .vm import VM
+
+log = logging.getLogger("pytest_ostimages")
+
+CONFIG_KEY = pytest.StashKey[OstConfig]()
+PLAN_KEY = pytest.StashKey[list[str]]()
+
+# fixture name -> the VMs it needs, for booting every VM of a session together
+VM_FIXTURES: dict[str, Callable[[OstConfig], list[VMSpec]]] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    ostconfig.add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[CONFIG_KEY] = ostconfig.from_pytest(config)
+    config.addinivalue_line("markers", "ost: the test uses VMs from ost-images")
+    # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so fixtures tear down.
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        with contextlib.suppress(ValueError):  # not in the main thread
+            signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if signal.getsignal(signal.SIGTERM) is _interrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    used = {name for item in items for name in getattr(item, "fixturenames", ())}
+    config.stash[PLAN_KEY] = [name for name in VM_FIXTURES if name in used]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Report an OstError as a short failure, without the plugin's traceback."""
+    try:
+        yield
+    except OstError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def _progress(config: pytest.Config) -> Callable[[str], None]:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def report(message: str) -> None:
+        log.info(message)
+        if reporter is not None and config.get_verbosity() >= 0:
+            reporter.write_line(f"[ost] {message}")
+
+    return report
+
+
+# --- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ost_config(pytestconfig: pytest.Config) -> OstConfig:
+    """The resolved settings (session scope, :class:`OstConfig`)."""
+    return pytestconfig.stash[CONFIG_KEY]
+
+
+@pytest.fixture(scope="session")
+def ost_lab(pytestconfig: pytest.Config, ost_config: OstConfig) -> Iterator[Lab]:
+    """The session's lab; everything it makes is removed when the session ends."""
+    lab = Lab(ost_config, _progress(pytestconfig))
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="session")
+def ost_images(ost_lab: Lab) -> Catalog:
+    """The installed ost-images (session scope, :class:`Catalog`)."""
+    return ost_lab.catalog
+
+
+@pytest.fixture(scope="session")
+def ost_network(ost_lab: Lab) -> Network:
+    """The session's management network (session scope, :class:`Network`)."""
+    with user_errors():
+        return ost_lab.ensure_network()
+
+
+@pytest.fixture(scope="session")
+def ost_vms(pytestconfig: pytest.Config, ost_lab: Lab) -> dict[str, VM]:
+    """Every VM the session's tests use, booted together (session scope, role -> VM)."""
+    planned = pytestconfig.stash.get(PLAN_KEY, [])
+    specs = [spec for name in planned for spec in VM_FIXTURES[name](ost_lab.config)]
+    unique = list({spec.role: spec for spec in specs}.values())
+    with user_errors():
+        ost_lab.boot([s for s in unique if s.role not in ost_lab.vms])
+    return ost_lab.vms
+
+
+class VMFactory:
+    """Boot a VM from any layer: ``ost_vm_factory("host-installed", role="extra")``."""
+
+    def __init__(self, lab: Lab) -> None:
+        self._lab = lab
+
+    def __call__(self, image: str, role: Optional[str] = None, memory: Optional[int] = None,
+                 vcpus: Optional[int] = None) -> VM:
+        role = role or f"vm{len(self._lab.vms)}"
+        return self.many([VMSpec(role, image, memory, vcpus)])[0]
+
+    def many(self, specs: list[VMSpec]) -> list[VM]:
+        """Boot several VMs together."""
+        with user_errors():
+            return self._lab.boot(specs)
+
+
+@pytest.fixture(scope="session")
+def ost_vm_factory(ost_lab: Lab) -> VMFactory:
+    """Boots VMs from any layer for the rest of the session (session scope, :class:`VMFactory`)."""
+    return VMFactory(ost_lab)
+
+
+def _booted(ost_vms: dict[str, VM], ost_lab: Lab, specs: list[VMSpec]) -> list[VM]:
+    """The VMs of `specs`, booting any the plan missed (e.g. getfixturevalue)."""
+    missing = [s for s in specs if s.role not in ost_vms]
+    if missing:
+        with user_errors():
+            ost_lab.boot(missing)
+    return [ost_lab.vms[s.role] for s in specs]
+
+
+def vm_fixture(role: str, image: str, *, name: Optional[str] = None,
+               memory: Optional[int] = None, vcpus: Optional[int] = None) -> Any:
+    """A session fixture with one VM of `image` (a layer or a qcow2 path).
+
+    ``engine = vm_fixture("engine", "engine-installed")`` in a conftest.py gives
+    a suite its own variant; the fixture is named `name` (default: `role`).
+    """
+    fixture_name = name or role
+    VM_FIXTURES[fixture_name] = lambda config: [VMSpec(role, image, memory, vcpus)]
+
+    @pytest.fixture(scope="session", name=fixture_name)
+    def the_vm(ost_vms: dict[str, VM], ost_lab: Lab) -> VM:
+        return _booted(ost_vms, ost_lab, VM_FIXTURES[fixture_name](ost_lab.config))[0]
+
+    the_vm.__doc__ = f"VM {role!r} from {image!r} (session scope, :class:`VM`)."
+    return the_vm
+
+
+def vm_group_fixture(prefix: str, image: str, *, name: str,
+                     count: Optional[int] = None) -> Any:
+    """A session fixture with a list of VMs ``<prefix>0..N-1`` (N: `count` or --ost-hosts)."""
+
+    def specs(config: OstConfig) -> list[VMSpec]:
+        return [VMSpec(f"{prefix}{i}", image) for i in range(count if count is not None else config.hosts)]
+
+    VM_FIXTURES[name] = specs
+
+    @pytest.fixture(scope="session", name=name)
+    def the_vms(ost_vms: dict[str, VM], ost_lab: Lab) -> list[VM]:
+        return _booted(ost_vms, ost_lab, specs(ost_lab.config))
+
+    the_vms.__doc__ = f"VMs {prefix}0.. from {image!r} (session scope, list of :class:`VM`)."
+    return the_vms
+
+
+def vm_member_fixture(group: str, index: int) -> Any:
+    """A session fixture with VM number `index` of the group fixture `group`."""
+    name = f"{group.rstrip('s')}{index}"
+    VM_FIXTURES[name] = lambda config: VM_FIXTURES[group](config)
+
+    @pytest.fixture(scope="session", name=name)
+    def the_vm(request: pytest.FixtureRequest) -> VM:
+        vms: list[VM] = request.getfixturevalue(group)
+        if index >= len(vms):
+            pytest.fail(f"{name} needs at least {index + 1} {group}, but --ost-hosts is "
+                        f"{len(vms)}. Raise it (--ost-hosts={index + 1}).", pytrace=False)
+        return vms[index]
+
+    the_vm.__doc__ = f"VM number {index} of {group!r} (session scope, :class:`VM`)."
+    return the_vm
+
+
+VM_FIXTURES["ost_vm"] = lambda config: [VMSpec("vm", config.image)] if config.image else []
+
+
+@pytest.fixture(scope="session")
+def ost_vm(ost_vms: dict[str, VM], ost_lab: Lab) -> VM:
+    """A VM from ``--ost-image=LAYER`` (session scope, :class:`VM`)."""
+    if ost_lab.config.image is None:
+        pytest.fail("The ost_vm fixture boots the image given with --ost-image=LAYER "
+                    "(a layer such as engine-installed, or a qcow2 path); none was given.",
+                    pytrace=False)
+    return _booted(ost_vms, ost_lab, VM_FIXTURES["ost_vm"](ost_lab.config))[0]
+
+
+# Default fixtures, as an OST suite expects them. A suite redefines any of them
+# in its conftest.py with the same factories.
+engine = vm_fixture("engine", "engine-installed")
+hosts = vm_group_fixture("host", "host-installed", name="hosts")
+host0 = vm_member_fixture("hosts", 0)
+host1 = vm_member_fixture("hosts", 1)

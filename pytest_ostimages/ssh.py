@@ -1,0 +1,174 @@
+"""Step 5: SSH to the VMs with the images' baked-in root key (paramiko).
+
+Readiness is checked in two steps: a cheap TCP connect + banner read every
+100 ms (so a VM that is up is noticed within a fraction of a second), then a
+real login, retried with tenacity until the deadline.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import paramiko
+import tenacity
+
+from .errors import ImageError, OstError, SSHCommandError
+
+PROBE_INTERVAL = 0.1
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command run over SSH returned (like subprocess.CompletedProcess)."""
+
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def check(self, where: str = "") -> "CommandResult":
+        if self.returncode != 0:
+            raise SSHCommandError(
+                f"Command {self.command!r}{' on ' + where if where else ''} exited with "
+                f"{self.returncode}.\n--- stdout (tail) ---\n{_tail(self.stdout)}\n"
+                f"--- stderr (tail) ---\n{_tail(self.stderr)}"
+            )
+        return self
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def load_key(path: Path) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(str(path))
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise ImageError(f"Cannot use {path} as an SSH private key: {exc}. It should be the "
+                         f"images' <distro>_id_rsa; reinstall the base image package.") from None
+
+
+class NotReady(Exception):
+    """SSH did not come up; the reason is for the BootError the VM builds."""
+
+
+class SSH:
+    """One reusable SSH connection to a VM as root."""
+
+    def __init__(self, host: str, key: paramiko.PKey, user: str = "root", port: int = 22) -> None:
+        self.host, self.key, self.user, self.port = host, key, user, port
+        self._client: Optional[paramiko.SSHClient] = None
+        self._lock = threading.Lock()
+
+    def connect(self, timeout: float = 10.0) -> paramiko.SSHClient:
+        """The open connection, reconnecting if it was closed or dropped."""
+        with self._lock:
+            transport = self._client.get_transport() if self._client else None
+            if transport is not None and transport.is_active():
+                return self._client  # type: ignore[return-value]
+            self.close_unlocked()
+            client = paramiko.SSHClient()
+            # Every overlay is a new machine; there is no host key worth pinning.
+            client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
+            client.connect(self.host, self.port, self.user, pkey=self.key, timeout=timeout,
+                           banner_timeout=timeout, auth_timeout=timeout,
+                           look_for_keys=False, allow_agent=False)
+            transport = client.get_transport()
+            assert transport is not None  # connect() succeeded
+            transport.set_keepalive(15)
+            self._client = client
+            return client
+
+    def run(self, command: str, timeout: Optional[float] = None) -> CommandResult:
+        """Run `command`; a connection that dropped is reopened once."""
+        try:
+            channel = self.connect().get_transport().open_session()  # type: ignore[union-attr]
+        except (paramiko.SSHException, EOFError, OSError):
+            self.close()
+            channel = self.connect().get_transport().open_session()  # type: ignore[union-attr]
+        channel.settimeout(timeout)
+        channel.exec_command(command)
+        stderr = bytearray()
+
+        def drain_stderr() -> None:
+            with channel.makefile_stderr("rb") as err:
+                stderr.extend(err.read())
+
+        reader = threading.Thread(target=drain_stderr, daemon=True)
+        reader.start()
+        try:
+            with channel.makefile("rb") as out:
+                stdout = out.read()
+            status = channel.recv_exit_status()
+        except socket.timeout:
+            channel.close()
+            raise OstError(f"Command {command!r} on {self.host} did not finish within "
+                           f"{timeout} s.") from None
+        reader.join()
+        return CommandResult(command, status, stdout.decode(errors="replace"),
+                             stderr.decode(errors="replace"))
+
+    def sftp(self) -> paramiko.SFTPClient:
+        return self.connect().open_sftp()
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_unlocked()
+
+    def close_unlocked(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def wait_ready(self, timeout: float, alive: Callable[[], Optional[str]]) -> None:
+        """Wait until a login works; `alive()` returns why the VM died, or None.
+
+        Raises NotReady with the last reason after `timeout` seconds, at once if
+        the VM is no longer running.
+        """
+        deadline = time.monotonic() + timeout
+        last = ["no answer yet"]
+
+        def attempt() -> None:
+            dead = alive()
+            if dead:
+                raise NotReady(dead)
+            if not banner_ready(self.host, self.port):
+                last[0] = f"nothing answers on {self.host}:{self.port} (no address yet, or sshd not started)"
+                raise TimeoutError(last[0])
+            try:
+                self.connect(timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+            except paramiko.AuthenticationException as exc:
+                last[0] = f"sshd answers but refuses the key ({exc})"
+                raise
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                last[0] = f"sshd answers but the login failed ({exc.__class__.__name__}: {exc})"
+                raise
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_before_delay(max(0.0, deadline - time.monotonic())),
+            wait=tenacity.wait_fixed(PROBE_INTERVAL),
+            retry=tenacity.retry_if_not_exception_type(NotReady),
+            reraise=True,
+        )
+        try:
+            retrying(attempt)
+        except NotReady:
+            raise
+        except Exception:
+            raise NotReady(f"not reachable over SSH within {timeout:.0f} s: {last[0]}") from None
+
+
+def banner_ready(host: str, port: int = 22, timeout: float = 1.0) -> bool:
+    """True if something on host:port greets like sshd."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            return sock.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False

@@ -1,0 +1,234 @@
+"""Step 4: the libvirt layer: connection, virt type, networks, domains, subnets.
+
+``libvirt`` is imported here and only when a connection is made, so that
+``pytest --help`` and sessions without VMs work on hosts without the binding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import socket
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
+
+from lxml import etree
+
+from .errors import VirtError
+from .render import HostEntry, dhcp_host_xml, dns_host_xml
+
+if TYPE_CHECKING:
+    import libvirt
+
+T = TypeVar("T")
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt
+    except ImportError:
+        raise VirtError(
+            "The libvirt Python binding is not installed. Install it with "
+            "'pip install libvirt-python' (needs libvirt's headers: libvirt-dev and "
+            "pkg-config on Debian, libvirt-devel on Fedora/EL) or 'dnf install python3-libvirt'."
+        ) from None
+    # libvirt prints every error to stderr by default; we report them ourselves.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def connect(uri: str) -> "libvirt.virConnect":
+    libvirt = _libvirt()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise VirtError(
+            f"Cannot connect to libvirt at {uri}: {exc.get_error_message()}\n"
+            f"Is the daemon running? Start it (systemctl start libvirtd, or 'libvirtd -d' "
+            f"on hosts without systemd), check that you may use it (root or the libvirt "
+            f"group), or choose another URI with --ost-libvirt-uri."
+        ) from None
+
+
+def libvirt_error() -> type[Exception]:
+    return _libvirt().libvirtError  # type: ignore[no-any-return]
+
+
+def resolve_virt_type(conn: "libvirt.virConnect", requested: str) -> str:
+    """`requested` ("auto", "kvm", "qemu") -> the domain type to use."""
+    if requested == "qemu":
+        return "qemu"
+    try:
+        conn.getDomainCapabilities(None, "x86_64", None, "kvm")
+        return "kvm"
+    except libvirt_error() as exc:
+        if requested == "kvm":
+            raise VirtError(
+                f"KVM was requested (--ost-virt-type=kvm) but libvirt at {conn.getURI()} "
+                f"cannot use it: {exc.get_error_message()}\nEnable KVM (kvm module, "
+                f"/dev/kvm access) or use --ost-virt-type=qemu to emulate (slow)."
+            ) from None
+        return "qemu"
+
+
+def resolve_cpu_mode(virt_type: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    # Under TCG "maximum" gives the guest every emulated feature; EL9 needs x86-64-v2.
+    return "host-passthrough" if virt_type == "kvm" else "maximum"
+
+
+# --- subnets --------------------------------------------------------------------
+
+
+def host_routes(route_file: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
+    """The IPv4 routes of this network namespace (connected subnets included)."""
+    routes = []
+    try:
+        lines = route_file.read_text().splitlines()[1:]
+    except OSError:
+        return routes
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        dest, mask = (socket.inet_ntoa(struct.pack("<I", int(f, 16))) for f in (fields[1], fields[7]))
+        if dest != "0.0.0.0":
+            routes.append(ipaddress.IPv4Network(f"{dest}/{mask}", strict=False))
+    return routes
+
+
+def network_subnets(conn: "libvirt.virConnect") -> list[ipaddress.IPv4Network]:
+    """The IPv4 subnets of every libvirt network, active or not."""
+    subnets = []
+    for net in conn.listAllNetworks():
+        with contextlib.suppress(libvirt_error()):  # removed meanwhile
+            for ip in etree.fromstring(net.XMLDesc().encode()).findall("ip"):
+                if ip.get("family", "ipv4") != "ipv4" or not ip.get("address"):
+                    continue
+                suffix = ip.get("prefix") or ip.get("netmask") or "24"
+                subnets.append(ipaddress.IPv4Network(f"{ip.get('address')}/{suffix}", strict=False))
+    return subnets
+
+
+def free_subnet(pool: ipaddress.IPv4Network,
+                used: list[ipaddress.IPv4Network]) -> Optional[ipaddress.IPv4Network]:
+    for candidate in pool.subnets(new_prefix=24):
+        if not any(candidate.overlaps(u) for u in used):
+            return candidate
+    return None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by every run and xdist worker on this host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def with_free_subnet(conn: "libvirt.virConnect", pool: ipaddress.IPv4Network, lock: Path,
+                     create: Callable[[ipaddress.IPv4Network], T]) -> T:
+    """Run `create(subnet)` with a /24 of `pool` no network or route uses, under a lock.
+
+    The lock is held until `create` returns, so the next allocator sees the new
+    network in libvirt.
+    """
+    with file_lock(lock):
+        used = network_subnets(conn) + host_routes()
+        subnet = free_subnet(pool, used)
+        if subnet is None:
+            raise VirtError(
+                f"No free /24 left in the subnet pool {pool}: every one overlaps a libvirt "
+                f"network or a host route ({len(used)} in use). Remove leftover networks "
+                f"(virsh net-list --all) or choose a larger pool with --ost-subnet-pool."
+            )
+        return create(subnet)
+
+
+# --- objects ----------------------------------------------------------------------
+
+
+def create_network(conn: "libvirt.virConnect", xml: str) -> "libvirt.virNetwork":
+    """Define and start a network; nothing is left defined if starting fails."""
+    libvirt = _libvirt()
+    try:
+        net = conn.networkDefineXML(xml)
+    except libvirt.libvirtError as exc:
+        raise VirtError(f"libvirt refused the network definition: {exc.get_error_message()}\n"
+                        f"Check your network.xml template.") from None
+    try:
+        net.create()
+    except libvirt.libvirtError as exc:
+        with contextlib.suppress(libvirt.libvirtError):
+            net.undefine()
+        raise VirtError(f"Cannot start network {net.name()}: {exc.get_error_message()}") from None
+    return net
+
+
+def add_network_host(net: "libvirt.virNetwork", entry: HostEntry, domain: str) -> None:
+    """Reserve `entry` on a running network (DHCP and DNS), live and in its config."""
+    libvirt = _libvirt()
+    flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+    try:
+        net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                   libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, dhcp_host_xml(entry), flags)
+        net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                   libvirt.VIR_NETWORK_SECTION_DNS_HOST, -1, dns_host_xml(entry, domain), flags)
+    except libvirt.libvirtError as exc:
+        raise VirtError(f"Cannot add {entry.name} ({entry.mac} -> {entry.ip}) to network "
+                        f"{net.name()}: {exc.get_error_message()}") from None
+
+
+def remove_network(net: "libvirt.virNetwork") -> None:
+    libvirt = _libvirt()
+    with contextlib.suppress(libvirt.libvirtError):
+        if net.isActive():
+            net.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        net.undefine()
+
+
+def create_domain(conn: "libvirt.virConnect", xml: str) -> "libvirt.virDomain":
+    """Define and start a domain; nothing is left defined if starting fails."""
+    libvirt = _libvirt()
+    try:
+        dom = conn.defineXML(xml)
+    except libvirt.libvirtError as exc:
+        raise VirtError(f"libvirt refused the domain definition: {exc.get_error_message()}\n"
+                        f"Check your domain.xml template.") from None
+    try:
+        dom.create()
+    except libvirt.libvirtError as exc:
+        remove_domain(dom)
+        raise VirtError(f"Cannot start VM {dom.name()}: {exc.get_error_message()}") from None
+    return dom
+
+
+def remove_domain(dom: "libvirt.virDomain") -> None:
+    libvirt = _libvirt()
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isActive():
+            dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                          | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+
+STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
+          5: "shut off", 6: "crashed", 7: "suspended (PM)"}
+
+
+def domain_state(dom: "libvirt.virDomain") -> str:
+    try:
+        state, _reason = dom.state()
+    except libvirt_error():
+        return "gone (undefined)"
+    return STATES.get(state, f"state {state}")

@@ -1,0 +1,93 @@
+"""Step 6: the VM a test gets: a booted domain with SSH, SFTP and its console log."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Union
+
+from .catalog import Image
+from .errors import BootError
+from .ssh import SSH, CommandResult, NotReady
+from .virt import domain_state
+
+if TYPE_CHECKING:
+    import libvirt
+
+
+@dataclass(eq=False)
+class VM:
+    """A running VM of the session.
+
+    ``name`` is the libvirt domain name (unique per run), ``role`` the short name
+    tests use (``engine``, ``host0``), ``hostname`` the FQDN the other VMs resolve.
+    """
+
+    name: str
+    role: str
+    hostname: str
+    ip: ipaddress.IPv4Address
+    mac: str
+    image: Image
+    overlay: Path
+    console_path: Path
+    domain: "libvirt.virDomain" = field(repr=False)
+    _ssh: SSH = field(repr=False)
+    boot_seconds: Optional[float] = None
+
+    def ssh(self, command: str, check: bool = False, timeout: Optional[float] = 600) -> CommandResult:
+        """Run `command` as root; with ``check=True`` a non-zero exit raises."""
+        result = self._ssh.run(command, timeout=timeout)
+        return result.check(self.role) if check else result
+
+    def put(self, local: Union[str, Path], remote: str) -> None:
+        """Copy a local file into the VM over SFTP."""
+        with self._ssh.sftp() as sftp:
+            sftp.put(str(local), remote)
+
+    def get(self, remote: str, local: Union[str, Path]) -> None:
+        """Copy a file out of the VM over SFTP."""
+        with self._ssh.sftp() as sftp:
+            sftp.get(remote, str(local))
+
+    def console_log(self, lines: Optional[int] = None) -> str:
+        """The serial console output so far (the last `lines` lines if given)."""
+        try:
+            text = self.console_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:]) if lines else text
+
+    def state(self) -> str:
+        return domain_state(self.domain)
+
+    def wait_for_ssh(self, timeout: float) -> float:
+        """Block until root can log in; return the seconds it took."""
+        start = time.monotonic()
+
+        def died() -> Optional[str]:
+            state = self.state()
+            return None if state == "running" else f"the VM stopped while booting (state: {state})"
+
+        try:
+            self._ssh.wait_ready(timeout, died)
+        except NotReady as exc:
+            raise BootError(self.describe_failure(str(exc))) from None
+        self.boot_seconds = time.monotonic() - start
+        return self.boot_seconds
+
+    def describe_failure(self, reason: str, console_lines: int = 30) -> str:
+        tail = self.console_log(console_lines) or "(the console log is empty)"
+        return (
+            f"VM {self.role} ({self.name}, image {self.image.label}) {reason}.\n"
+            f"  state: {self.state()}\n  address: {self.ip} ({self.hostname}, MAC {self.mac})\n"
+            f"  console log: {self.console_path}\n"
+            f"--- last {console_lines} lines of the serial console ---\n{tail}\n---\n"
+            f"Check that the image boots and starts sshd (the console shows how far it got); "
+            f"under TCG emulation (--ost-virt-type=qemu) give it more --ost-boot-timeout."
+        )
+
+    def close(self) -> None:
+        self._ssh.close()

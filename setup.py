@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pytest-ostimages",
+    version="0.1.0",
+    description="pytest fixtures with disposable VMs booted from installed, layered ost-images",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="GPL-2.0-or-later",
+    packages=find_packages(include=["pytest_ostimages", "pytest_ostimages.*"]),
+    package_data={"pytest_ostimages": ["templates/*.xml", "py.typed"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "pytest>=7.4",
+        "libvirt-python",
+        "paramiko>=3.2",
+        "lxml",
+        "tenacity>=8.3",
+        "pytest-xdist",
+    ],
+    extras_require={"test": ["pytest-timeout"]},
+    entry_points={"pytest11": ["ostimages = pytest_ostimages.plugin"]},
+    classifiers=[
+        "Framework :: Pytest",
+        "Programming Language :: Python :: 3",
+        "Topic :: Software Development :: Testing",
+    ],
+)
