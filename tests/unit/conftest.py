@@ -1,0 +1,77 @@
+"""Helpers for unit tests: real qemu-img images and real RPM databases in tmp dirs."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+DISTRO = "testos"
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def images_dir(tmp_path: Path) -> Path:
+    """A directory laid out like /usr/share/ost-images, with real (tiny) qcow2 layers."""
+    d = tmp_path / "ost-images"
+    d.mkdir()
+    qemu_img("create", "-f", "qcow2", str(d / f"{DISTRO}-base.qcow2"), "16M")
+    for layer, parent in (("engine-installed", "base"), ("host-installed", "base"),
+                          ("he-installed", "host-installed")):
+        # relative backing names, as ost-images ships them
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "qcow2",
+                        "-b", f"{DISTRO}-{parent}.qcow2", f"{DISTRO}-{layer}.qcow2"],
+                       cwd=d, check=True, capture_output=True)
+        (d / f"{DISTRO}-{layer}-pkglist.txt").write_text("pkg-a-1\npkg-b-2\n")
+        (d / f"{DISTRO}-{layer}-pkglist-diff.txt").write_text("pkg-b-2\n")
+    (d / f"{DISTRO}_id_rsa").write_text("not really a key\n")
+    (d / f"{DISTRO}_id_rsa.pub").write_text("ssh-rsa AAAA test\n")
+    for path in d.iterdir():
+        path.chmod(0o444 if path.suffix == ".qcow2" else 0o644)
+    return d
+
+
+@pytest.fixture
+def rpm_db(tmp_path: Path) -> Callable[[str, list[Path]], list[str]]:
+    """Register a package owning `files` in a private RPM database.
+
+    Returns the rpm command prefix that queries that database. The package is
+    built by rpmbuild and installed with --justdb: the database is real, the
+    files are the test's own.
+    """
+    db = tmp_path / "rpmdb"
+    top = tmp_path / "rpmbuild"
+    subprocess.run(["rpm", "--dbpath", str(db), "--initdb"], check=True)
+
+    def install(name: str, files: list[Path]) -> list[str]:
+        spec = top / f"{name}.spec"
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        listing = "\n".join(str(f) for f in files)
+        install_cmds = "\n".join(f"mkdir -p %{{buildroot}}{f.parent} && touch %{{buildroot}}{f}"
+                                 for f in files)
+        spec.write_text(textwrap.dedent(f"""\
+            Name: {name}
+            Version: 1.0
+            Release: 7
+            Summary: test package
+            License: none
+            BuildArch: noarch
+            AutoReqProv: no
+            %description
+            test
+            %install
+            """) + install_cmds + "\n%files\n" + listing + "\n")
+        subprocess.run(["rpmbuild", "-bb", "--define", f"_topdir {top}", str(spec)],
+                       check=True, capture_output=True)
+        rpm_file = next((top / "RPMS" / "noarch").glob(f"{name}-1.0-7*.rpm"))
+        subprocess.run(["rpm", "--dbpath", str(db), "-i", "--justdb", "--nodeps", str(rpm_file)],
+                       check=True, capture_output=True)
+        return ["rpm", "--dbpath", str(db)]
+
+    return install

@@ -1,0 +1,102 @@
+"""The libvirt layer against libvirt's own in-memory test driver."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from pytest_ostimages import virt
+from pytest_ostimages.errors import VirtError
+from pytest_ostimages.render import HostEntry, Label, Templates, domain_xml, network_xml
+
+LABEL = Label("feedbeef", 1, "testhost", "/w")
+
+
+@pytest.fixture
+def conn():
+    c = virt.connect("test:///default")  # a fresh in-memory hypervisor per open
+    yield c
+    c.close()
+
+
+def make_network(conn, subnet: ipaddress.IPv4Network, name: str = "ost-feedbeef"):
+    xml = network_xml(Templates().load("network.xml"), name=name, bridge=name, subnet=subnet,
+                      domain="ost.test", hosts=[], label=LABEL)
+    return virt.create_network(conn, xml)
+
+
+def test_connect_failure_says_how_to_fix() -> None:
+    with pytest.raises(VirtError, match="(?s)Cannot connect to libvirt at qemu\\+unix:///system\\?socket=/nonexistent.*Is the daemon running"):
+        virt.connect("qemu+unix:///system?socket=/nonexistent/sock")
+
+
+def test_subnet_skips_libvirt_networks_and_routes(conn, tmp_path: Path) -> None:
+    # the test driver's "default" network holds 192.168.122.0/24
+    pool = ipaddress.IPv4Network("192.168.120.0/22")
+    make_network(conn, ipaddress.IPv4Network("192.168.120.0/24"), "other")
+    taken = virt.with_free_subnet(conn, pool, tmp_path / "lock", lambda s: s)
+    assert taken == ipaddress.IPv4Network("192.168.121.0/24")
+    assert virt.free_subnet(pool, [ipaddress.IPv4Network("192.168.120.0/23"),
+                                   ipaddress.IPv4Network("192.168.122.0/24")]) \
+        == ipaddress.IPv4Network("192.168.123.0/24")
+
+
+def test_exhausted_pool_is_a_clear_error(conn, tmp_path: Path) -> None:
+    with pytest.raises(VirtError, match="No free /24 left in the subnet pool 192.168.122.0/24"):
+        virt.with_free_subnet(conn, ipaddress.IPv4Network("192.168.122.0/24"), tmp_path / "lock",
+                              lambda s: s)
+
+
+def test_host_routes_parses_proc_format(tmp_path: Path) -> None:
+    routes = tmp_path / "route"
+    routes.write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+        "eth0\t0002A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")
+    assert virt.host_routes(routes) == [ipaddress.IPv4Network("192.168.2.0/24")]
+
+
+def test_network_lifecycle_and_live_host_update(conn) -> None:
+    net = make_network(conn, ipaddress.IPv4Network("192.168.150.0/24"))
+    assert net.isActive()
+    entry = HostEntry("late", "52:54:00:a8:96:0c", ipaddress.IPv4Address("192.168.150.12"))
+    virt.add_network_host(net, entry, "ost.test")
+    root = etree.fromstring(net.XMLDesc())
+    assert root.find("ip/dhcp/host").get("mac") == entry.mac
+    assert root.find("dns/host/hostname").text == "late.ost.test"
+    virt.remove_network(net)
+    assert "ost-feedbeef" not in [n.name() for n in conn.listAllNetworks()]
+
+
+def test_domain_lifecycle(conn) -> None:
+    make_network(conn, ipaddress.IPv4Network("192.168.151.0/24"))
+    xml = domain_xml(Templates().load("domain.xml"), name="ost-feedbeef-engine", virt_type="test",
+                     cpu_mode="default", memory_mib=256, vcpus=1, disk=Path("/w/d.qcow2"),
+                     network="ost-feedbeef", mac="52:54:00:00:00:0a", console_log=Path("/w/c.log"),
+                     label=LABEL)
+    dom = virt.create_domain(conn, xml)
+    assert virt.domain_state(dom) == "running"
+    assert Label.from_xml(dom.XMLDesc()) == LABEL
+    virt.remove_domain(dom)
+    assert "ost-feedbeef-engine" not in [d.name() for d in conn.listAllDomains()]
+
+
+def test_rejected_definition_leaves_nothing(conn) -> None:
+    before = {n.name() for n in conn.listAllNetworks()}
+    with pytest.raises(VirtError, match="refused the network definition"):
+        virt.create_network(conn, "<network><name>bad</name><ip address='nonsense'/></network>")
+    assert {n.name() for n in conn.listAllNetworks()} == before
+
+
+def test_virt_type_resolution(conn) -> None:
+    assert virt.resolve_virt_type(conn, "qemu") == "qemu"
+    # the test driver offers no KVM: auto falls back, an explicit kvm is an error
+    assert virt.resolve_virt_type(conn, "auto") == "qemu"
+    with pytest.raises(VirtError, match="(?s)KVM was requested.*--ost-virt-type=qemu"):
+        virt.resolve_virt_type(conn, "kvm")
+    assert virt.resolve_cpu_mode("kvm", "auto") == "host-passthrough"
+    assert virt.resolve_cpu_mode("qemu", "auto") == "maximum"
+    assert virt.resolve_cpu_mode("qemu", "host-model") == "host-model"
