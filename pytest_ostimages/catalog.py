@@ -20,7 +20,7 @@ import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from .errors import ImageError
 
@@ -41,6 +41,7 @@ class Image:
     layer: str
     path: Path
     chain: tuple[Path, ...]
+    chain_formats: tuple[str, ...]
     package: Optional[Package] = None
     pkglist: Optional[Path] = None
     pkglist_diff: Optional[Path] = None
@@ -167,7 +168,7 @@ class Catalog:
                 f"Installed layers of {distro}: {', '.join(self.layer_names(distro))}\n"
                 f"Use one of them, or install ost-images-{distro}-{layer}."
             )
-        image = Image(distro, layer, entry.path, backing_chain(entry.path, entry.package),
+        image = Image(distro, layer, entry.path, *backing_chain(entry.path, entry.package),
                       entry.package, entry.pkglist, entry.pkglist_diff)
         self._resolved[key] = image
         return image
@@ -185,7 +186,7 @@ class Catalog:
             distro = file_distro
         else:
             layer = stem
-        return Image(distro, layer, path, backing_chain(path, None))
+        return Image(distro, layer, path, *backing_chain(path, None))
 
     def ssh_key(self, distro: str) -> Path:
         """The private root key of the distro's images."""
@@ -213,7 +214,7 @@ class Catalog:
 
 def _rpm_files(rpm: Sequence[str], directory: Path) -> list[tuple[Path, Package]]:
     """(file, package) of every ost-images-* package file inside `directory`."""
-    query = [*rpm, "-qa", "--qf", "[%{NAME}\t%{VERSION}-%{RELEASE}\t%{FILENAMES}\n]",
+    query = [*rpm, "-qa", "--qf", "[%{=NAME}\t%{=VERSION}-%{=RELEASE}\t%{FILENAMES}\n]",
              PACKAGE_PREFIX + "*"]
     try:
         out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
@@ -229,8 +230,8 @@ def _rpm_files(rpm: Sequence[str], directory: Path) -> list[tuple[Path, Package]
     return found
 
 
-def backing_chain(path: Path, package: Optional[Package]) -> tuple[Path, ...]:
-    """The chain of `path` (top first), checked by qemu-img; ImageError if broken."""
+def backing_chain(path: Path, package: Optional[Package]) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    """Files and formats of the chain of `path` (top first), checked by qemu-img."""
     owner = f" (package {package.name}-{package.version})" if package else ""
     fix = (f"Reinstall the packages of the chain, e.g. dnf reinstall {package.name} "
            f"ost-images-{path.name.partition('-')[0]}-base" if package
@@ -255,13 +256,6 @@ def backing_chain(path: Path, package: Optional[Package]) -> tuple[Path, ...]:
     if top.get("format") != "qcow2":
         raise ImageError(f"Image {path}{owner} is not a qcow2 image (qemu-img sees format "
                          f"{top.get('format')!r}). {fix}")
-    return tuple(Path(info["filename"]).resolve() for info in infos)
+    return (tuple(Path(info["filename"]).resolve() for info in infos),
+            tuple(str(info.get("format", "raw")) for info in infos))
 
-
-def read_pkglist(path: Optional[Path]) -> list[str]:
-    return path.read_text().split() if path is not None and path.exists() else []
-
-
-def layers_in(catalog: Catalog, distro: str) -> Iterable[Image]:
-    for layer in catalog.layer_names(distro):
-        yield catalog.image(distro, layer)

@@ -189,6 +189,7 @@ class Lab:
             console = self.workdir.path / f"{name}.console.log"
             xml = domain_xml(self.templates.load("domain.xml"), name=name, virt_type=self.virt_type,
                              cpu_mode=cpu_mode, memory_mib=memory, vcpus=vcpus, disk=overlay,
+                             backing=list(zip(image.chain, image.chain_formats)),
                              network=self.network.name, mac=entry.mac, console_log=console,
                              label=self.label(spec.role))
             domain = virt.create_domain(self.conn, xml)

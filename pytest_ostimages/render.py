@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from lxml import etree
 
@@ -77,7 +77,7 @@ class Templates:
             source = f"pytest_ostimages/templates/{name}"
             text = resources.files("pytest_ostimages").joinpath("templates", name).read_bytes()
         try:
-            return etree.fromstring(text, etree.XMLParser(remove_comments=True))
+            return etree.fromstring(text, etree.XMLParser(remove_comments=True, remove_blank_text=True))
         except etree.XMLSyntaxError as exc:
             raise OstError(f"Template {source} is not valid XML: {exc}. Fix it, or remove it "
                            f"to use the packaged template.") from None
@@ -164,12 +164,16 @@ def domain_xml(
     memory_mib: int,
     vcpus: int,
     disk: Path,
+    backing: Sequence[tuple[Path, str]],
     network: str,
     mac: str,
     console_log: Path,
     label: Label,
 ) -> str:
-    """`cpu_mode` "default" removes <cpu> and lets libvirt choose."""
+    """`backing` is the overlay's chain below it: (file, format), top first.
+
+    `cpu_mode` "default" removes <cpu> and lets libvirt choose.
+    """
     root = copy.deepcopy(template)
     root.set("type", virt_type)
     _child(root, "name").text = name
@@ -201,6 +205,18 @@ def domain_xml(
     source = _child(disk_node, "source")
     source.attrib.clear()
     source.set("file", str(disk))
+    for old in disk_node.findall("backingStore"):
+        disk_node.remove(old)
+    parent = disk_node
+    for path, fmt in backing:
+        # The chain is spelled out so that libvirt leaves the installed images
+        # alone: it would otherwise chown them to its qemu user for good.
+        store = etree.SubElement(parent, "backingStore", type="file")
+        etree.SubElement(store, "format", type=fmt)
+        etree.SubElement(etree.SubElement(store, "source", file=str(path)), "seclabel",
+                         model="dac", relabel="no")
+        parent = store
+    etree.SubElement(parent, "backingStore")
     iface = devices.find("interface")
     if iface is None:
         iface = etree.SubElement(devices, "interface")

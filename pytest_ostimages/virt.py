@@ -216,10 +216,13 @@ def remove_domain(dom: "libvirt.virDomain") -> None:
     with contextlib.suppress(libvirt.libvirtError):
         if dom.isActive():
             dom.destroy()
-    with contextlib.suppress(libvirt.libvirtError):
+    try:
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                           | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                           | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    except libvirt.libvirtError:
+        with contextlib.suppress(libvirt.libvirtError):  # a driver without those flags
+            dom.undefine()
 
 
 STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",

@@ -17,7 +17,8 @@ SUBNET = ipaddress.IPv4Network("192.168.140.0/24")
 
 def render_domain(templates: Templates, **overrides) -> etree._Element:
     args = dict(name="ost-0a1b2c3d-engine", virt_type="qemu", cpu_mode="maximum", memory_mib=768,
-                vcpus=3, disk=Path("/w/engine.qcow2"), network="ost-0a1b2c3d",
+                vcpus=3, disk=Path("/w/engine.qcow2"),
+                backing=[(Path("/i/l-engine.qcow2"), "qcow2"), (Path("/i/l-base.qcow2"), "qcow2")], network="ost-0a1b2c3d",
                 mac="52:54:00:a8:8c:0a", console_log=Path("/w/engine.console.log"), label=LABEL)
     args.update(overrides)
     return etree.fromstring(domain_xml(templates.load("domain.xml"), **args))
@@ -32,6 +33,11 @@ def test_domain_gets_every_per_vm_value() -> None:
     assert root.find("cpu").get("mode") == "maximum"
     assert root.find("devices/disk/source").get("file") == "/w/engine.qcow2"
     assert root.find("devices/disk/driver").get("type") == "qcow2"
+    # the installed chain is spelled out, with relabelling off for each layer
+    chain = root.findall("devices/disk//backingStore/source")
+    assert [s.get("file") for s in chain] == ["/i/l-engine.qcow2", "/i/l-base.qcow2"]
+    assert all(s.find("seclabel").get("relabel") == "no" for s in chain)
+    assert root.find("devices/disk/backingStore/backingStore/backingStore") is not None  # chain end
     assert root.find("devices/interface/source").get("network") == "ost-0a1b2c3d"
     assert root.find("devices/interface/mac").get("address") == "52:54:00:a8:8c:0a"
     assert root.find("devices/serial").get("type") == "file"

@@ -74,7 +74,7 @@ def test_network_lifecycle_and_live_host_update(conn) -> None:
 def test_domain_lifecycle(conn) -> None:
     make_network(conn, ipaddress.IPv4Network("192.168.151.0/24"))
     xml = domain_xml(Templates().load("domain.xml"), name="ost-feedbeef-engine", virt_type="test",
-                     cpu_mode="default", memory_mib=256, vcpus=1, disk=Path("/w/d.qcow2"),
+                     cpu_mode="default", memory_mib=256, vcpus=1, disk=Path("/w/d.qcow2"), backing=[],
                      network="ost-feedbeef", mac="52:54:00:00:00:0a", console_log=Path("/w/c.log"),
                      label=LABEL)
     dom = virt.create_domain(conn, xml)
