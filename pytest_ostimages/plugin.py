@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
@@ -74,12 +75,20 @@ def user_errors() -> Iterator[None]:
 
 
 def _progress(config: pytest.Config) -> Callable[[str], None]:
+    """Live lines on the terminal (not with -q), always in the log."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    lock = threading.Lock()  # boots report from one thread per VM
 
     def report(message: str) -> None:
         log.info(message)
-        if reporter is not None and config.get_verbosity() >= 0:
-            reporter.write_line(f"[ost] {message}")
+        if reporter is None or config.get_verbosity() < 0:
+            return
+        with lock:
+            # fixtures run with output captured; progress is for the person waiting
+            suspended = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+            with suspended:
+                reporter.write_line(f"[ost] {message}")
 
     return report
 

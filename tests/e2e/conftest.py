@@ -1,0 +1,16 @@
+"""End-to-end tests: real VMs from the installed test images under real libvirt.
+
+Run them inside the lab namespace (see README); they boot the engine and two
+hosts once for the whole session, plus a few short inner sessions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(__file__).parent in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)

@@ -1,0 +1,99 @@
+"""The default fixtures on real VMs: engine + hosts booted together, SSH, SFTP, DNS."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_ostimages import VM, Catalog, Network, SSHCommandError
+
+from .helpers import IMAGES
+
+
+def test_engine_up(engine: VM) -> None:
+    assert engine.ssh("systemctl is-system-running --wait").stdout.strip() == "running"
+    assert engine.ssh("cat /etc/ost-layer").stdout.strip() == "engine-installed"
+
+
+def test_hosts_are_host_installed(hosts: list[VM]) -> None:
+    assert [h.role for h in hosts] == ["host0", "host1"]
+    for host in hosts:
+        assert host.ssh("cat /etc/ost-layer", check=True).stdout.strip() == "host-installed"
+
+
+def test_layers_carry_their_packages(engine: VM, host0: VM, ost_images: Catalog) -> None:
+    for vm in (engine, host0):
+        added = Path(vm.image.pkglist_diff).read_text().split()
+        assert added, f"{vm.image.label} should add packages on top of base"
+        installed = vm.ssh("dpkg-query -W -f '${Package}-${Version}\\n'", check=True).stdout.split()
+        assert set(added) <= set(installed)
+    assert ost_images.source == "rpm"
+    assert engine.image.package is not None
+    assert engine.image.package.name == f"ost-images-{engine.image.distro}-engine-installed"
+
+
+def test_hosts_reach_the_engine_by_name(hosts: list[VM], engine: VM) -> None:
+    for host in hosts:
+        assert host.ssh(f"ping -c1 -W5 {engine.hostname}").returncode == 0
+        resolved = host.ssh("getent hosts engine").stdout.split()
+        assert resolved[0] == str(engine.ip)
+
+
+def test_addresses_are_the_reserved_ones(engine: VM, hosts: list[VM], ost_network: Network) -> None:
+    for vm in (engine, *hosts):
+        assert vm.ip in ost_network.subnet
+        assert f"inet {vm.ip}/" in vm.ssh("ip -4 addr show eth0").stdout
+        assert vm.mac in vm.ssh("cat /sys/class/net/eth0/address").stdout
+
+
+def test_copy_a_file_in_and_out(engine: VM, tmp_path: Path) -> None:
+    source = tmp_path / "payload.bin"
+    source.write_bytes(os.urandom(300_000))
+    engine.put(source, "/root/payload.bin")
+    assert engine.ssh("sha256sum /root/payload.bin").stdout.split()[0] == \
+        subprocess.run(["sha256sum", str(source)], capture_output=True, text=True).stdout.split()[0]
+    engine.get("/root/payload.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
+
+
+def test_command_results_and_check(engine: VM) -> None:
+    result = engine.ssh("echo out; echo err >&2; exit 3")
+    assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
+    with pytest.raises(SSHCommandError, match="exited with 3(.|\n)*err"):
+        engine.ssh("echo err >&2; exit 3", check=True)
+
+
+def test_dropped_connection_is_reopened(host1: VM) -> None:
+    host1._ssh.connect().get_transport().close()  # as if the network dropped it
+    assert host1.ssh("echo again").stdout == "again\n"
+
+
+def test_console_log_shows_the_boot(engine: VM) -> None:
+    assert "Linux version" in engine.console_log()
+    assert len(engine.console_log(lines=5).splitlines()) <= 5
+
+
+def test_overlays_leave_installed_images_alone(engine: VM, hosts: list[VM]) -> None:
+    for vm in (engine, *hosts):
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(vm.overlay)],
+                                         capture_output=True, text=True, check=True).stdout)
+        assert info["full-backing-filename"] == str(vm.image.path)
+        assert info["backing-filename-format"] == "qcow2"
+        assert vm.overlay.parent != IMAGES
+    # while the VMs run, the installed files keep their owner and mode
+    for path in IMAGES.glob("*.qcow2"):
+        st = path.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o444), path
+
+
+def test_factory_boots_any_layer_later(ost_vm_factory, engine: VM) -> None:
+    late = ost_vm_factory("base", role="late")
+    assert late.ssh("cat /etc/ost-layer").stdout.strip() == "base"
+    # added to the running network: reserved address and DNS name both work
+    assert ipaddress.IPv4Address(late.ssh("getent hosts late").stdout.split()[0]) == late.ip
+    assert late.ssh(f"getent hosts {engine.hostname}").stdout.split()[0] == str(engine.ip)

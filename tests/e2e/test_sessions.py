@@ -1,0 +1,74 @@
+"""Whole pytest sessions with the plugin, run in a subprocess, checked from outside:
+the option boots what it names, failures say what happened, nothing is left."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .helpers import image_state, libvirt_objects, workdirs
+
+INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1"]
+
+
+@pytest.fixture
+def unchanged():
+    """Assert that a test leaves no libvirt object, work dir or image change behind."""
+    before = libvirt_objects(), workdirs(), image_state()
+    yield
+    assert (libvirt_objects(), workdirs(), image_state()) == before
+
+
+def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None) -> None:
+    pytester.makepyfile("""
+        def test_layer(ost_vm):
+            assert ost_vm.ssh("cat /etc/ost-layer").stdout.strip() == "host-installed"
+            # writes go to the overlay, never to the installed images
+            ost_vm.ssh("dd if=/dev/urandom of=/root/junk bs=1M count=16 && sync", check=True)
+    """)
+    result = pytester.runpytest_subprocess("--ost-image=host-installed", *INNER)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*vm: booting debian12-host-installed*", "*vm: ssh ready in *"])
+
+
+def test_vm_that_never_boots_shows_its_console(pytester: pytest.Pytester, unchanged: None,
+                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    # A disk with no OS: the BIOS reports it on the serial console, sshd never comes.
+    folder = Path("/var/tmp/pytest-ostimages-tests")  # qemu's user must reach it
+    folder.mkdir(mode=0o755, exist_ok=True)
+    blank = folder / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)
+    pytester.makepyfile("def test_never(ost_vm):\n    pass\n")
+    try:
+        result = pytester.runpytest_subprocess(f"--ost-image={blank}", "--ost-boot-timeout=20", *INNER)
+    finally:
+        blank.unlink()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([
+        "*VM vm (ost-*-vm, image debian12-blank) not reachable over SSH within 20 s*",
+        "*state: running*",
+        "*last 30 lines of the serial console*",
+        "*No bootable device*",
+    ])
+    assert "pytest_ostimages/" not in result.stdout.str()  # no traceback from inside the plugin
+
+
+def test_unknown_layer_lists_installed_ones(pytester: pytest.Pytester, unchanged: None) -> None:
+    pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
+    result = pytester.runpytest_subprocess("--ost-image=storage-installed", *INNER)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([
+        "*Layer 'storage-installed' of debian12 is not installed in /usr/share/ost-images.",
+        "*Installed layers of debian12: base, engine-installed, host-installed",
+    ])
+
+
+def test_libvirt_not_reachable(pytester: pytest.Pytester, unchanged: None) -> None:
+    pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
+    result = pytester.runpytest_subprocess(
+        "--ost-image=base", "--ost-libvirt-uri=qemu+unix:///system?socket=/nonexistent/sock", *INNER)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*Cannot connect to libvirt at qemu+unix:///system?socket=*",
+                                 "*Is the daemon running?*"])
