@@ -12,21 +12,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
-import os
 import secrets
-import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
-from . import virt
+from . import reaper, virt
 from .catalog import Catalog, Image
 from .config import OstConfig
 from .errors import OstError
 from .overlay import WorkDir
-from .render import HostEntry, Label, Templates, domain_xml, network_xml
+from .owner import Label
+from .render import HostEntry, Templates, domain_xml, network_xml
 from .ssh import SSH, load_key
 from .vm import VM
 
@@ -75,6 +75,8 @@ class Lab:
         self._cleanup = contextlib.ExitStack()
         self._conn: Optional["libvirt.virConnect"] = None
         self._next_host = FIRST_VM_HOST
+        self._owner = Label.current(self.run_id, self.workdir.path)
+        self._abort = threading.Event()  # set when the session is interrupted
 
     # --- inputs, checked before anything is created -------------------------------
 
@@ -94,7 +96,6 @@ class Lab:
 
     @functools.cached_property
     def _key(self) -> "paramiko.PKey":
-        self.catalog.ssh_key(self.distro)  # a clear error if it is missing
         return load_key(self.workdir.private_key(self.catalog.ssh_key(self.distro)))
 
     @functools.cached_property
@@ -113,7 +114,7 @@ class Lab:
         return virt.resolve_virt_type(self.conn, self.config.virt_type)
 
     def label(self, role: str = "") -> Label:
-        return Label(self.run_id, os.getpid(), socket.gethostname(), str(self.workdir.path), role)
+        return self._owner.with_role(role)
 
     # --- creating things ----------------------------------------------------------
 
@@ -123,9 +124,10 @@ class Lab:
             return
         self.templates.load("domain.xml"), self.templates.load("network.xml")
         self.virt_type  # noqa: B018 - connects and checks KVM before anything exists
-        self.workdir.create()
-        if not self.config.keep:
-            self._cleanup.callback(self.workdir.remove)
+        for leftover in reaper.reap(self.conn, self.config.workdir):
+            self.progress(f"removed leftover {leftover}")
+        self.workdir.create(self._owner)
+        self._cleanup.callback(self.workdir.remove if not self.config.keep else self.workdir.disown)
         self.progress(f"work directory {self.workdir.path}")
 
     def _create_network(self, roles: list[str]) -> list[HostEntry]:
@@ -171,6 +173,7 @@ class Lab:
         if len({s.role for s in specs}) != len(specs) or taken:
             raise OstError(f"VM roles must be unique in a session; got {[s.role for s in specs]}")
         images = {s.role: self.image(s.image) for s in specs}  # every input checked first
+        self.catalog.ssh_key(self.distro)
         self._start()
         key = self._key
         if self.network is None:
@@ -208,12 +211,18 @@ class Lab:
         start = time.monotonic()
 
         def wait(vm: VM) -> None:
-            seconds = vm.wait_for_ssh(self.config.boot_timeout)
+            seconds = vm.wait_for_ssh(self.config.boot_timeout, self._abort)
             self.progress(f"{vm.role}: ssh ready in {seconds:.1f} s")
 
-        with ThreadPoolExecutor(max_workers=len(vms)) as pool:
-            futures = [pool.submit(wait, vm) for vm in vms]
+        pool = ThreadPoolExecutor(max_workers=len(vms))
+        futures = [pool.submit(wait, vm) for vm in vms]
+        try:
             errors = [f.exception() for f in futures if f.exception() is not None]
+        finally:
+            if not all(f.done() for f in futures):
+                # Ctrl-C or SIGTERM reached the main thread: stop the waits now.
+                self._abort.set()
+            pool.shutdown(wait=True)
         if errors:
             raise errors[0]  # type: ignore[misc]
         if len(vms) > 1:
@@ -221,8 +230,8 @@ class Lab:
 
     def close(self) -> None:
         """Remove every domain, network and file this lab made."""
-        if self.vms or self.network:
-            self.progress(f"removing {len(self.vms)} VMs and network of run {self.run_id}")
+        if self.workdir.path.exists():
+            self.progress(f"removing the VMs, network and work directory of run {self.run_id}")
         self._cleanup.close()
         self.vms.clear()
         self.network = None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .catalog import Image
 from .errors import ImageError, OstError
+from .owner import OWNER_FILE, Label
 
 
 class WorkDir:
@@ -23,7 +24,7 @@ class WorkDir:
     def __init__(self, root: Path, run_id: str) -> None:
         self.path = root / run_id
 
-    def create(self) -> None:
+    def create(self, owner: Label) -> None:
         root = self.path.parent
         try:
             root.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -31,6 +32,7 @@ class WorkDir:
         except OSError as exc:
             raise OstError(f"Cannot create the work directory {self.path}: {exc.strerror}. "
                            f"Choose a writable place with --ost-workdir.") from None
+        owner.write(self.path)  # so that the reaper knows whose it is
         # qemu runs as another user (libvirt-qemu) and must reach the overlays.
         os.chmod(self.path, 0o755)
         for folder in [self.path, *self.path.parents]:
@@ -74,3 +76,7 @@ class WorkDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def disown(self) -> None:
+        """Keep the directory (--ost-keep): without a label the reaper leaves it alone."""
+        (self.path / OWNER_FILE).unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from . import config as ostconfig
+from . import reaper, virt
 from .catalog import Catalog
 from .config import OstConfig
 from .errors import OstError
@@ -40,6 +41,30 @@ VM_FIXTURES: dict[str, Callable[[OstConfig], list[VMSpec]]] = {}
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     ostconfig.add_options(parser)
+    parser.getgroup("ostimages").addoption(
+        "--ost-cleanup", action="store_true", default=False,
+        help="remove every leftover of the plugin whose run is gone (VMs, networks, work "
+             "directories), then exit without running tests")
+
+
+def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
+    if not config.getoption("ost_cleanup"):
+        return None
+    settings = ostconfig.from_pytest(config)
+    try:
+        conn = virt.connect(settings.libvirt_uri)
+        try:
+            leftovers = reaper.reap(conn, settings.workdir)
+        finally:
+            conn.close()
+    except OstError as exc:
+        print(f"ERROR: {exc}")
+        return int(pytest.ExitCode.USAGE_ERROR)
+    for leftover in leftovers:
+        print(f"removed {leftover}")
+    print(f"pytest-ostimages: removed {len(leftovers)} leftovers at {settings.libvirt_uri} "
+          f"and in {settings.workdir}")
+    return int(pytest.ExitCode.OK)
 
 
 def pytest_configure(config: pytest.Config) -> None:

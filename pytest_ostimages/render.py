@@ -17,37 +17,7 @@ from typing import Iterable, Optional, Sequence
 from lxml import etree
 
 from .errors import OstError
-
-METADATA_NS = "urn:pytest-ostimages:run:1"
-METADATA_PREFIX = "ost"
-
-
-@dataclass(frozen=True)
-class Label:
-    """Who made a libvirt object: written into its <metadata>, read by the reaper."""
-
-    run_id: str
-    pid: int
-    host: str
-    workdir: str
-    role: str = ""
-
-    def element(self) -> etree._Element:
-        attrs = {"run-id": self.run_id, "pid": str(self.pid), "host": self.host,
-                 "workdir": self.workdir}
-        if self.role:
-            attrs["role"] = self.role
-        return etree.Element(f"{{{METADATA_NS}}}owner", attrs, nsmap={METADATA_PREFIX: METADATA_NS})
-
-    @classmethod
-    def from_xml(cls, xml: str) -> Optional["Label"]:
-        """The label of a libvirt object's XML, None if it is not ours."""
-        node = etree.fromstring(xml.encode()).find(f"metadata/{{{METADATA_NS}}}owner")
-        if node is None:
-            return None
-        return cls(node.get("run-id", ""), int(node.get("pid", "0")), node.get("host", ""),
-                   node.get("workdir", ""), node.get("role", ""))
-
+from .owner import METADATA_NS, Label
 
 @dataclass(frozen=True)
 class HostEntry:

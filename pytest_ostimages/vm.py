@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,11 +64,16 @@ class VM:
     def state(self) -> str:
         return domain_state(self.domain)
 
-    def wait_for_ssh(self, timeout: float) -> float:
-        """Block until root can log in; return the seconds it took."""
+    def wait_for_ssh(self, timeout: float, abort: Optional[threading.Event] = None) -> float:
+        """Block until root can log in; return the seconds it took.
+
+        Setting `abort` (the session is being interrupted) stops the wait at once.
+        """
         start = time.monotonic()
 
         def died() -> Optional[str]:
+            if abort is not None and abort.is_set():
+                return "was not waited for any more: the session was interrupted"
             state = self.state()
             return None if state == "running" else f"the VM stopped while booting (state: {state})"
 

@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import image_state, libvirt_objects, workdirs
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(__file__).parent in Path(item.path).parents:
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def unchanged():
+    """Assert that a test leaves no libvirt object, work dir or image change behind."""
+    before = libvirt_objects(), workdirs(), image_state()
+    yield
+    assert (libvirt_objects(), workdirs(), image_state()) == before

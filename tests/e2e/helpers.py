@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Optional
 
 IMAGES = Path(os.environ.get("OST_IMAGES_DIR", "/usr/share/ost-images"))
+# options of the inner sessions run by pytester: they do not read our pytest.ini
+INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1"]
 
 
 def image_state() -> dict[str, tuple[str, int, int, int]]:
@@ -22,17 +25,19 @@ def image_state() -> dict[str, tuple[str, int, int, int]]:
     return state
 
 
-def libvirt_objects() -> set[str]:
-    """Every libvirt domain and network labelled by the plugin, to spot leftovers."""
+def libvirt_objects(pid: Optional[int] = None) -> set[str]:
+    """Libvirt domains and networks labelled by the plugin (by process `pid` if given)."""
     import libvirt
 
-    from pytest_ostimages.render import Label
+    from pytest_ostimages.owner import Label
 
     conn = libvirt.open(os.environ.get("OST_LIBVIRT_URI", "qemu:///system"))
     try:
         objects = [("domain", d) for d in conn.listAllDomains()] + \
                   [("network", n) for n in conn.listAllNetworks()]
-        return {f"{kind} {o.name()}" for kind, o in objects if Label.from_xml(o.XMLDesc())}
+        labelled = [(kind, o.name(), Label.from_xml(o.XMLDesc())) for kind, o in objects]
+        return {f"{kind} {name}" for kind, name, label in labelled
+                if label is not None and pid in (None, label.pid)}
     finally:
         conn.close()
 

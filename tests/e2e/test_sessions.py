@@ -8,18 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import image_state, libvirt_objects, workdirs
-
-INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1"]
-
-
-@pytest.fixture
-def unchanged():
-    """Assert that a test leaves no libvirt object, work dir or image change behind."""
-    before = libvirt_objects(), workdirs(), image_state()
-    yield
-    assert (libvirt_objects(), workdirs(), image_state()) == before
-
+from .helpers import INNER
 
 def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None) -> None:
     pytester.makepyfile("""

@@ -10,7 +10,8 @@ from lxml import etree
 
 from pytest_ostimages import virt
 from pytest_ostimages.errors import VirtError
-from pytest_ostimages.render import HostEntry, Label, Templates, domain_xml, network_xml
+from pytest_ostimages.owner import Label
+from pytest_ostimages.render import HostEntry, Templates, domain_xml, network_xml
 
 LABEL = Label("feedbeef", 1, "testhost", "/w")
 

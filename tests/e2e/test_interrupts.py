@@ -1,0 +1,50 @@
+"""A run stopped half-way: SIGTERM tears down at once, SIGKILL leaves labelled
+objects that the next run (or --ost-cleanup) removes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .helpers import INNER, libvirt_objects
+
+
+def start_booting(pytester: pytest.Pytester) -> subprocess.Popen:
+    """An inner session that is booting a VM (its domain exists) when this returns."""
+    pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "--ost-image=base", *INNER],
+                            cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not any(o.startswith("domain") for o in libvirt_objects(proc.pid)):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "the inner session defined no domain within 60 s"
+        time.sleep(0.2)
+    return proc
+
+
+def test_sigterm_while_booting_tears_down(pytester: pytest.Pytester, unchanged: None) -> None:
+    proc = start_booting(pytester)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+    assert "[ost] removing the VMs, network and work directory of run" in output
+
+
+def test_sigkill_leftovers_are_reaped(pytester: pytest.Pytester, unchanged: None) -> None:
+    proc = start_booting(pytester)
+    proc.kill()
+    proc.wait()
+    left = libvirt_objects(proc.pid)
+    assert {o.split()[0] for o in left} == {"domain", "network"}
+    # the next session removes them before it creates anything
+    pytester.makepyfile("def test_net(ost_network):\n    pass\n")
+    result = pytester.runpytest_subprocess(*INNER)
+    result.assert_outcomes(passed=1)
+    for obj in left:
+        result.stdout.fnmatch_lines([f"*removed leftover {obj} (run *, pid {proc.pid} gone)*"])
+    result.stdout.fnmatch_lines([f"*removed leftover workdir /var/tmp/pytest-ostimages/* (run *, pid {proc.pid} gone)*"])
