@@ -11,7 +11,7 @@ setup(
     package_data={"pytest_ostimages": ["templates/*.xml", "py.typed"]},
     python_requires=">=3.9",
     install_requires=[
-        "pytest>=7.4",
+        "pytest>=8.0",
         "libvirt-python",
         "paramiko>=3.2",
         "lxml",

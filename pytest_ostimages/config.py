@@ -54,6 +54,7 @@ class OstConfig:
     templates: Optional[Path] = None
     subnet_pool: ipaddress.IPv4Network = ipaddress.IPv4Network("192.168.128.0/17")
     dns_domain: str = "ost.test"
+    artifacts: Optional[Path] = None
 
 
 # --- parsers: str -> value, raising ValueError with what was expected -------------
@@ -184,6 +185,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("subnet_pool", _subnet_pool, "IPv4 range from which /24 management networks are taken "
             "(default 192.168.128.0/17)"),
     Setting("dns_domain", _dns_domain, "DNS domain of the management network (default ost.test)"),
+    Setting("artifacts", _path, "after a failed run, save console logs, journals, /var/log, "
+            "domain and network XML, DHCP leases and package lists here"),
 )
 
 

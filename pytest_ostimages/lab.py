@@ -126,6 +126,10 @@ class Lab:
         self.virt_type  # noqa: B018 - connects and checks KVM before anything exists
         for leftover in reaper.reap(self.conn, self.config.workdir):
             self.progress(f"removed leftover {leftover}")
+        version = self.conn.getLibVersion()
+        self.progress(f"libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000} at "
+                      f"{self.config.libvirt_uri}: {self.virt_type} guests, CPU "
+                      f"{virt.resolve_cpu_mode(self.virt_type, self.config.cpu_mode)}")
         self.workdir.create(self._owner)
         self._cleanup.callback(self.workdir.remove if not self.config.keep else self.workdir.disown)
         self.progress(f"work directory {self.workdir.path}")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from . import config as ostconfig
-from . import reaper, virt
+from . import diagnostics, reaper, virt
 from .catalog import Catalog
 from .config import OstConfig
 from .errors import OstError
@@ -34,6 +34,7 @@ log = logging.getLogger("pytest_ostimages")
 
 CONFIG_KEY = pytest.StashKey[OstConfig]()
 PLAN_KEY = pytest.StashKey[list[str]]()
+LAB_KEY = pytest.StashKey[Lab]()
 
 # fixture name -> the VMs it needs, for booting every VM of a session together
 VM_FIXTURES: dict[str, Callable[[OstConfig], list[VMSpec]]] = {}
@@ -85,6 +86,22 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    settings = config.stash[CONFIG_KEY]
+    return diagnostics.header_lines(settings, Catalog.discover(settings.images_dir))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that used VMs gets their console and journal tails in its report."""
+    report = yield
+    lab = item.config.stash.get(LAB_KEY, None)
+    if report.failed and lab is not None and lab.vms and "ost_lab" in getattr(item, "fixturenames", ()):
+        for title, text in diagnostics.vm_sections(lab.vms.values()):
+            report.sections.append((title, text))
+    return report
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     used = {name for item in items for name in getattr(item, "fixturenames", ())}
     config.stash[PLAN_KEY] = [name for name in VM_FIXTURES if name in used]
@@ -128,12 +145,18 @@ def ost_config(pytestconfig: pytest.Config) -> OstConfig:
 
 
 @pytest.fixture(scope="session")
-def ost_lab(pytestconfig: pytest.Config, ost_config: OstConfig) -> Iterator[Lab]:
+def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
+            ost_config: OstConfig) -> Iterator[Lab]:
     """The session's lab; everything it makes is removed when the session ends."""
     lab = Lab(ost_config, _progress(pytestconfig))
+    pytestconfig.stash[LAB_KEY] = lab
     try:
         yield lab
     finally:
+        session = request.session
+        if ost_config.artifacts is not None and session.testsfailed and lab.vms:
+            lab.progress(f"artifacts in {diagnostics.collect_artifacts(lab, ost_config.artifacts)}")
+        del pytestconfig.stash[LAB_KEY]
         lab.close()
 
 

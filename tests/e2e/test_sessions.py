@@ -10,16 +10,35 @@ import pytest
 
 from .helpers import INNER
 
-def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None) -> None:
+def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None, tmp_path: Path) -> None:
     pytester.makepyfile("""
         def test_layer(ost_vm):
             assert ost_vm.ssh("cat /etc/ost-layer").stdout.strip() == "host-installed"
             # writes go to the overlay, never to the installed images
             ost_vm.ssh("dd if=/dev/urandom of=/root/junk bs=1M count=16 && sync", check=True)
+
+        def test_that_fails(ost_vm):
+            ost_vm.ssh("logger -t ost-e2e marker-in-the-journal")
+            assert ost_vm.ssh("false").returncode == 0
     """)
-    result = pytester.runpytest_subprocess("--ost-image=host-installed", *INNER)
-    result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*vm: booting debian12-host-installed*", "*vm: ssh ready in *"])
+    artifacts = tmp_path / "artifacts"
+    result = pytester.runpytest_subprocess("--ost-image=host-installed", f"--ost-artifacts={artifacts}",
+                                           *INNER)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "ost-images: /usr/share/ost-images (found via rpm)*",
+        "ost-images:   debian12-host-installed (ost-images-debian12-host-installed-*)",
+        "*libvirt 9.* at qemu:///system: qemu guests*",
+        "*vm: booting debian12-host-installed*", "*vm: ssh ready in *"])
+    # the failed test's report carries its VM's console and journal tails
+    result.stdout.fnmatch_lines(["*ost vm: serial console (last 30 lines, running)*",
+                                 "*ost vm: journal (last 30 lines)*", "*marker-in-the-journal*"])
+    [run] = artifacts.iterdir()
+    files = {str(p.relative_to(run)) for p in run.rglob("*")}
+    assert {"network.xml", "dhcp-leases.json", "vm/console.log", "vm/domain.xml", "vm/journal.txt",
+            "vm/var-log.tar.gz", "debian12-host-installed-pkglist.txt"} <= files
+    assert "marker-in-the-journal" in (run / "vm" / "journal.txt").read_text()
+    assert "Linux version" in (run / "vm" / "console.log").read_text()
 
 
 def test_vm_that_never_boots_shows_its_console(pytester: pytest.Pytester, unchanged: None,
