@@ -144,8 +144,9 @@ class Lab:
             xml = network_xml(self.templates.load("network.xml"), name=name, bridge=name,
                               subnet=subnet, domain=self.config.dns_domain, hosts=entries,
                               label=self.label())
+            # registered first: an interrupt right after creation still removes it
+            self._cleanup.callback(virt.remove_network, self.conn, name)
             handle = virt.create_network(self.conn, xml)
-            self._cleanup.callback(virt.remove_network, handle)
             return Network(name, name, subnet, self.config.dns_domain, handle), entries
 
         self.network, entries = virt.with_free_subnet(
@@ -199,8 +200,8 @@ class Lab:
                              backing=list(zip(image.chain, image.chain_formats)),
                              network=self.network.name, mac=entry.mac, console_log=console,
                              label=self.label(spec.role))
+            self._cleanup.callback(virt.remove_domain, self.conn, name)
             domain = virt.create_domain(self.conn, xml)
-            self._cleanup.callback(virt.remove_domain, domain)
             vm = VM(name, spec.role, f"{spec.role}.{self.network.domain}", entry.ip, entry.mac,
                     image, overlay, console, domain, SSH(str(entry.ip), key))
             self._cleanup.callback(vm.close)

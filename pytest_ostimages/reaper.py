@@ -7,7 +7,6 @@ objects and objects of a live owner are never touched.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +49,11 @@ def find(conn: "libvirt.virConnect", workdir_root: Path) -> list[Leftover]:
 
 
 def remove(conn: "libvirt.virConnect", leftovers: list[Leftover]) -> None:
-    libvirt_error = virt.libvirt_error()
     for item in leftovers:
         if item.kind == "domain":
-            with contextlib.suppress(libvirt_error):
-                virt.remove_domain(conn.lookupByName(item.name))
+            virt.remove_domain(conn, item.name)
         elif item.kind == "network":
-            with contextlib.suppress(libvirt_error):
-                virt.remove_network(conn.networkLookupByName(item.name))
+            virt.remove_network(conn, item.name)
         else:
             shutil.rmtree(item.name, ignore_errors=True)
 

@@ -166,9 +166,11 @@ def create_network(conn: "libvirt.virConnect", xml: str) -> "libvirt.virNetwork"
     try:
         net.create()
     except libvirt.libvirtError as exc:
-        with contextlib.suppress(libvirt.libvirtError):
-            net.undefine()
+        remove_network(conn, net.name())
         raise VirtError(f"Cannot start network {net.name()}: {exc.get_error_message()}") from None
+    except BaseException:  # interrupted: leave nothing behind
+        remove_network(conn, net.name())
+        raise
     return net
 
 
@@ -186,8 +188,13 @@ def add_network_host(net: "libvirt.virNetwork", entry: HostEntry, domain: str) -
                         f"{net.name()}: {exc.get_error_message()}") from None
 
 
-def remove_network(net: "libvirt.virNetwork") -> None:
+def remove_network(conn: "libvirt.virConnect", name: str) -> None:
+    """Destroy and undefine network `name` if it exists."""
     libvirt = _libvirt()
+    try:
+        net = conn.networkLookupByName(name)
+    except libvirt.libvirtError:
+        return
     with contextlib.suppress(libvirt.libvirtError):
         if net.isActive():
             net.destroy()
@@ -206,13 +213,21 @@ def create_domain(conn: "libvirt.virConnect", xml: str) -> "libvirt.virDomain":
     try:
         dom.create()
     except libvirt.libvirtError as exc:
-        remove_domain(dom)
+        remove_domain(conn, dom.name())
         raise VirtError(f"Cannot start VM {dom.name()}: {exc.get_error_message()}") from None
+    except BaseException:  # interrupted: leave nothing behind
+        remove_domain(conn, dom.name())
+        raise
     return dom
 
 
-def remove_domain(dom: "libvirt.virDomain") -> None:
+def remove_domain(conn: "libvirt.virConnect", name: str) -> None:
+    """Destroy and undefine domain `name` if it exists."""
     libvirt = _libvirt()
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
     with contextlib.suppress(libvirt.libvirtError):
         if dom.isActive():
             dom.destroy()

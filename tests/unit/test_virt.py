@@ -68,7 +68,8 @@ def test_network_lifecycle_and_live_host_update(conn) -> None:
     root = etree.fromstring(net.XMLDesc())
     assert root.find("ip/dhcp/host").get("mac") == entry.mac
     assert root.find("dns/host/hostname").text == "late.ost.test"
-    virt.remove_network(net)
+    virt.remove_network(conn, net.name())
+    virt.remove_network(conn, net.name())  # gone already: nothing to do
     assert "ost-feedbeef" not in [n.name() for n in conn.listAllNetworks()]
 
 
@@ -81,7 +82,7 @@ def test_domain_lifecycle(conn) -> None:
     dom = virt.create_domain(conn, xml)
     assert virt.domain_state(dom) == "running"
     assert Label.from_xml(dom.XMLDesc()) == LABEL
-    virt.remove_domain(dom)
+    virt.remove_domain(conn, dom.name())
     assert "ost-feedbeef-engine" not in [d.name() for d in conn.listAllDomains()]
 
 
