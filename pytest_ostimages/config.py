@@ -55,6 +55,7 @@ class OstConfig:
     subnet_pool: ipaddress.IPv4Network = ipaddress.IPv4Network("192.168.128.0/17")
     dns_domain: str = "ost.test"
     artifacts: Optional[Path] = None
+    share: bool = False
 
 
 # --- parsers: str -> value, raising ValueError with what was expected -------------
@@ -185,6 +186,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("subnet_pool", _subnet_pool, "IPv4 range from which /24 management networks are taken "
             "(default 192.168.128.0/17)"),
     Setting("dns_domain", _dns_domain, "DNS domain of the management network (default ost.test)"),
+    Setting("share", _bool, "with pytest-xdist: one environment for all workers (the first boots "
+            "it, the last removes it) instead of one per worker", flag=True),
     Setting("artifacts", _path, "after a failed run, save console logs, journals, /var/log, "
             "domain and network XML, DHCP leases and package lists here"),
 )

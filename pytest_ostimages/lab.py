@@ -16,9 +16,9 @@ import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import reaper, virt
 from .catalog import Catalog, Image
@@ -65,17 +65,17 @@ class Network:
 
 class Lab:
     def __init__(self, config: OstConfig, progress: Callable[[str], None] = lambda _: None,
-                 run_id: Optional[str] = None) -> None:
+                 owner_pid: Optional[int] = None) -> None:
         self.config = config
         self.progress = progress
-        self.run_id = run_id or secrets.token_hex(4)
+        self.run_id = secrets.token_hex(4)
         self.workdir = WorkDir(config.workdir, self.run_id)
         self.vms: dict[str, VM] = {}
         self.network: Optional[Network] = None
         self._cleanup = contextlib.ExitStack()
         self._conn: Optional["libvirt.virConnect"] = None
         self._next_host = FIRST_VM_HOST
-        self._owner = Label.current(self.run_id, self.workdir.path)
+        self._owner = Label.current(self.run_id, self.workdir.path, owner_pid)
         self._abort = threading.Event()  # set when the session is interrupted
 
     # --- inputs, checked before anything is created -------------------------------
@@ -232,6 +232,48 @@ class Lab:
             raise errors[0]  # type: ignore[misc]
         if len(vms) > 1:
             self.progress(f"{len(vms)} VMs ready in {time.monotonic() - start:.1f} s")
+
+    # --- one environment for several processes (--ost-share) ------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What another process needs to attach to this lab's VMs."""
+        assert self.network is not None
+        net = self.network
+        return {
+            "run_id": self.run_id, "owner": asdict(self._owner),
+            "network": {"name": net.name, "bridge": net.bridge, "subnet": str(net.subnet),
+                        "domain": net.domain},
+            "vms": [{"name": vm.name, "role": vm.role, "hostname": vm.hostname, "ip": str(vm.ip),
+                     "mac": vm.mac, "image": str(vm.image.path), "overlay": str(vm.overlay),
+                     "console": str(vm.console_path)} for vm in self.vms.values()],
+        }
+
+    def attach(self, state: dict[str, Any]) -> None:
+        """Use the VMs another process booted; close() then removes them as if ours."""
+        self.run_id = state["run_id"]
+        self.workdir = WorkDir(self.config.workdir, self.run_id)
+        self._owner = Label(**state["owner"])
+        self._cleanup.callback(self.workdir.remove)
+        net = state["network"]
+        self._cleanup.callback(virt.remove_network, self.conn, net["name"])
+        self.network = Network(net["name"], net["bridge"], ipaddress.IPv4Network(net["subnet"]),
+                               net["domain"], self.conn.networkLookupByName(net["name"]))
+        for v in state["vms"]:
+            self._cleanup.callback(virt.remove_domain, self.conn, v["name"])
+            vm = VM(v["name"], v["role"], v["hostname"], ipaddress.IPv4Address(v["ip"]), v["mac"],
+                    self.image(v["image"]), Path(v["overlay"]), Path(v["console"]),
+                    self.conn.lookupByName(v["name"]), SSH(v["ip"], self._key))
+            self._cleanup.callback(vm.close)
+            self.vms[vm.role] = vm
+        self.progress(f"attached to {len(self.vms)} VMs of run {self.run_id}")
+
+    def release(self) -> None:
+        """Close connections but leave every VM, network and file for the others."""
+        self._cleanup.pop_all()
+        for vm in self.vms.values():
+            vm.close()
+        if self._conn is not None:
+            self._conn.close()
 
     def close(self) -> None:
         """Remove every domain, network and file this lab made."""

@@ -69,6 +69,8 @@ class WorkDir:
         if not mode & 0o077:
             return key
         copy = self.path / key.name
+        if copy.exists():  # made by another worker sharing this directory
+            return copy
         fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(key.read_bytes())

@@ -44,9 +44,10 @@ class Label:
     started: int = 0
 
     @classmethod
-    def current(cls, run_id: str, workdir: Path, role: str = "") -> "Label":
-        pid = os.getpid()
-        return cls(run_id, pid, socket.gethostname(), str(workdir), role, process_start(pid) or 0)
+    def current(cls, run_id: str, workdir: Path, pid: Optional[int] = None) -> "Label":
+        """A label owned by `pid` (default: this process)."""
+        pid = pid if pid is not None else os.getpid()
+        return cls(run_id, pid, socket.gethostname(), str(workdir), "", process_start(pid) or 0)
 
     def with_role(self, role: str) -> "Label":
         return Label(self.run_id, self.pid, self.host, self.workdir, role, self.started)

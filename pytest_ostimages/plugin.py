@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from typing import Any, Callable, Iterator, Optional
@@ -28,6 +29,7 @@ from .catalog import Catalog
 from .config import OstConfig
 from .errors import OstError
 from .lab import Lab, Network, VMSpec
+from .share import Share
 from .vm import VM
 
 log = logging.getLogger("pytest_ostimages")
@@ -35,6 +37,7 @@ log = logging.getLogger("pytest_ostimages")
 CONFIG_KEY = pytest.StashKey[OstConfig]()
 PLAN_KEY = pytest.StashKey[list[str]]()
 LAB_KEY = pytest.StashKey[Lab]()
+SHARE_KEY = pytest.StashKey[Optional[Share]]()
 
 # fixture name -> the VMs it needs, for booting every VM of a session together
 VM_FIXTURES: dict[str, Callable[[OstConfig], list[VMSpec]]] = {}
@@ -145,11 +148,18 @@ def ost_config(pytestconfig: pytest.Config) -> OstConfig:
 
 
 @pytest.fixture(scope="session")
-def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
-            ost_config: OstConfig) -> Iterator[Lab]:
+def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config, ost_config: OstConfig,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The session's lab; everything it makes is removed when the session ends."""
-    lab = Lab(ost_config, _progress(pytestconfig))
+    worker = getattr(pytestconfig, "workerinput", None)  # set by pytest-xdist in its workers
+    share = None
+    if ost_config.share and worker is not None:
+        base = tmp_path_factory.getbasetemp().parent  # shared by the workers of this run
+        share = Share(base / f"ost-share-{worker['testrunuid']}")
+    # A shared environment belongs to the xdist controller, which outlives every worker.
+    lab = Lab(ost_config, _progress(pytestconfig), owner_pid=os.getppid() if share else None)
     pytestconfig.stash[LAB_KEY] = lab
+    pytestconfig.stash[SHARE_KEY] = share
     try:
         yield lab
     finally:
@@ -157,7 +167,10 @@ def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
         if ost_config.artifacts is not None and session.testsfailed and lab.vms:
             lab.progress(f"artifacts in {diagnostics.collect_artifacts(lab, ost_config.artifacts)}")
         del pytestconfig.stash[LAB_KEY]
-        lab.close()
+        if share is not None and share.joined:
+            share.leave(lab)
+        else:
+            lab.close()
 
 
 @pytest.fixture(scope="session")
@@ -179,16 +192,21 @@ def ost_vms(pytestconfig: pytest.Config, ost_lab: Lab) -> dict[str, VM]:
     planned = pytestconfig.stash.get(PLAN_KEY, [])
     specs = [spec for name in planned for spec in VM_FIXTURES[name](ost_lab.config)]
     unique = list({spec.role: spec for spec in specs}.values())
+    share = pytestconfig.stash.get(SHARE_KEY, None)
     with user_errors():
-        ost_lab.boot([s for s in unique if s.role not in ost_lab.vms])
+        if share is not None:
+            share.join(ost_lab, unique)
+        else:
+            ost_lab.boot([s for s in unique if s.role not in ost_lab.vms])
     return ost_lab.vms
 
 
 class VMFactory:
     """Boot a VM from any layer: ``ost_vm_factory("host-installed", role="extra")``."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, shared: bool = False) -> None:
         self._lab = lab
+        self._shared = shared
 
     def __call__(self, image: str, role: Optional[str] = None, memory: Optional[int] = None,
                  vcpus: Optional[int] = None) -> VM:
@@ -197,14 +215,19 @@ class VMFactory:
 
     def many(self, specs: list[VMSpec]) -> list[VM]:
         """Boot several VMs together."""
+        if self._shared:
+            pytest.fail("ost_vm_factory cannot add VMs to an environment shared by xdist workers "
+                        "(--ost-share). Declare them with vm_fixture() in conftest.py so that they "
+                        "boot with the shared environment, or run without --ost-share.",
+                        pytrace=False)
         with user_errors():
             return self._lab.boot(specs)
 
 
 @pytest.fixture(scope="session")
-def ost_vm_factory(ost_lab: Lab) -> VMFactory:
+def ost_vm_factory(pytestconfig: pytest.Config, ost_lab: Lab) -> VMFactory:
     """Boots VMs from any layer for the rest of the session (session scope, :class:`VMFactory`)."""
-    return VMFactory(ost_lab)
+    return VMFactory(ost_lab, shared=pytestconfig.stash.get(SHARE_KEY, None) is not None)
 
 
 def _booted(ost_vms: dict[str, VM], ost_lab: Lab, specs: list[VMSpec]) -> list[VM]:

@@ -1,0 +1,39 @@
+"""pytest -n N: every worker its own environment, or one shared by all (--ost-share)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .helpers import INNER
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_each_worker_boots_its_own_environment(pytester: pytest.Pytester, unchanged: None) -> None:
+    # twice in a row: the second run must not trip over anything the first left
+    for _ in range(2):
+        result = pytester.runpytest_subprocess(str(EXAMPLES / "basic_suite"), "-n", "2",
+                                               "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=7)
+
+
+def test_shared_environment_is_booted_once(pytester: pytest.Pytester, unchanged: None,
+                                           tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    pytester.makepyfile(**{f"test_{i}": f"""
+        import os, time
+        def test_{i}(engine, host0):
+            time.sleep(1)  # let every worker get some tests
+            (__import__("pathlib").Path({str(seen)!r}) / "{i}").write_text(
+                os.environ["PYTEST_XDIST_WORKER"] + " " + engine.name + " " + host0.name)
+            assert engine.ssh("true").returncode == 0
+    """ for i in range(6)})
+    result = pytester.runpytest_subprocess("-n", "3", "--ost-share", "--ost-hosts=1", *INNER)
+    result.assert_outcomes(passed=6)
+    records = [p.read_text().split() for p in seen.iterdir()]
+    workers = {r[0] for r in records}
+    assert len(workers) >= 2, records
+    assert len({(r[1], r[2]) for r in records}) == 1, f"workers used different VMs: {records}"
