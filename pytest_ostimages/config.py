@@ -56,6 +56,7 @@ class OstConfig:
     dns_domain: str = "ost.test"
     artifacts: Optional[Path] = None
     share: bool = False
+    max_boots: Optional[int] = None  # None: one per CPU
 
 
 # --- parsers: str -> value, raising ValueError with what was expected -------------
@@ -113,6 +114,15 @@ def _per_role(raw: str) -> PerRole:
     if default is None and not roles:
         raise ValueError("expected e.g. '1024' or '1024,engine=4096'")
     return PerRole(default if default is not None else 0, roles)
+
+
+def _max_boots(raw: str) -> Optional[int]:
+    if raw.strip() == "auto":
+        return None
+    try:
+        return _positive_int(raw)
+    except ValueError:
+        raise ValueError("expected 'auto' (one per CPU), 0 (no limit) or a number of VMs") from None
 
 
 def _path(raw: str) -> Path:
@@ -178,6 +188,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("memory", _per_role, "guest memory in MiB, per role: '2048,engine=4096'"),
     Setting("vcpus", _per_role, "guest vCPUs, per role: '2' or '2,engine=4'"),
     Setting("hosts", _positive_int, "number of VMs in the hosts fixture (default 2)"),
+    Setting("max_boots", _max_boots, "how many VMs may boot at once on this host, across all "
+            "sessions and workers: auto (one per CPU, the default), 0 (no limit) or a number"),
     Setting("boot_timeout", _seconds, "seconds to wait for a VM to answer SSH (default 600)"),
     Setting("workdir", _path, "where session work directories are made; must be traversable "
             "by libvirt's qemu user (default /var/tmp/pytest-ostimages)"),

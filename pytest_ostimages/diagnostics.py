@@ -44,7 +44,7 @@ def vm_sections(vms: Iterable["VM"]) -> list[tuple[str, str]]:
         state = vm.state()
         sections.append((f"ost {vm.role}: serial console (last {CONSOLE_TAIL} lines, {state})",
                          vm.console_log(CONSOLE_TAIL) or "(empty)"))
-        if state == "running":
+        if state == "running" and vm.boot_seconds is not None:  # it answered SSH once
             journal = _quiet_ssh(vm, f"journalctl --no-pager -n {JOURNAL_TAIL}")
             if journal is not None:
                 sections.append((f"ost {vm.role}: journal (last {JOURNAL_TAIL} lines)", journal))
@@ -78,7 +78,7 @@ def collect_artifacts(lab: "Lab", dest: Path) -> Path:
         with contextlib.suppress(Exception):
             (folder / "domain.xml").write_text(vm.domain.XMLDesc())
         (folder / "state.txt").write_text(vm.state() + "\n")
-        if vm.state() == "running":
+        if vm.state() == "running" and vm.boot_seconds is not None:
             journal = _quiet_ssh(vm, "journalctl --no-pager -b", timeout=60)
             if journal is not None:
                 (folder / "journal.txt").write_text(journal)

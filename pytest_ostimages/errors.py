@@ -22,5 +22,9 @@ class BootError(OstError):
     """A VM did not become reachable over SSH."""
 
 
+class VMError(OstError):
+    """A running VM died or stopped answering during a test."""
+
+
 class SSHCommandError(OstError):
     """A command run with ``check=True`` exited non-zero."""

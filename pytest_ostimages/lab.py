@@ -25,6 +25,7 @@ from .catalog import Catalog, Image
 from .config import OstConfig
 from .errors import OstError
 from .overlay import WorkDir
+from .slots import BootSlots
 from .owner import Label
 from .render import HostEntry, Templates, domain_xml, network_xml
 from .ssh import SSH, load_key
@@ -77,6 +78,8 @@ class Lab:
         self._next_host = FIRST_VM_HOST
         self._owner = Label.current(self.run_id, self.workdir.path, owner_pid)
         self._abort = threading.Event()  # set when the session is interrupted
+        self.ssh_key: Optional[Path] = None  # the distro's key as a 0600 file, once started
+        self._slots = BootSlots(config.workdir, config.max_boots)
 
     # --- inputs, checked before anything is created -------------------------------
 
@@ -96,7 +99,7 @@ class Lab:
 
     @functools.cached_property
     def _key(self) -> "paramiko.PKey":
-        return load_key(self.workdir.private_key(self.catalog.ssh_key(self.distro)))
+        return load_key(self.catalog.ssh_key(self.distro))
 
     @functools.cached_property
     def templates(self) -> Templates:
@@ -132,6 +135,8 @@ class Lab:
                       f"{virt.resolve_cpu_mode(self.virt_type, self.config.cpu_mode)}")
         self.workdir.create(self._owner)
         self._cleanup.callback(self.workdir.remove if not self.config.keep else self.workdir.disown)
+        # for people and tools that log in by hand (OpenSSH wants the key 0600)
+        self.ssh_key = self.workdir.private_key(self.catalog.ssh_key(self.distro))
         self.progress(f"work directory {self.workdir.path}")
 
     def _create_network(self, roles: list[str]) -> list[HostEntry]:
@@ -178,16 +183,15 @@ class Lab:
         if len({s.role for s in specs}) != len(specs) or taken:
             raise OstError(f"VM roles must be unique in a session; got {[s.role for s in specs]}")
         images = {s.role: self.image(s.image) for s in specs}  # every input checked first
-        self.catalog.ssh_key(self.distro)
-        self._start()
         key = self._key
+        self._start()
         if self.network is None:
             entries = self._create_network([s.role for s in specs])
         else:
             entries = [self._reserve(s.role) for s in specs]
         assert self.network is not None
         cpu_mode = virt.resolve_cpu_mode(self.virt_type, self.config.cpu_mode)
-        started: list[VM] = []
+        plans = []
         for spec, entry in zip(specs, entries):
             image = images[spec.role]
             memory = spec.memory or self.config.memory.for_role(spec.role)
@@ -200,27 +204,33 @@ class Lab:
                              backing=list(zip(image.chain, image.chain_formats)),
                              network=self.network.name, mac=entry.mac, console_log=console,
                              label=self.label(spec.role))
+            # registered before it exists: an interrupt at any point still removes it
             self._cleanup.callback(virt.remove_domain, self.conn, name)
-            domain = virt.create_domain(self.conn, xml)
-            vm = VM(name, spec.role, f"{spec.role}.{self.network.domain}", entry.ip, entry.mac,
-                    image, overlay, console, domain, SSH(str(entry.ip), key))
-            self._cleanup.callback(vm.close)
-            self.vms[spec.role] = vm
-            started.append(vm)
-            self.progress(f"{spec.role}: booting {image.label} as {name} ({vcpus} vCPU, "
-                          f"{memory} MiB, {self.virt_type}) at {entry.ip}")
-        self._wait_all(started)
-        return started
+            plans.append(_Plan(spec.role, name, image, memory, vcpus, entry, overlay, console, xml))
+        return self._run_all(plans, key)
 
-    def _wait_all(self, vms: list[VM]) -> None:
-        start = time.monotonic()
-
-        def wait(vm: VM) -> None:
+    def _boot_one(self, plan: "_Plan", key: "paramiko.PKey") -> VM:
+        """Start one domain once a host-wide boot slot is free, and wait for its SSH."""
+        assert self.network is not None
+        with self._slots.take(self._abort) as waited:
+            if waited >= 1:
+                self.progress(f"{plan.role}: waited {waited:.1f} s for a boot slot")
+            domain = virt.create_domain(self.conn, plan.xml)
+            vm = VM(plan.name, plan.role, f"{plan.role}.{self.network.domain}", plan.entry.ip,
+                    plan.entry.mac, plan.image, plan.overlay, plan.console, domain,
+                    SSH(str(plan.entry.ip), key))
+            self.vms[plan.role] = vm
+            self.progress(f"{plan.role}: booting {plan.image.label} as {plan.name} ({plan.vcpus} vCPU, "
+                          f"{plan.memory} MiB, {self.virt_type}) at {plan.entry.ip}")
             seconds = vm.wait_for_ssh(self.config.boot_timeout, self._abort)
-            self.progress(f"{vm.role}: ssh ready in {seconds:.1f} s")
+        self.progress(f"{plan.role}: ssh ready in {seconds:.1f} s")
+        return vm
 
-        pool = ThreadPoolExecutor(max_workers=len(vms))
-        futures = [pool.submit(wait, vm) for vm in vms]
+    def _run_all(self, plans: list["_Plan"], key: "paramiko.PKey") -> list[VM]:
+        """Boot every plan in its own thread; the first error is raised after all ended."""
+        start = time.monotonic()
+        pool = ThreadPoolExecutor(max_workers=len(plans))
+        futures = [pool.submit(self._boot_one, plan, key) for plan in plans]
         try:
             errors = [f.exception() for f in futures if f.exception() is not None]
         finally:
@@ -230,8 +240,9 @@ class Lab:
             pool.shutdown(wait=True)
         if errors:
             raise errors[0]  # type: ignore[misc]
-        if len(vms) > 1:
-            self.progress(f"{len(vms)} VMs ready in {time.monotonic() - start:.1f} s")
+        if len(plans) > 1:
+            self.progress(f"{len(plans)} VMs ready in {time.monotonic() - start:.1f} s")
+        return [f.result() for f in futures]
 
     # --- one environment for several processes (--ost-share) ------------------------
 
@@ -263,8 +274,8 @@ class Lab:
             vm = VM(v["name"], v["role"], v["hostname"], ipaddress.IPv4Address(v["ip"]), v["mac"],
                     self.image(v["image"]), Path(v["overlay"]), Path(v["console"]),
                     self.conn.lookupByName(v["name"]), SSH(v["ip"], self._key))
-            self._cleanup.callback(vm.close)
             self.vms[vm.role] = vm
+        self.ssh_key = self.workdir.private_key(self.catalog.ssh_key(self.distro))
         self.progress(f"attached to {len(self.vms)} VMs of run {self.run_id}")
 
     def release(self) -> None:
@@ -279,9 +290,26 @@ class Lab:
         """Remove every domain, network and file this lab made."""
         if self.workdir.path.exists():
             self.progress(f"removing the VMs, network and work directory of run {self.run_id}")
+        for vm in self.vms.values():
+            vm.close()
         self._cleanup.close()
         self.vms.clear()
         self.network = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A VM of a batch, ready to start: everything but the domain exists."""
+
+    role: str
+    name: str
+    image: Image
+    memory: int
+    vcpus: int
+    entry: HostEntry
+    overlay: Path
+    console: Path
+    xml: str
 
 
 def _entry(role: str, ip: ipaddress.IPv4Address) -> HostEntry:

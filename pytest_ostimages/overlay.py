@@ -28,14 +28,11 @@ class WorkDir:
         root = self.path.parent
         try:
             root.mkdir(mode=0o755, parents=True, exist_ok=True)
-            self.path.mkdir(mode=0o755)
         except OSError as exc:
-            raise OstError(f"Cannot create the work directory {self.path}: {exc.strerror}. "
+            raise OstError(f"Cannot create the work directory {root}: {exc.strerror}. "
                            f"Choose a writable place with --ost-workdir.") from None
-        owner.write(self.path)  # so that the reaper knows whose it is
         # qemu runs as another user (libvirt-qemu) and must reach the overlays.
-        os.chmod(self.path, 0o755)
-        for folder in [self.path, *self.path.parents]:
+        for folder in [root, *root.parents]:
             if not folder.stat().st_mode & stat.S_IXOTH:
                 raise OstError(
                     f"The work directory {self.path} is inside {folder}, which other users "
@@ -43,6 +40,9 @@ class WorkDir:
                     f"qemu user cannot open the overlays. Use --ost-workdir under a directory "
                     f"with o+x (default /var/tmp/pytest-ostimages), or chmod o+x {folder}."
                 )
+        self.path.mkdir(mode=0o755)
+        os.chmod(self.path, 0o755)  # whatever the umask
+        owner.write(self.path)  # so that the reaper knows whose it is
 
     def overlay(self, image: Image, name: str) -> Path:
         """A new qcow2 overlay on `image`, backed by absolute path with its format."""

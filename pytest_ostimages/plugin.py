@@ -99,7 +99,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """A failed test that used VMs gets their console and journal tails in its report."""
     report = yield
     lab = item.config.stash.get(LAB_KEY, None)
-    if report.failed and lab is not None and lab.vms and "ost_lab" in getattr(item, "fixturenames", ()):
+    # Only for a failing test body: a failed boot already says what the console showed.
+    if (report.when == "call" and report.failed and lab is not None and lab.vms
+            and "ost_lab" in getattr(item, "fixturenames", ())):
         for title, text in diagnostics.vm_sections(lab.vms.values()):
             report.sections.append((title, text))
     return report
@@ -116,7 +118,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except OstError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        # "from None": the plugin's own exception would only repeat the message
+        raise pytest.fail.Exception(str(exc), pytrace=False) from None
 
 
 def _progress(config: pytest.Config) -> Callable[[str], None]:

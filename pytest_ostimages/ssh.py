@@ -20,6 +20,7 @@ import tenacity
 from .errors import ImageError, OstError, SSHCommandError
 
 PROBE_INTERVAL = 0.1
+AUTH_GRACE = 10.0  # seconds a guest may refuse the key while it finishes booting
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,10 @@ class SSH:
     def run(self, command: str, timeout: Optional[float] = None) -> CommandResult:
         """Run `command`; a connection that dropped is reopened once."""
         try:
-            channel = self.connect().get_transport().open_session()  # type: ignore[union-attr]
+            channel = self.connect().get_transport().open_session(timeout=30)  # type: ignore[union-attr]
         except (paramiko.SSHException, EOFError, OSError):
             self.close()
-            channel = self.connect().get_transport().open_session()  # type: ignore[union-attr]
+            channel = self.connect().get_transport().open_session(timeout=30)  # type: ignore[union-attr]
         channel.settimeout(timeout)
         channel.exec_command(command)
         stderr = bytearray()
@@ -133,6 +134,7 @@ class SSH:
         """
         deadline = time.monotonic() + timeout
         last = ["no answer yet"]
+        first_refusal: list[float] = []
 
         def attempt() -> None:
             dead = alive()
@@ -142,8 +144,14 @@ class SSH:
                 last[0] = f"nothing answers on {self.host}:{self.port} (no address yet, or sshd not started)"
                 raise TimeoutError(last[0])
             try:
-                self.connect(timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+                # a loaded guest may need long for the key exchange: allow it up to 30 s
+                self.connect(timeout=max(1.0, min(30.0, deadline - time.monotonic())))
             except paramiko.AuthenticationException as exc:
+                # The key is baked into the image: a refusal that lasts is final.
+                first_refusal[:] = first_refusal or [time.monotonic()]
+                if time.monotonic() - first_refusal[0] > AUTH_GRACE:
+                    raise NotReady(f"answers SSH but refuses the key for {self.user} ({exc}); "
+                                   f"is this image's key the distro's <distro>_id_rsa?") from None
                 last[0] = f"sshd answers but refuses the key ({exc})"
                 raise
             except (paramiko.SSHException, EOFError, OSError) as exc:

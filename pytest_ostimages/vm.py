@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
+import paramiko
+
 from .catalog import Image
-from .errors import BootError
+from .errors import BootError, VMError
 from .ssh import SSH, CommandResult, NotReady
 from .virt import domain_state
 
@@ -40,7 +42,18 @@ class VM:
 
     def ssh(self, command: str, check: bool = False, timeout: Optional[float] = 600) -> CommandResult:
         """Run `command` as root; with ``check=True`` a non-zero exit raises."""
-        result = self._ssh.run(command, timeout=timeout)
+        state = self.state()
+        if state != "running":  # a dead VM is reported as such, at once
+            raise VMError(self.describe_failure(f"is not running any more (state: {state})", hint=False))
+        try:
+            result = self._ssh.run(command, timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            state = self.state()
+            if state != "running":  # say that the VM died, not that SSH failed
+                raise VMError(self.describe_failure(f"is not running any more (state: {state})",
+                                                    hint=False)) from None
+            raise VMError(self.describe_failure(f"did not answer SSH for {command!r}: "
+                                                f"{exc.__class__.__name__}: {exc}", hint=False)) from None
         return result.check(self.role) if check else result
 
     def put(self, local: Union[str, Path], remote: str) -> None:
@@ -84,15 +97,16 @@ class VM:
         self.boot_seconds = time.monotonic() - start
         return self.boot_seconds
 
-    def describe_failure(self, reason: str, console_lines: int = 30) -> str:
+    def describe_failure(self, reason: str, console_lines: int = 30, hint: bool = True) -> str:
         tail = self.console_log(console_lines) or "(the console log is empty)"
         return (
             f"VM {self.role} ({self.name}, image {self.image.label}) {reason}.\n"
             f"  state: {self.state()}\n  address: {self.ip} ({self.hostname}, MAC {self.mac})\n"
             f"  console log: {self.console_path}\n"
-            f"--- last {console_lines} lines of the serial console ---\n{tail}\n---\n"
-            f"Check that the image boots and starts sshd (the console shows how far it got); "
-            f"under TCG emulation (--ost-virt-type=qemu) give it more --ost-boot-timeout."
+            f"--- last {console_lines} lines of the serial console ---\n{tail}\n---"
+            + ("\nCheck that the image boots and starts sshd (the console shows how far it got); "
+               "under TCG emulation (--ost-virt-type=qemu) give it more --ost-boot-timeout."
+               if hint else "")
         )
 
     def close(self) -> None:

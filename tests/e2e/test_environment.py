@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ostimages import VM, Catalog, Network, SSHCommandError
+from pytest_ostimages import VM, Catalog, Network, SSHCommandError, VMError
 
 from .helpers import IMAGES
 
@@ -97,3 +97,7 @@ def test_factory_boots_any_layer_later(ost_vm_factory, engine: VM) -> None:
     # added to the running network: reserved address and DNS name both work
     assert ipaddress.IPv4Address(late.ssh("getent hosts late").stdout.split()[0]) == late.ip
     assert late.ssh(f"getent hosts {engine.hostname}").stdout.split()[0] == str(engine.ip)
+    # a VM that dies is reported as dead, with its console, not as an SSH timeout
+    late.domain.destroy()
+    with pytest.raises(VMError, match=r"(?s)VM late .* is not running any more \(state: shut off\).*serial console"):
+        late.ssh("true")

@@ -1,0 +1,294 @@
+#!/usr/bin/env python3
+"""Benchmarks of pytest-ostimages, each beside a baseline measured in the same run.
+
+    .ci/lab run -- python bench/run.py [--repeat 3] [--skip-suite] [--json FILE]
+
+Prints a table (min / median of --repeat runs) and writes the raw figures as JSON.
+It never fails because of a time: it only measures.
+
+Figures:
+  boot       the plugin hands over an SSH-ready VM  vs  a hand-written sequence
+             (qemu-img create, virsh create of an equivalent domain, poll port 22
+             every 50 ms) on the same image, network and settings
+  parallel   1..4 VMs and engine + 2 hosts booted together  vs  one VM alone and
+             the same VMs booted one after another
+  overlay    time and bytes to create an overlay, on two images of different size
+  readiness  sshd listening (guest journal, clock offset measured over SSH)  ->
+             the plugin declaring the VM ready
+  teardown   removing everything of a session
+  suite      examples/basic_suite with -n 0 and -n 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import libvirt
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pytest_ostimages.config import resolve  # noqa: E402
+from pytest_ostimages.lab import Lab, VMSpec  # noqa: E402
+
+MEMORY, VCPUS = 512, 1
+LAYER = "engine-installed"
+SETTINGS = {"ost_memory": str(MEMORY), "ost_vcpus": str(VCPUS)}
+
+
+def config():
+    return resolve(SETTINGS.get, {}.get, os.environ)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "runs": values}
+
+
+# --- the plugin ------------------------------------------------------------------------
+
+
+def plugin_boot(specs: list[VMSpec]) -> dict[str, Any]:
+    """Boot `specs` with the plugin; time to ready, readiness latency and teardown."""
+    lab = Lab(config())
+    start = time.monotonic()
+    start_wall = time.time()
+    try:
+        vms = lab.boot(specs)
+        ready = time.monotonic() - start
+        ready_wall = start_wall + ready
+        latencies = [readiness_latency(vm, ready_wall) for vm in vms]
+    finally:
+        t0 = time.monotonic()
+        lab.close()
+        teardown = time.monotonic() - t0
+    return {"ready": ready, "latency": max(latencies), "teardown": teardown,
+            "per_vm": {vm.role: vm.boot_seconds for vm in vms}}
+
+
+def readiness_latency(vm, ready_wall: float) -> float:
+    """Seconds from sshd listening (guest journal) to the plugin's 'ready' (host clock)."""
+    before = time.time()
+    guest_now = float(vm.ssh("date +%s.%N").stdout)
+    after = time.time()
+    offset = guest_now - (before + after) / 2  # guest clock minus host clock, +- RTT/2
+    line = vm.ssh("journalctl -o short-unix -u ssh --no-pager | grep -m1 'Server listening'").stdout
+    listening_guest = float(line.split()[0])
+    return ready_wall - (listening_guest - offset)
+
+
+# --- the baseline: what a person would write by hand ---------------------------------------
+
+BASELINE_NET = """<network><name>{name}</name><forward mode='nat'/><bridge name='{name}'/>
+<ip address='{gw}' prefix='24'><dhcp><range start='{first}' end='{last}'/>
+{hosts}</dhcp></ip></network>"""
+
+BASELINE_DOMAIN = """<domain type='{virt_type}'><name>{name}</name><memory unit='MiB'>{memory}</memory>
+<vcpu>{vcpus}</vcpu><os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+<features><acpi/><apic/></features><cpu mode='{cpu}'/>
+<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='unsafe'/>
+<source file='{overlay}'/>{backing}<target dev='vda' bus='virtio'/></disk>
+<interface type='network'><source network='{network}'/><mac address='{mac}'/><model type='virtio'/></interface>
+<serial type='file'><source path='{console}'/></serial><rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+<memballoon model='none'/></devices></domain>"""
+
+
+class Baseline:
+    """A network made once, then VMs booted by hand: overlay, createXML, poll port 22."""
+
+    def __init__(self, image, virt_type: str, count: int = 4) -> None:
+        self.conn = libvirt.open(config().libvirt_uri)
+        self.image = image
+        self.virt_type = virt_type
+        self.cpu = "host-passthrough" if virt_type == "kvm" else "maximum"
+        self.dir = Path(tempfile.mkdtemp(prefix="ost-bench-", dir="/var/tmp"))
+        self.dir.chmod(0o755)
+        self.subnet = ipaddress.IPv4Network("192.168.250.0/24")
+        self.slots = [(f"52:54:00:fa:00:{i:02x}", self.subnet.network_address + 10 + i) for i in range(count)]
+        hosts = "".join(f"<host mac='{m}' ip='{ip}'/>" for m, ip in self.slots)
+        self.net = self.conn.networkCreateXML(BASELINE_NET.format(
+            name="ostbench", gw=self.subnet.network_address + 1, first=self.subnet.network_address + 100,
+            last=self.subnet.network_address + 200, hosts=hosts))
+
+    def boot(self, count: int = 1) -> float:
+        """Boot `count` VMs together by hand; seconds until every port 22 accepts."""
+        start = time.monotonic()
+        doms = []
+        for i in range(count):
+            mac, ip = self.slots[i]
+            overlay = self.dir / f"vm{i}.qcow2"
+            overlay.unlink(missing_ok=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                            str(self.image.path), str(overlay)], check=True)
+            # libvirt must not chown the installed images (the plugin does the same)
+            backing, tail = "", ""
+            for path, fmt in zip(self.image.chain, self.image.chain_formats):
+                backing += (f"<backingStore type='file'><format type='{fmt}'/><source file='{path}'>"
+                            "<seclabel model='dac' relabel='no'/></source>")
+                tail += "</backingStore>"
+            doms.append(self.conn.createXML(BASELINE_DOMAIN.format(
+                virt_type=self.virt_type, name=f"ostbench-{i}", memory=MEMORY, vcpus=VCPUS,
+                cpu=self.cpu, overlay=overlay, backing=backing + "<backingStore/>" + tail,
+                network="ostbench", mac=mac, console=self.dir / f"vm{i}.log")))
+        pending = {str(ip) for _, ip in self.slots[:count]}
+        while pending:
+            for ip in list(pending):
+                try:
+                    socket.create_connection((ip, 22), timeout=0.05).close()
+                    pending.discard(ip)
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        elapsed = time.monotonic() - start
+        for dom in doms:
+            dom.destroy()
+        return elapsed
+
+    def close(self) -> None:
+        self.net.destroy()
+        self.conn.close()
+        subprocess.run(["rm", "-rf", str(self.dir)], check=True)
+
+
+# --- figures -----------------------------------------------------------------------------
+
+
+def measure_boot(repeat: int, baseline: Baseline, results: dict) -> None:
+    plugin_runs = []
+    base_runs = []
+    for i in range(repeat):
+        # alternate, so that warm caches favour neither side
+        base_runs.append(baseline.boot(1))
+        plugin_runs.append(plugin_boot([VMSpec("vm", LAYER)]))
+        print(f"  boot run {i + 1}: baseline {base_runs[-1]:.2f} s, plugin {plugin_runs[-1]['ready']:.2f} s",
+              flush=True)
+    results["boot"] = {"plugin": stats([r["ready"] for r in plugin_runs]), "baseline": stats(base_runs)}
+    results["readiness"] = {"plugin": stats([r["latency"] for r in plugin_runs])}
+    results["teardown_1vm"] = {"plugin": stats([r["teardown"] for r in plugin_runs])}
+
+
+def measure_parallel(repeat: int, baseline: Baseline, results: dict) -> None:
+    for n in range(1, 5):
+        runs = [plugin_boot([VMSpec(f"vm{i}", LAYER) for i in range(n)])["ready"] for _ in range(repeat)]
+        base = [baseline.boot(n) for _ in range(repeat)]
+        results[f"parallel_{n}"] = {"plugin": stats(runs), "baseline": stats(base)}
+        print(f"  {n} VMs together: plugin {min(runs):.1f} s, baseline {min(base):.1f} s", flush=True)
+    env = [VMSpec("engine", "engine-installed"), VMSpec("host0", "host-installed"),
+           VMSpec("host1", "host-installed")]
+    together = [plugin_boot(env) for _ in range(repeat)]
+    sequential = [sum(plugin_boot([spec])["ready"] for spec in env) for _ in range(repeat)]
+    results["engine_2_hosts"] = {"plugin": stats([r["ready"] for r in together]),
+                                 "baseline": stats(sequential)}
+    results["teardown_3vm"] = {"plugin": stats([r["teardown"] for r in together])}
+    print(f"  engine + 2 hosts: together {min(r['ready'] for r in together):.1f} s, "
+          f"one after another {min(sequential):.1f} s", flush=True)
+
+
+def measure_overlay(repeat: int, image, results: dict) -> None:
+    from pytest_ostimages.catalog import Image
+    from pytest_ostimages.overlay import WorkDir
+
+    scratch = Path(tempfile.mkdtemp(prefix="ost-bench-", dir="/var/tmp"))
+    big = scratch / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "100G"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0xab 0 1G", str(big)], check=True, capture_output=True)
+    images = {"installed base": image,
+              "100 GiB image with 1 GiB data": Image("bench", "big", big, (big,), ("qcow2",))}
+    for label, img in images.items():
+        times, sizes = [], []
+        for i in range(repeat * 3):
+            work = WorkDir(scratch, f"run{i}")
+            work.path.mkdir()
+            t0 = time.monotonic()
+            overlay = work.overlay(img, "vm")
+            times.append(time.monotonic() - t0)
+            sizes.append(overlay.stat().st_blocks * 512)
+        results[f"overlay: {label}"] = {"plugin": stats(times), "bytes": max(sizes),
+                                        "image_bytes": img.path.stat().st_size}
+    subprocess.run(["rm", "-rf", str(scratch)], check=True)
+
+
+def measure_suite(results: dict) -> None:
+    for workers in ("0", "2"):
+        t0 = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers,
+                               str(ROOT / "examples" / "basic_suite")], cwd=ROOT, capture_output=True, text=True)
+        elapsed = time.monotonic() - t0
+        results[f"suite -n {workers}"] = {"plugin": stats([elapsed]), "passed": done.returncode == 0}
+        print(f"  example suite -n {workers}: {elapsed:.1f} s ({'passed' if done.returncode == 0 else 'FAILED'})",
+              flush=True)
+
+
+# --- report -------------------------------------------------------------------------------
+
+GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
+    "boot": ("ratio <= 1.05 and overhead <= 0.5 s",
+             lambda r: r["plugin"]["median"] / r["baseline"]["median"] <= 1.05
+             and r["plugin"]["median"] - r["baseline"]["median"] <= 0.5),
+    "readiness": ("<= 0.25 s", lambda r: r["plugin"]["median"] <= 0.25),
+    "engine_2_hosts": ("together < one after another", lambda r: r["plugin"]["median"] < r["baseline"]["median"]),
+}
+
+
+def report(results: dict) -> None:
+    print(f"\n{'figure':34} {'plugin min/median':>20} {'baseline min/median':>22} {'ratio':>7}  goal")
+    for name, r in results.items():
+        if not isinstance(r, dict) or "plugin" not in r:
+            continue
+        p = r["plugin"]
+        line = f"{name:34} {p['min']:9.3f} /{p['median']:8.3f} s"
+        if "baseline" in r:
+            b = r["baseline"]
+            line += f" {b['min']:10.3f} /{b['median']:8.3f} s {p['median'] / b['median']:7.3f}"
+        elif "bytes" in r:
+            line += f" {r['bytes'] / 1024:14.0f} KiB overlay (image {r['image_bytes'] / 2**20:.0f} MiB)"
+        if name in GOALS:
+            text, met = GOALS[name]
+            line += f"  {text}: {'met' if met(r) else 'NOT met'}"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-suite", action="store_true", help="skip the example suite timings")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    args = parser.parse_args()
+
+    lab = Lab(config())
+    image = lab.image(LAYER)
+    virt_type = lab.virt_type
+    results: dict[str, Any] = {"machine": {"host": platform.node(), "cpus": os.cpu_count(),
+                                           "virt_type": virt_type, "memory_mib": MEMORY, "vcpus": VCPUS,
+                                           "image": str(image.path), "date": time.strftime("%Y-%m-%d")}}
+    lab.close()
+    print(f"benchmarks on {platform.node()} ({os.cpu_count()} CPUs, {virt_type} guests, "
+          f"{VCPUS} vCPU / {MEMORY} MiB each, {args.repeat} runs per figure)", flush=True)
+    baseline = Baseline(image, virt_type)
+    try:
+        measure_overlay(args.repeat, image, results)
+        measure_boot(args.repeat, baseline, results)
+        measure_parallel(args.repeat, baseline, results)
+    finally:
+        baseline.close()
+    if not args.skip_suite:
+        measure_suite(results)
+    report(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(f"\nraw figures: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
