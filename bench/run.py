@@ -16,6 +16,7 @@ Figures:
   readiness  sshd listening (guest journal, clock offset measured over SSH)  ->
              the plugin declaring the VM ready
   teardown   removing everything of a session
+  revert     clean_vm: back to the just-booted state (snapshot revert)  vs  a boot
   suite      examples/basic_suite with -n 0 and -n 2
 """
 
@@ -219,6 +220,29 @@ def measure_overlay(repeat: int, image, results: dict) -> None:
     subprocess.run(["rm", "-rf", str(scratch)], check=True)
 
 
+def measure_revert(repeat: int, results: dict) -> None:
+    """clean_vm's snapshot revert against booting a fresh VM."""
+    lab = Lab(config())
+    try:
+        t0 = time.monotonic()
+        [vm] = lab.boot([VMSpec("clean", LAYER)])
+        boot = time.monotonic() - t0
+        snapshot = vm.snapshot()
+        reverts = []
+        for _ in range(repeat):
+            vm.ssh("echo dirty > /root/marker", check=True)
+            t0 = time.monotonic()
+            vm.revert()
+            vm.ssh("true", check=True)  # ready for the next test: SSH answers again
+            reverts.append(time.monotonic() - t0)
+    finally:
+        lab.close()
+    results["clean_vm revert"] = {"plugin": stats(reverts), "baseline": stats([boot]),
+                                  "snapshot": snapshot}
+    print(f"  revert to clean state: {min(reverts):.2f} s (snapshot {snapshot:.2f} s, boot {boot:.1f} s)",
+          flush=True)
+
+
 def measure_suite(results: dict) -> None:
     for workers in ("0", "2"):
         t0 = time.monotonic()
@@ -280,6 +304,7 @@ def main() -> None:
         measure_overlay(args.repeat, image, results)
         measure_boot(args.repeat, baseline, results)
         measure_parallel(args.repeat, baseline, results)
+        measure_revert(args.repeat, results)
     finally:
         baseline.close()
     if not args.skip_suite:

@@ -4,12 +4,12 @@ from .catalog import Catalog, Image
 from .config import OstConfig
 from .errors import BootError, ImageError, OstError, SSHCommandError, VirtError, VMError
 from .lab import Lab, Network, VMSpec
-from .plugin import VMFactory, vm_fixture, vm_group_fixture, vm_member_fixture
+from .plugin import VMFactory, clean_vm_fixture, vm_fixture, vm_group_fixture, vm_member_fixture
 from .ssh import CommandResult
 from .vm import VM
 
 __all__ = [
     "BootError", "Catalog", "CommandResult", "Image", "ImageError", "Lab", "Network",
     "OstConfig", "OstError", "SSHCommandError", "VM", "VMFactory", "VMSpec", "VirtError", "VMError",
-    "vm_fixture", "vm_group_fixture", "vm_member_fixture",
+    "clean_vm_fixture", "vm_fixture", "vm_group_fixture", "vm_member_fixture",
 ]

@@ -294,6 +294,31 @@ def vm_member_fixture(group: str, index: int) -> Any:
     return the_vm
 
 
+def clean_vm_fixture(role: str = "clean", image: Optional[str] = None, *,
+                     name: Optional[str] = None) -> Any:
+    """A function-scoped fixture: a VM in its just-booted state for every test.
+
+    The VM boots once per session (with the others) and its memory and disk are
+    saved in a snapshot; each later test gets it reverted to that snapshot, which
+    takes seconds instead of a boot. `image` defaults to ``--ost-image``, else base.
+    """
+    fixture_name = name or f"{role}_vm"
+    VM_FIXTURES[fixture_name] = lambda config: [VMSpec(role, image or config.image or "base")]
+
+    @pytest.fixture(name=fixture_name)
+    def clean(ost_vms: dict[str, VM], ost_lab: Lab) -> VM:
+        vm = _booted(ost_vms, ost_lab, VM_FIXTURES[fixture_name](ost_lab.config))[0]
+        if vm.dirty is None:  # first use: save the just-booted state
+            ost_lab.progress(f"{role}: clean state saved in {vm.snapshot():.1f} s")
+        elif vm.dirty:
+            log.info("%s: reverted to its clean state in %.1f s", role, vm.revert())
+        vm.dirty = True
+        return vm
+
+    clean.__doc__ = f"VM {role!r}, reverted to its just-booted state for each test (function scope, :class:`VM`)."
+    return clean
+
+
 VM_FIXTURES["ost_vm"] = lambda config: [VMSpec("vm", config.image)] if config.image else []
 
 
@@ -313,3 +338,4 @@ engine = vm_fixture("engine", "engine-installed")
 hosts = vm_group_fixture("host", "host-installed", name="hosts")
 host0 = vm_member_fixture("hosts", 0)
 host1 = vm_member_fixture("hosts", 1)
+clean_vm = clean_vm_fixture("clean")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _libvirt() -> Any:
+def libvirt_module() -> Any:
     try:
         import libvirt
     except ImportError:
@@ -40,7 +40,7 @@ def _libvirt() -> Any:
 
 
 def connect(uri: str) -> "libvirt.virConnect":
-    libvirt = _libvirt()
+    libvirt = libvirt_module()
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:
@@ -53,7 +53,7 @@ def connect(uri: str) -> "libvirt.virConnect":
 
 
 def libvirt_error() -> type[Exception]:
-    return _libvirt().libvirtError  # type: ignore[no-any-return]
+    return libvirt_module().libvirtError  # type: ignore[no-any-return]
 
 
 def resolve_virt_type(conn: "libvirt.virConnect", requested: str) -> str:
@@ -157,7 +157,7 @@ def with_free_subnet(conn: "libvirt.virConnect", pool: ipaddress.IPv4Network, lo
 
 def create_network(conn: "libvirt.virConnect", xml: str) -> "libvirt.virNetwork":
     """Define and start a network; nothing is left defined if starting fails."""
-    libvirt = _libvirt()
+    libvirt = libvirt_module()
     try:
         net = conn.networkDefineXML(xml)
     except libvirt.libvirtError as exc:
@@ -176,7 +176,7 @@ def create_network(conn: "libvirt.virConnect", xml: str) -> "libvirt.virNetwork"
 
 def add_network_host(net: "libvirt.virNetwork", entry: HostEntry, domain: str) -> None:
     """Reserve `entry` on a running network (DHCP and DNS), live and in its config."""
-    libvirt = _libvirt()
+    libvirt = libvirt_module()
     flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
     try:
         net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
@@ -190,7 +190,7 @@ def add_network_host(net: "libvirt.virNetwork", entry: HostEntry, domain: str) -
 
 def remove_network(conn: "libvirt.virConnect", name: str) -> None:
     """Destroy and undefine network `name` if it exists."""
-    libvirt = _libvirt()
+    libvirt = libvirt_module()
     try:
         net = conn.networkLookupByName(name)
     except libvirt.libvirtError:
@@ -204,7 +204,7 @@ def remove_network(conn: "libvirt.virConnect", name: str) -> None:
 
 def create_domain(conn: "libvirt.virConnect", xml: str) -> "libvirt.virDomain":
     """Define and start a domain; nothing is left defined if starting fails."""
-    libvirt = _libvirt()
+    libvirt = libvirt_module()
     try:
         dom = conn.defineXML(xml)
     except libvirt.libvirtError as exc:
@@ -223,7 +223,7 @@ def create_domain(conn: "libvirt.virConnect", xml: str) -> "libvirt.virDomain":
 
 def remove_domain(conn: "libvirt.virConnect", name: str) -> None:
     """Destroy and undefine domain `name` if it exists."""
-    libvirt = _libvirt()
+    libvirt = libvirt_module()
     try:
         dom = conn.lookupByName(name)
     except libvirt.libvirtError:

@@ -14,7 +14,9 @@ import paramiko
 from .catalog import Image
 from .errors import BootError, VMError
 from .ssh import SSH, CommandResult, NotReady
-from .virt import domain_state
+from .virt import domain_state, libvirt_module
+
+CLEAN_SNAPSHOT = "ost-clean"
 
 if TYPE_CHECKING:
     import libvirt
@@ -39,6 +41,7 @@ class VM:
     domain: "libvirt.virDomain" = field(repr=False)
     _ssh: SSH = field(repr=False)
     boot_seconds: Optional[float] = None
+    dirty: Optional[bool] = None  # clean_vm: None until snapshotted, then used since revert?
 
     def ssh(self, command: str, check: bool = False, timeout: Optional[float] = 600) -> CommandResult:
         """Run `command` as root; with ``check=True`` a non-zero exit raises."""
@@ -108,6 +111,20 @@ class VM:
                "under TCG emulation (--ost-virt-type=qemu) give it more --ost-boot-timeout."
                if hint else "")
         )
+
+    def snapshot(self, name: str = CLEAN_SNAPSHOT) -> float:
+        """Save memory and disk as snapshot `name` (inside the overlay); return seconds."""
+        start = time.monotonic()
+        self.domain.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", 0)
+        return time.monotonic() - start
+
+    def revert(self, name: str = CLEAN_SNAPSHOT) -> float:
+        """Go back to snapshot `name`, running; SSH reconnects on next use. Return seconds."""
+        start = time.monotonic()
+        self._ssh.close()  # the guest forgot this connection: it predates the snapshot
+        self.domain.revertToSnapshot(self.domain.snapshotLookupByName(name),
+                                     libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
+        return time.monotonic() - start
 
     def close(self) -> None:
         self._ssh.close()
