@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks of pytest-ostimages, each beside a baseline measured in the same run.
 
-    .ci/lab run -- python bench/run.py [--repeat 3] [--skip-suite] [--json FILE]
+    .ci/lab run -- python bench/run.py [--repeat 3] [--only boot parallel ...] [--json FILE]
 
 Prints a table (min / median of --repeat runs) and writes the raw figures as JSON.
 It never fails because of a time: it only measures.
@@ -206,10 +206,10 @@ def measure_overlay(repeat: int, image, results: dict) -> None:
     subprocess.run(["qemu-io", "-c", "write -P 0xab 0 1G", str(big)], check=True, capture_output=True)
     images = {"installed base": image,
               "100 GiB image with 1 GiB data": Image("bench", "big", big, (big,), ("qcow2",))}
-    for label, img in images.items():
+    for n, (label, img) in enumerate(images.items()):
         times, sizes = [], []
         for i in range(repeat * 3):
-            work = WorkDir(scratch, f"run{i}")
+            work = WorkDir(scratch, f"image{n}-run{i}")
             work.path.mkdir()
             t0 = time.monotonic()
             overlay = work.overlay(img, "vm")
@@ -256,6 +256,8 @@ def measure_suite(results: dict) -> None:
 
 # --- report -------------------------------------------------------------------------------
 
+FIGURES = ("overlay", "boot", "parallel", "revert", "suite")
+
 GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "boot": ("ratio <= 1.05 and overhead <= 0.5 s",
              lambda r: r["plugin"]["median"] / r["baseline"]["median"] <= 1.05
@@ -286,7 +288,7 @@ def report(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--skip-suite", action="store_true", help="skip the example suite timings")
+    parser.add_argument("--only", nargs="*", choices=FIGURES, help="measure only these figures")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args()
 
@@ -299,15 +301,20 @@ def main() -> None:
     lab.close()
     print(f"benchmarks on {platform.node()} ({os.cpu_count()} CPUs, {virt_type} guests, "
           f"{VCPUS} vCPU / {MEMORY} MiB each, {args.repeat} runs per figure)", flush=True)
+    wanted = set(args.only or FIGURES)
     baseline = Baseline(image, virt_type)
     try:
-        measure_overlay(args.repeat, image, results)
-        measure_boot(args.repeat, baseline, results)
-        measure_parallel(args.repeat, baseline, results)
-        measure_revert(args.repeat, results)
+        if "overlay" in wanted:
+            measure_overlay(args.repeat, image, results)
+        if "boot" in wanted:
+            measure_boot(args.repeat, baseline, results)
+        if "parallel" in wanted:
+            measure_parallel(args.repeat, baseline, results)
+        if "revert" in wanted:
+            measure_revert(args.repeat, results)
     finally:
         baseline.close()
-    if not args.skip_suite:
+    if "suite" in wanted:
         measure_suite(results)
     report(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)

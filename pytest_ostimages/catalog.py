@@ -118,7 +118,7 @@ class Catalog:
         return sorted({d for (d, _), e in self.layers.items() if e.path.exists()} | set(self.keys))
 
     def layer_names(self, distro: str) -> list[str]:
-        return sorted(l for (d, l), e in self.layers.items() if d == distro and e.path.exists())
+        return sorted(layer for (d, layer), e in self.layers.items() if d == distro and e.path.exists())
 
     def describe(self) -> str:
         """One line per distro, for error messages."""

@@ -182,7 +182,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("distro", str, "distro of the images to use (default: the only one installed)"),
     Setting("image", str, "layer (e.g. engine-installed) or qcow2 path for the ost_vm fixture"),
     Setting("libvirt_uri", str, "libvirt connection URI (default qemu:///system)"),
-    Setting("virt_type", _choice(VIRT_TYPES), "auto, kvm or qemu (TCG emulation); auto uses kvm when libvirt offers it"),
+    Setting("virt_type", _choice(VIRT_TYPES),
+            "auto, kvm or qemu (TCG emulation); auto uses kvm when libvirt offers it"),
     Setting("cpu_mode", _choice(CPU_MODES), "guest CPU: auto (host-passthrough on kvm, maximum on qemu), "
             "host-passthrough, host-model, maximum or default"),
     Setting("memory", _per_role, "guest memory in MiB, per role: '2048,engine=4096'"),

@@ -66,8 +66,11 @@ class SSH:
         self._client: Optional[paramiko.SSHClient] = None
         self._lock = threading.Lock()
 
-    def connect(self, timeout: float = 10.0) -> paramiko.SSHClient:
-        """The open connection, reconnecting if it was closed or dropped."""
+    def connect(self, timeout: float = 10.0, sock: Optional[socket.socket] = None) -> paramiko.SSHClient:
+        """The open connection, reconnecting if it was closed or dropped.
+
+        `sock`: an already connected socket to log in over (the readiness probe's).
+        """
         with self._lock:
             transport = self._client.get_transport() if self._client else None
             if transport is not None and transport.is_active():
@@ -77,7 +80,7 @@ class SSH:
             # Every overlay is a new machine; there is no host key worth pinning.
             client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
             client.connect(self.host, self.port, self.user, pkey=self.key, timeout=timeout,
-                           banner_timeout=timeout, auth_timeout=timeout,
+                           banner_timeout=timeout, auth_timeout=timeout, sock=sock,
                            look_for_keys=False, allow_agent=False)
             transport = client.get_transport()
             assert transport is not None  # connect() succeeded
@@ -140,12 +143,17 @@ class SSH:
             dead = alive()
             if dead:
                 raise NotReady(dead)
-            if not banner_ready(self.host, self.port):
+            sock = sshd_socket(self.host, self.port)
+            if sock is None:
                 last[0] = f"nothing answers on {self.host}:{self.port} (no address yet, or sshd not started)"
                 raise TimeoutError(last[0])
             try:
-                # a loaded guest may need long for the key exchange: allow it up to 30 s
-                self.connect(timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+                try:
+                    # a loaded guest may need long for the key exchange: allow it up to 30 s
+                    self.connect(timeout=max(1.0, min(30.0, deadline - time.monotonic())), sock=sock)
+                except BaseException:
+                    sock.close()  # a failed login leaves the probe's socket to us
+                    raise
             except paramiko.AuthenticationException as exc:
                 # The key is baked into the image: a refusal that lasts is final.
                 first_refusal[:] = first_refusal or [time.monotonic()]
@@ -172,11 +180,21 @@ class SSH:
             raise NotReady(f"not reachable over SSH within {timeout:.0f} s: {last[0]}") from None
 
 
-def banner_ready(host: str, port: int = 22, timeout: float = 1.0) -> bool:
-    """True if something on host:port greets like sshd."""
+def sshd_socket(host: str, port: int = 22, timeout: float = 1.0) -> Optional[socket.socket]:
+    """A connection to host:port whose peer greets like sshd (the greeting left unread).
+
+    The login then uses this very connection: sshd forks for every connection,
+    which costs a booting, emulated guest a noticeable fraction of a second.
+    """
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            return sock.recv(4).startswith(b"SSH-")
+        sock = socket.create_connection((host, port), timeout=timeout)
     except OSError:
-        return False
+        return None
+    try:
+        sock.settimeout(timeout)
+        if sock.recv(4, socket.MSG_PEEK).startswith(b"SSH-"):
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None

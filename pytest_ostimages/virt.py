@@ -52,8 +52,9 @@ def connect(uri: str) -> "libvirt.virConnect":
         ) from None
 
 
-def libvirt_error() -> type[Exception]:
-    return libvirt_module().libvirtError  # type: ignore[no-any-return]
+def libvirt_error() -> Any:
+    """libvirt.libvirtError (typed loosely: the binding is imported lazily)."""
+    return libvirt_module().libvirtError
 
 
 def resolve_virt_type(conn: "libvirt.virConnect", requested: str) -> str:
@@ -85,7 +86,7 @@ def resolve_cpu_mode(virt_type: str, requested: str) -> str:
 
 def host_routes(route_file: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
     """The IPv4 routes of this network namespace (connected subnets included)."""
-    routes = []
+    routes: list[ipaddress.IPv4Network] = []
     try:
         lines = route_file.read_text().splitlines()[1:]
     except OSError:

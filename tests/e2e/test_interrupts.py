@@ -3,10 +3,13 @@ objects that the next run (or --ost-cleanup) removes."""
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -35,7 +38,32 @@ def test_sigterm_while_booting_tears_down(pytester: pytest.Pytester, unchanged: 
     assert "[ost] removing the VMs, network and work directory of run" in output
 
 
-def test_sigkill_leftovers_are_reaped(pytester: pytest.Pytester, unchanged: None) -> None:
+@pytest.fixture
+def foreign_networks() -> Iterator[list[str]]:
+    """Two networks that are not the reaper's to take: one unlabelled, one whose owner lives."""
+    import libvirt
+
+    from pytest_ostimages.owner import Label
+    from pytest_ostimages.render import Templates, network_xml
+
+    conn = libvirt.open("qemu:///system")
+    names = ["foreign-nolabel", "foreign-alive"]
+    for name, octet, label in ((names[0], 251, None),
+                               (names[1], 252, Label.current("alive000", Path("/nonexistent")))):
+        xml = network_xml(Templates().load("network.xml"), name=name, bridge=name,
+                          subnet=ipaddress.IPv4Network(f"192.168.{octet}.0/24"), domain="x.test", hosts=[],
+                          label=label or Label("x", 1, "h", "/"))
+        if label is None:
+            xml = xml[:xml.index("<metadata>")] + xml[xml.index("</metadata>") + len("</metadata>"):]
+        conn.networkCreateXML(xml)
+    yield names
+    for name in names:
+        conn.networkLookupByName(name).destroy()
+    conn.close()
+
+
+def test_sigkill_leftovers_are_reaped(pytester: pytest.Pytester, unchanged: None,
+                                      foreign_networks: list[str]) -> None:
     proc = start_booting(pytester)
     proc.kill()
     proc.wait()
@@ -45,6 +73,12 @@ def test_sigkill_leftovers_are_reaped(pytester: pytest.Pytester, unchanged: None
     pytester.makepyfile("def test_net(ost_network):\n    pass\n")
     result = pytester.runpytest_subprocess(*INNER)
     result.assert_outcomes(passed=1)
+    assert "foreign" not in result.stdout.str()  # neither was touched
+    import libvirt
+    conn = libvirt.open("qemu:///system")
+    assert set(foreign_networks) <= {n.name() for n in conn.listAllNetworks()}
+    conn.close()
     for obj in left:
         result.stdout.fnmatch_lines([f"*removed leftover {obj} (run *, pid {proc.pid} gone)*"])
-    result.stdout.fnmatch_lines([f"*removed leftover workdir /var/tmp/pytest-ostimages/* (run *, pid {proc.pid} gone)*"])
+    result.stdout.fnmatch_lines(
+        [f"*removed leftover workdir /var/tmp/pytest-ostimages/* (run *, pid {proc.pid} gone)*"])

@@ -3,7 +3,9 @@ the option boots what it names, failures say what happened, nothing is left."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,25 @@ def test_vm_that_never_boots_shows_its_console(pytester: pytest.Pytester, unchan
         "*No bootable device*",
     ])
     assert "pytest_ostimages/" not in result.stdout.str()  # no traceback from inside the plugin
+
+
+def test_guest_that_refuses_the_key(pytester: pytest.Pytester, unchanged: None) -> None:
+    # the same images, but a key the guests do not know
+    folder = Path(tempfile.mkdtemp(prefix="ost-wrong-key-", dir="/var/tmp"))
+    try:
+        folder.chmod(0o755)
+        for image in Path("/usr/share/ost-images").glob("*.qcow2"):
+            (folder / image.name).symlink_to(image)
+        subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-N", "", "-f", str(folder / "debian12_id_rsa")],
+                       check=True)
+        pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
+        result = pytester.runpytest_subprocess("--ost-image=base", f"--ost-images-dir={folder}",
+                                               "--ost-boot-timeout=240", *INNER)
+    finally:
+        shutil.rmtree(folder)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*VM vm (ost-*-vm, image debian12-base) answers SSH but refuses the key "
+                                 "for root*", "*last 30 lines of the serial console*"])
 
 
 def test_unknown_layer_lists_installed_ones(pytester: pytest.Pytester, unchanged: None) -> None:

@@ -19,6 +19,12 @@ def test_each_worker_boots_its_own_environment(pytester: pytest.Pytester, unchan
         result.assert_outcomes(passed=7)
 
 
+def test_more_vms_than_cores(pytester: pytest.Pytester, unchanged: None) -> None:
+    # 3 workers x 3 VMs on a 2-core machine: the boot slots keep them all in time
+    result = pytester.runpytest_subprocess(str(EXAMPLES / "basic_suite"), "-n", "3", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=7)
+
+
 def test_shared_environment_is_booted_once(pytester: pytest.Pytester, unchanged: None,
                                            tmp_path: Path) -> None:
     seen = tmp_path / "seen"

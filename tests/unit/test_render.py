@@ -19,7 +19,8 @@ SUBNET = ipaddress.IPv4Network("192.168.140.0/24")
 def render_domain(templates: Templates, **overrides) -> etree._Element:
     args = dict(name="ost-0a1b2c3d-engine", virt_type="qemu", cpu_mode="maximum", memory_mib=768,
                 vcpus=3, disk=Path("/w/engine.qcow2"),
-                backing=[(Path("/i/l-engine.qcow2"), "qcow2"), (Path("/i/l-base.qcow2"), "qcow2")], network="ost-0a1b2c3d",
+                backing=[(Path("/i/l-engine.qcow2"), "qcow2"), (Path("/i/l-base.qcow2"), "qcow2")],
+                network="ost-0a1b2c3d",
                 mac="52:54:00:a8:8c:0a", console_log=Path("/w/engine.console.log"), label=LABEL)
     args.update(overrides)
     return etree.fromstring(domain_xml(templates.load("domain.xml"), **args))

@@ -30,7 +30,8 @@ def make_network(conn, subnet: ipaddress.IPv4Network, name: str = "ost-feedbeef"
 
 
 def test_connect_failure_says_how_to_fix() -> None:
-    with pytest.raises(VirtError, match="(?s)Cannot connect to libvirt at qemu\\+unix:///system\\?socket=/nonexistent.*Is the daemon running"):
+    with pytest.raises(VirtError, match="(?s)Cannot connect to libvirt at qemu\\+unix:///system\\?socket="
+                                        "/nonexistent.*Is the daemon running"):
         virt.connect("qemu+unix:///system?socket=/nonexistent/sock")
 
 
