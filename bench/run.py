@@ -17,6 +17,7 @@ Figures:
              the plugin declaring the VM ready
   teardown   removing everything of a session
   revert     clean_vm: back to the just-booted state (snapshot revert)  vs  a boot
+  reuse      a session with --ost-reuse that attaches  vs  the first one, which boots
   suite      examples/basic_suite with -n 0 and -n 2
 """
 
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from pytest_ostimages.config import resolve  # noqa: E402
 from pytest_ostimages.lab import Lab, VMSpec  # noqa: E402
+from pytest_ostimages.ssh import SSH  # noqa: E402
 
 MEMORY, VCPUS = 512, 1
 LAYER = "engine-installed"
@@ -70,12 +72,23 @@ def plugin_boot(specs: list[VMSpec]) -> dict[str, Any]:
         ready = time.monotonic() - start
         ready_wall = start_wall + ready
         latencies = [readiness_latency(vm, ready_wall) for vm in vms]
+        logins = [login_cost(vm) for vm in vms]
     finally:
         t0 = time.monotonic()
         lab.close()
         teardown = time.monotonic() - t0
-    return {"ready": ready, "latency": max(latencies), "teardown": teardown,
+    return {"ready": ready, "latency": max(latencies), "login": min(logins), "teardown": teardown,
             "per_vm": {vm.role: vm.boot_seconds for vm in vms}}
+
+
+def login_cost(vm) -> float:
+    """Seconds for a fresh SSH login to the booted, idle VM (what any readiness check pays)."""
+    fresh = SSH(str(vm.ip), vm._ssh.key)
+    t0 = time.monotonic()
+    fresh.connect()
+    elapsed = time.monotonic() - t0
+    fresh.close()
+    return elapsed
 
 
 def readiness_latency(vm, ready_wall: float) -> float:
@@ -176,6 +189,7 @@ def measure_boot(repeat: int, baseline: Baseline, results: dict) -> None:
               flush=True)
     results["boot"] = {"plugin": stats([r["ready"] for r in plugin_runs]), "baseline": stats(base_runs)}
     results["readiness"] = {"plugin": stats([r["latency"] for r in plugin_runs])}
+    results["ssh login, idle guest"] = {"plugin": stats([r["login"] for r in plugin_runs])}
     results["teardown_1vm"] = {"plugin": stats([r["teardown"] for r in plugin_runs])}
 
 
@@ -204,7 +218,7 @@ def measure_overlay(repeat: int, image, results: dict) -> None:
     big = scratch / "big.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "100G"], check=True)
     subprocess.run(["qemu-io", "-c", "write -P 0xab 0 1G", str(big)], check=True, capture_output=True)
-    images = {"installed base": image,
+    images = {"installed layer": image,
               "100 GiB image with 1 GiB data": Image("bench", "big", big, (big,), ("qcow2",))}
     for n, (label, img) in enumerate(images.items()):
         times, sizes = [], []
@@ -243,6 +257,23 @@ def measure_revert(repeat: int, results: dict) -> None:
           flush=True)
 
 
+def measure_reuse(repeat: int, results: dict) -> None:
+    """A one-test session with --ost-reuse: the first boots, the next ones attach."""
+    with tempfile.TemporaryDirectory() as tmp:
+        test = Path(tmp) / "test_one.py"
+        test.write_text("def test_one(ost_vm):\n    assert ost_vm.ssh('true').returncode == 0\n")
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test),
+                   f"--ost-image={LAYER}", f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}"]
+        runs = []
+        for _ in range(repeat + 1):
+            t0 = time.monotonic()
+            subprocess.run([*command, "--ost-reuse"], check=True, capture_output=True)
+            runs.append(time.monotonic() - t0)
+        subprocess.run([sys.executable, "-m", "pytest", "--ost-cleanup"], check=True, capture_output=True)
+    results["session with --ost-reuse"] = {"plugin": stats(runs[1:]), "baseline": stats(runs[:1])}
+    print(f"  --ost-reuse: first session {runs[0]:.1f} s, next ones {min(runs[1:]):.1f} s", flush=True)
+
+
 def measure_suite(results: dict) -> None:
     for workers in ("0", "2"):
         t0 = time.monotonic()
@@ -256,7 +287,7 @@ def measure_suite(results: dict) -> None:
 
 # --- report -------------------------------------------------------------------------------
 
-FIGURES = ("overlay", "boot", "parallel", "revert", "suite")
+FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite")
 
 GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "boot": ("ratio <= 1.05 and overhead <= 0.5 s",
@@ -312,6 +343,8 @@ def main() -> None:
             measure_parallel(args.repeat, baseline, results)
         if "revert" in wanted:
             measure_revert(args.repeat, results)
+        if "reuse" in wanted:
+            measure_reuse(args.repeat, results)
     finally:
         baseline.close()
     if "suite" in wanted:

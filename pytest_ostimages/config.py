@@ -56,7 +56,8 @@ class OstConfig:
     dns_domain: str = "ost.test"
     artifacts: Optional[Path] = None
     share: bool = False
-    max_boots: Optional[int] = None  # None: one per CPU
+    max_boots: Optional[int] = None  # None: one more than the CPUs
+    reuse: bool = False
 
 
 # --- parsers: str -> value, raising ValueError with what was expected -------------
@@ -122,7 +123,7 @@ def _max_boots(raw: str) -> Optional[int]:
     try:
         return _positive_int(raw)
     except ValueError:
-        raise ValueError("expected 'auto' (one per CPU), 0 (no limit) or a number of VMs") from None
+        raise ValueError("expected 'auto' (CPUs + 1), 0 (no limit) or a number of VMs") from None
 
 
 def _path(raw: str) -> Path:
@@ -190,7 +191,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vcpus", _per_role, "guest vCPUs, per role: '2' or '2,engine=4'"),
     Setting("hosts", _positive_int, "number of VMs in the hosts fixture (default 2)"),
     Setting("max_boots", _max_boots, "how many VMs may boot at once on this host, across all "
-            "sessions and workers: auto (one per CPU, the default), 0 (no limit) or a number"),
+            "sessions and workers: auto (CPUs + 1, the default), 0 (no limit) or a number"),
     Setting("boot_timeout", _seconds, "seconds to wait for a VM to answer SSH (default 600)"),
     Setting("workdir", _path, "where session work directories are made; must be traversable "
             "by libvirt's qemu user (default /var/tmp/pytest-ostimages)"),
@@ -201,6 +202,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dns_domain", _dns_domain, "DNS domain of the management network (default ost.test)"),
     Setting("share", _bool, "with pytest-xdist: one environment for all workers (the first boots "
             "it, the last removes it) instead of one per worker", flag=True),
+    Setting("reuse", _bool, "keep the VMs running after the session and reuse them in the next "
+            "session if images, templates and settings are unchanged", flag=True),
     Setting("artifacts", _path, "after a failed run, save console logs, journals, /var/log, "
             "domain and network XML, DHCP leases and package lists here"),
 )

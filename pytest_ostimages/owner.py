@@ -20,6 +20,8 @@ from lxml import etree
 METADATA_NS = "urn:pytest-ostimages:run:1"
 METADATA_PREFIX = "ost"
 OWNER_FILE = "owner.json"  # the label of a work directory
+KEPT_MARK = "kept"  # in a work directory: kept for --ost-reuse, not a leftover
+KEPT_FILE = "kept.json"  # in the work directory root: what --ost-reuse can attach to
 
 
 def process_start(pid: int) -> Optional[int]:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from . import config as ostconfig
-from . import diagnostics, reaper, virt
+from . import diagnostics, reaper, reuse, virt
 from .catalog import Catalog
 from .config import OstConfig
 from .errors import OstError
@@ -38,6 +38,7 @@ CONFIG_KEY = pytest.StashKey[OstConfig]()
 PLAN_KEY = pytest.StashKey[list[str]]()
 LAB_KEY = pytest.StashKey[Lab]()
 SHARE_KEY = pytest.StashKey[Optional[Share]]()
+REUSE_KEY = pytest.StashKey[list[VMSpec]]()  # the VMs to keep for --ost-reuse
 
 # fixture name -> the VMs it needs, for booting every VM of a session together
 VM_FIXTURES: dict[str, Callable[[OstConfig], list[VMSpec]]] = {}
@@ -48,7 +49,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.getgroup("ostimages").addoption(
         "--ost-cleanup", action="store_true", default=False,
         help="remove every leftover of the plugin whose run is gone (VMs, networks, work "
-             "directories), then exit without running tests")
+             "directories), the VMs kept by --ost-reuse too, then exit without running tests")
 
 
 def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
@@ -58,7 +59,7 @@ def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
     try:
         conn = virt.connect(settings.libvirt_uri)
         try:
-            leftovers = reaper.reap(conn, settings.workdir)
+            leftovers = reaper.reap(conn, settings.workdir, kept_too=True)
         finally:
             conn.close()
     except OstError as exc:
@@ -73,7 +74,6 @@ def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[CONFIG_KEY] = ostconfig.from_pytest(config)
-    config.addinivalue_line("markers", "ost: the test uses VMs from ost-images")
     # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so fixtures tear down.
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # not in the main thread
@@ -91,7 +91,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = config.stash[CONFIG_KEY]
-    return diagnostics.header_lines(settings, Catalog.discover(settings.images_dir))
+    try:
+        return diagnostics.header_lines(settings, Catalog.discover(settings.images_dir))
+    except OSError as exc:  # the header must never stop a run; the fixtures will explain
+        return [f"ost-images: cannot read {settings.images_dir}: {exc.strerror}"]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -170,8 +173,11 @@ def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config, ost_con
         if ost_config.artifacts is not None and session.testsfailed and lab.vms:
             lab.progress(f"artifacts in {diagnostics.collect_artifacts(lab, ost_config.artifacts)}")
         del pytestconfig.stash[LAB_KEY]
+        kept_specs = pytestconfig.stash.get(REUSE_KEY, None)
         if share is not None and share.joined:
             share.leave(lab)
+        elif kept_specs and lab.vms:
+            reuse.keep(lab, kept_specs)
         else:
             lab.close()
 
@@ -199,8 +205,13 @@ def ost_vms(pytestconfig: pytest.Config, ost_lab: Lab) -> dict[str, VM]:
     with user_errors():
         if share is not None:
             share.join(ost_lab, unique)
-        else:
-            ost_lab.boot([s for s in unique if s.role not in ost_lab.vms])
+        elif ost_lab.config.reuse and unique:
+            pytestconfig.stash[REUSE_KEY] = unique
+            if not reuse.attach_kept(ost_lab, unique):
+                ost_lab.boot(unique)
+        elif unique:
+            reuse.drop(ost_lab.conn, ost_lab.config.workdir)  # kept VMs nobody reuses now
+            ost_lab.boot(unique)
     return ost_lab.vms
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import virt
-from .owner import Label
+from .owner import KEPT_FILE, KEPT_MARK, Label
 
 if TYPE_CHECKING:
     import libvirt
@@ -29,23 +29,31 @@ class Leftover:
         return f"{self.kind} {self.name} (run {self.label.run_id}, pid {self.label.pid} gone)"
 
 
-def find(conn: "libvirt.virConnect", workdir_root: Path) -> list[Leftover]:
-    """Everything labelled by a run whose process is gone, domains first."""
-    found = []
-    for kind, objects in (("domain", conn.listAllDomains()), ("network", conn.listAllNetworks())):
-        for obj in objects:
+def find(conn: "libvirt.virConnect", workdir_root: Path, kept_too: bool = False) -> list[Leftover]:
+    """Everything labelled by a run whose process is gone, domains first.
+
+    Runs kept for --ost-reuse (a ``kept`` mark in their work directory) are not
+    leftovers, unless `kept_too`.
+    """
+    workdirs, kept = [], set()
+    for folder in sorted(workdir_root.iterdir()) if workdir_root.is_dir() else []:
+        label = Label.read(folder) if folder.is_dir() else None
+        if label is None or label.owner_alive():
+            continue
+        if (folder / KEPT_MARK).exists() and not kept_too:
+            kept.add(label.run_id)
+        else:
+            workdirs.append(Leftover("workdir", str(folder), label))
+    objects: list[Leftover] = []
+    for kind, listing in (("domain", conn.listAllDomains()), ("network", conn.listAllNetworks())):
+        for obj in listing:
             try:
                 label = Label.from_xml(obj.XMLDesc())
             except virt.libvirt_error():  # removed meanwhile
                 continue
-            if label is not None and not label.owner_alive():
-                found.append(Leftover(kind, obj.name(), label))
-    if workdir_root.is_dir():
-        for folder in sorted(workdir_root.iterdir()):
-            label = Label.read(folder) if folder.is_dir() else None
-            if label is not None and not label.owner_alive():
-                found.append(Leftover("workdir", str(folder), label))
-    return found
+            if label is not None and not label.owner_alive() and label.run_id not in kept:
+                objects.append(Leftover(kind, obj.name(), label))
+    return objects + workdirs  # domains before the networks they use, files last
 
 
 def remove(conn: "libvirt.virConnect", leftovers: list[Leftover]) -> None:
@@ -58,7 +66,9 @@ def remove(conn: "libvirt.virConnect", leftovers: list[Leftover]) -> None:
             shutil.rmtree(item.name, ignore_errors=True)
 
 
-def reap(conn: "libvirt.virConnect", workdir_root: Path) -> list[Leftover]:
-    leftovers = find(conn, workdir_root)
+def reap(conn: "libvirt.virConnect", workdir_root: Path, kept_too: bool = False) -> list[Leftover]:
+    leftovers = find(conn, workdir_root, kept_too)
     remove(conn, leftovers)
+    if kept_too:
+        (workdir_root / KEPT_FILE).unlink(missing_ok=True)
     return leftovers

@@ -39,13 +39,18 @@ class Templates:
             raise OstError(f"Template directory {directory} does not exist; it should hold "
                            f"network.xml and/or domain.xml (copies of the packaged ones).")
 
-    def load(self, name: str) -> etree._Element:
+    def _source(self, name: str) -> tuple[str, bytes]:
+        """Where template `name` comes from, and its bytes."""
         if self.directory is not None and (self.directory / name).is_file():
-            source = str(self.directory / name)
-            text = (self.directory / name).read_bytes()
-        else:
-            source = f"pytest_ostimages/templates/{name}"
-            text = resources.files("pytest_ostimages").joinpath("templates", name).read_bytes()
+            return str(self.directory / name), (self.directory / name).read_bytes()
+        return (f"pytest_ostimages/templates/{name}",
+                resources.files("pytest_ostimages").joinpath("templates", name).read_bytes())
+
+    def text(self, name: str) -> str:
+        return self._source(name)[1].decode()
+
+    def load(self, name: str) -> etree._Element:
+        source, text = self._source(name)
         try:
             return etree.fromstring(text, etree.XMLParser(remove_comments=True, remove_blank_text=True))
         except etree.XMLSyntaxError as exc:

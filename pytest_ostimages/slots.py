@@ -18,11 +18,15 @@ from typing import IO, Iterator, Optional
 
 
 class BootSlots:
-    """`count` slots under `directory`; None means one per CPU, 0 means no limit."""
+    """`count` slots under `directory`; None means one more than the CPUs, 0 no limit.
+
+    CPUs + 1: measured on 2 cores under TCG, 3 VMs booting together were ready
+    sooner than 2 + 1, and 9 together took minutes where waves of 2-3 took seconds each.
+    """
 
     def __init__(self, directory: Path, count: Optional[int]) -> None:
         self.directory = directory
-        self.count = (os.cpu_count() or 1) if count is None else count
+        self.count = (os.cpu_count() or 1) + 1 if count is None else count
 
     @contextlib.contextmanager
     def take(self, abort: threading.Event) -> Iterator[float]:

@@ -180,18 +180,21 @@ class SSH:
             raise NotReady(f"not reachable over SSH within {timeout:.0f} s: {last[0]}") from None
 
 
-def sshd_socket(host: str, port: int = 22, timeout: float = 1.0) -> Optional[socket.socket]:
+def sshd_socket(host: str, port: int = 22, connect_timeout: float = 0.25,
+                banner_timeout: float = 10.0) -> Optional[socket.socket]:
     """A connection to host:port whose peer greets like sshd (the greeting left unread).
 
     The login then uses this very connection: sshd forks for every connection,
     which costs a booting, emulated guest a noticeable fraction of a second.
     """
+    # Before the guest has its address a connect waits for ARP: give up soon and
+    # probe again. Once connected, sshd may need long to greet (it forks per client).
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=connect_timeout)
     except OSError:
         return None
     try:
-        sock.settimeout(timeout)
+        sock.settimeout(banner_timeout)
         if sock.recv(4, socket.MSG_PEEK).startswith(b"SSH-"):
             return sock
     except OSError:
