@@ -42,7 +42,7 @@ import libvirt
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pytest_ostimages.config import resolve  # noqa: E402
+from pytest_ostimages.config import from_environment  # noqa: E402
 from pytest_ostimages.lab import Lab, VMSpec  # noqa: E402
 from pytest_ostimages.ssh import SSH  # noqa: E402
 
@@ -52,7 +52,7 @@ SETTINGS = {"ost_memory": str(MEMORY), "ost_vcpus": str(VCPUS)}
 
 
 def config():
-    return resolve(SETTINGS.get, {}.get, os.environ)
+    return from_environment(SETTINGS)
 
 
 def stats(values: list[float]) -> dict[str, float]:

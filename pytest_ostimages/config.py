@@ -251,3 +251,9 @@ def resolve(
 
 def from_pytest(config: pytest.Config) -> OstConfig:
     return resolve(config.getoption, config.getini, os.environ)
+
+
+def from_environment(overrides: Optional[Mapping[str, str]] = None) -> OstConfig:
+    """Settings outside pytest (scripts, benchmarks): `overrides` (ini-style keys) > OST_*."""
+    given = dict(overrides or {})
+    return resolve(given.get, lambda _: None, os.environ)

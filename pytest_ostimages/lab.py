@@ -292,6 +292,10 @@ class Lab:
             self.progress(f"removing the VMs, network and work directory of run {self.run_id}")
         for vm in self.vms.values():
             vm.close()
+        if self._conn is not None and len(self.vms) > 1:
+            # Destroying a domain waits for its qemu to exit: do them all at once.
+            with ThreadPoolExecutor(max_workers=len(self.vms)) as pool:
+                list(pool.map(lambda vm: virt.remove_domain(self.conn, vm.name), self.vms.values()))
         self._cleanup.close()
         self.vms.clear()
         self.network = None

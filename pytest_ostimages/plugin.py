@@ -19,7 +19,8 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Callable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pytest
 
@@ -29,6 +30,7 @@ from .catalog import Catalog
 from .config import OstConfig
 from .errors import OstError
 from .lab import Lab, Network, VMSpec
+from .layers import LayerRecipe, build_layer
 from .share import Share
 from .vm import VM
 
@@ -242,6 +244,28 @@ class VMFactory:
 def ost_vm_factory(pytestconfig: pytest.Config, ost_lab: Lab) -> VMFactory:
     """Boots VMs from any layer for the rest of the session (session scope, :class:`VMFactory`)."""
     return VMFactory(ost_lab, shared=pytestconfig.stash.get(SHARE_KEY, None) is not None)
+
+
+class LayerFactory:
+    """Build a layer of your own: ``ost_layer_factory("base", "myapp", script=..., files=[...])``.
+
+    Returns the layer's qcow2 path, for ``ost_vm_factory`` or ``vm_fixture``.
+    """
+
+    def __init__(self, lab: Lab) -> None:
+        self._lab = lab
+
+    def __call__(self, parent: str, name: str, script: Optional[Path] = None,
+                 files: Sequence[Path] = (), squash_above: Optional[int] = None) -> str:
+        with user_errors():
+            return str(build_layer(self._lab.config, LayerRecipe(parent, name, script, tuple(files),
+                                                                 squash_above), self._lab.progress))
+
+
+@pytest.fixture(scope="session")
+def ost_layer_factory(ost_lab: Lab) -> LayerFactory:
+    """Builds custom layers, cached between runs (session scope, :class:`LayerFactory`)."""
+    return LayerFactory(ost_lab)
 
 
 def _booted(ost_vms: dict[str, VM], ost_lab: Lab, specs: list[VMSpec]) -> list[VM]:

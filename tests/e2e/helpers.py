@@ -43,5 +43,6 @@ def libvirt_objects(pid: Optional[int] = None) -> set[str]:
 
 
 def workdirs() -> set[str]:
+    """Session work directories (they carry an owner label; the layer cache does not)."""
     root = Path("/var/tmp/pytest-ostimages")
-    return {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    return {p.parent.name for p in root.glob("*/owner.json")}
