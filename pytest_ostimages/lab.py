@@ -25,9 +25,9 @@ from .catalog import Catalog, Image
 from .config import OstConfig
 from .errors import OstError
 from .overlay import WorkDir
-from .slots import BootSlots
 from .owner import Label
 from .render import HostEntry, Templates, domain_xml, network_xml
+from .slots import BootSlots
 from .ssh import SSH, load_key
 from .vm import VM
 

@@ -157,22 +157,7 @@ def with_free_subnet(conn: "libvirt.virConnect", pool: ipaddress.IPv4Network, lo
 
 
 def create_network(conn: "libvirt.virConnect", xml: str) -> "libvirt.virNetwork":
-    """Define and start a network; nothing is left defined if starting fails."""
-    libvirt = libvirt_module()
-    try:
-        net = conn.networkDefineXML(xml)
-    except libvirt.libvirtError as exc:
-        raise VirtError(f"libvirt refused the network definition: {exc.get_error_message()}\n"
-                        f"Check your network.xml template.") from None
-    try:
-        net.create()
-    except libvirt.libvirtError as exc:
-        remove_network(conn, net.name())
-        raise VirtError(f"Cannot start network {net.name()}: {exc.get_error_message()}") from None
-    except BaseException:  # interrupted: leave nothing behind
-        remove_network(conn, net.name())
-        raise
-    return net
+    return _define_and_start(conn, xml, conn.networkDefineXML, remove_network, "network")
 
 
 def add_network_host(net: "libvirt.virNetwork", entry: HostEntry, domain: str) -> None:
@@ -204,22 +189,27 @@ def remove_network(conn: "libvirt.virConnect", name: str) -> None:
 
 
 def create_domain(conn: "libvirt.virConnect", xml: str) -> "libvirt.virDomain":
-    """Define and start a domain; nothing is left defined if starting fails."""
+    return _define_and_start(conn, xml, conn.defineXML, remove_domain, "domain")
+
+
+def _define_and_start(conn: "libvirt.virConnect", xml: str, define: Callable[[str], Any],
+                      remove: Callable[[Any, str], None], kind: str) -> Any:
+    """Define and start a network or domain; nothing is left defined if starting fails."""
     libvirt = libvirt_module()
     try:
-        dom = conn.defineXML(xml)
+        obj = define(xml)
     except libvirt.libvirtError as exc:
-        raise VirtError(f"libvirt refused the domain definition: {exc.get_error_message()}\n"
-                        f"Check your domain.xml template.") from None
+        raise VirtError(f"libvirt refused the {kind} definition: {exc.get_error_message()}\n"
+                        f"Check your {kind}.xml template.") from None
     try:
-        dom.create()
+        obj.create()
     except libvirt.libvirtError as exc:
-        remove_domain(conn, dom.name())
-        raise VirtError(f"Cannot start VM {dom.name()}: {exc.get_error_message()}") from None
+        remove(conn, obj.name())
+        raise VirtError(f"Cannot start {kind} {obj.name()}: {exc.get_error_message()}") from None
     except BaseException:  # interrupted: leave nothing behind
-        remove_domain(conn, dom.name())
+        remove(conn, obj.name())
         raise
-    return dom
+    return obj
 
 
 def remove_domain(conn: "libvirt.virConnect", name: str) -> None:
