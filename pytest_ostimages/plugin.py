@@ -207,7 +207,7 @@ def ost_vms(pytestconfig: pytest.Config, ost_lab: Lab) -> dict[str, VM]:
     with user_errors():
         if share is not None:
             share.join(ost_lab, unique)
-        elif ost_lab.config.reuse and unique:
+        elif ost_lab.config.reuse and unique and not hasattr(pytestconfig, "workerinput"):
             pytestconfig.stash[REUSE_KEY] = unique
             if not reuse.attach_kept(ost_lab, unique):
                 ost_lab.boot(unique)

@@ -205,7 +205,11 @@ def _define_and_start(conn: "libvirt.virConnect", xml: str, define: Callable[[st
         obj.create()
     except libvirt.libvirtError as exc:
         remove(conn, obj.name())
-        raise VirtError(f"Cannot start {kind} {obj.name()}: {exc.get_error_message()}") from None
+        message = exc.get_error_message()
+        hint = ("\nlibvirt's qemu user must be able to read every image of the chain and traverse "
+                "their directories (ost-images installs them 0444 under a 0755 directory)."
+                if "Permission denied" in message else "")
+        raise VirtError(f"Cannot start {kind} {obj.name()}: {message}{hint}") from None
     except BaseException:  # interrupted: leave nothing behind
         remove(conn, obj.name())
         raise

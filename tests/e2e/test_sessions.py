@@ -101,3 +101,23 @@ def test_libvirt_not_reachable(pytester: pytest.Pytester, unchanged: None) -> No
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*Cannot connect to libvirt at qemu+unix:///system?socket=*",
                                  "*Is the daemon running?*"])
+
+
+def test_image_unreadable_for_qemu(pytester: pytest.Pytester, unchanged: None) -> None:
+    # root can read it, libvirt's qemu user cannot: the start fails, and says why
+    folder = Path(tempfile.mkdtemp(prefix="ost-private-", dir="/var/tmp"))
+    try:
+        folder.chmod(0o755)
+        for image in Path("/usr/share/ost-images").glob("*"):
+            (folder / image.name).symlink_to(image)
+        private = folder / "debian12-secret.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                        "/usr/share/ost-images/debian12-base.qcow2", str(private)], check=True)
+        private.chmod(0o600)
+        pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
+        result = pytester.runpytest_subprocess("--ost-image=secret", f"--ost-images-dir={folder}", *INNER)
+    finally:
+        shutil.rmtree(folder)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*Cannot start domain ost-*-vm:*Permission denied*",
+                                 "*qemu user must be able to read every image of the chain*"])

@@ -118,3 +118,19 @@ def test_image_given_as_a_path(images_dir: Path, tmp_path: Path) -> None:
     assert len(image.chain) == 2
     with pytest.raises(ImageError, match="does not exist"):
         catalog.image_from_path(tmp_path / "nope.qcow2", DISTRO)
+
+
+def test_custom_layer_squash_flattens_the_chain(images_dir: Path, tmp_path: Path) -> None:
+    from pytest_ostimages.layers import _store
+
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                    str(images_dir / f"{DISTRO}-he-installed.qcow2"), str(overlay)], check=True)
+    kept, flat = tmp_path / "kept.qcow2", tmp_path / "flat.qcow2"
+    _store(overlay, kept, depth=4, squash_above=None)  # moved as it is: still an overlay
+    assert len(Catalog.discover(images_dir).image_from_path(kept, DISTRO).chain) == 4
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                    str(images_dir / f"{DISTRO}-he-installed.qcow2"), str(overlay)], check=True)
+    _store(overlay, flat, depth=4, squash_above=2)
+    assert Catalog.discover(images_dir).image_from_path(flat, DISTRO).chain == (flat,)
+    assert oct(flat.stat().st_mode & 0o777) == "0o444"
