@@ -202,7 +202,8 @@ def ost_vms(pytestconfig: pytest.Config, ost_lab: Lab) -> dict[str, VM]:
     """Every VM the session's tests use, booted together (session scope, role -> VM)."""
     planned = pytestconfig.stash.get(PLAN_KEY, [])
     specs = [spec for name in planned for spec in VM_FIXTURES[name](ost_lab.config)]
-    unique = list({spec.role: spec for spec in specs}.values())
+    # one spec per role, leaving out roles already booted (e.g. by ost_vm_factory)
+    unique = [spec for role, spec in {s.role: s for s in specs}.items() if role not in ost_lab.vms]
     share = pytestconfig.stash.get(SHARE_KEY, None)
     with user_errors():
         if share is not None:
