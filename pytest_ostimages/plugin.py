@@ -213,7 +213,7 @@ def ost_vms(pytestconfig: pytest.Config, ost_lab: Lab) -> dict[str, VM]:
             if not reuse.attach_kept(ost_lab, unique):
                 ost_lab.boot(unique)
         elif unique:
-            reuse.drop(ost_lab.conn, ost_lab.config.workdir)  # kept VMs nobody reuses now
+            reuse.drop(ost_lab)  # kept VMs nobody reuses now
             ost_lab.boot(unique)
     return ost_lab.vms
 

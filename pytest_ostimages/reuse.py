@@ -49,7 +49,7 @@ def attach_kept(lab: Lab, specs: list[VMSpec]) -> bool:
         return True
     lab.progress("the kept VMs do not match this session (images, templates or settings "
                  "changed): removing them")
-    drop(lab.conn, lab.config.workdir)
+    drop(lab)
     return False
 
 
@@ -63,15 +63,16 @@ def keep(lab: Lab, specs: list[VMSpec]) -> None:
     lab.release()
 
 
-def drop(conn: Any, workdir_root: Path) -> None:
-    """Remove the kept environment, if any."""
+def drop(lab: Lab) -> None:
+    """Remove the kept environment, if any (libvirt is only contacted if there is one)."""
+    workdir_root = lab.config.workdir
     kept = _read(workdir_root)
     if kept is None:
         return
     state = kept["state"]
     for vm in state["vms"]:
-        virt.remove_domain(conn, vm["name"])
-    virt.remove_network(conn, state["network"]["name"])
+        virt.remove_domain(lab.conn, vm["name"])
+    virt.remove_network(lab.conn, state["network"]["name"])
     shutil.rmtree(workdir_root / state["run_id"], ignore_errors=True)
     (workdir_root / KEPT_FILE).unlink(missing_ok=True)
 
