@@ -71,6 +71,7 @@ class Catalog:
     keys: dict[str, Path] = field(default_factory=dict)
     missing: dict[Path, Package] = field(default_factory=dict)
     _resolved: dict[tuple[str, str], Image] = field(default_factory=dict, repr=False)
+    _intact: set[Path] = field(default_factory=set, repr=False)  # checked by qemu-img check
 
     # --- discovery ------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class Catalog:
                 f"Installed layers of {distro}: {', '.join(self.layer_names(distro))}\n"
                 f"Use one of them, or install ost-images-{distro}-{layer}."
             )
-        image = Image(distro, layer, entry.path, *backing_chain(entry.path, entry.package),
+        image = Image(distro, layer, entry.path, *self._checked_chain(entry.path, entry.package),
                       entry.package, entry.pkglist, entry.pkglist_diff)
         self._resolved[key] = image
         return image
@@ -186,7 +187,16 @@ class Catalog:
             distro = file_distro
         else:
             layer = stem
-        return Image(distro, layer, path, *backing_chain(path, None))
+        return Image(distro, layer, path, *self._checked_chain(path, None))
+
+    def _checked_chain(self, path: Path, package: Optional[Package]) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+        """The chain of `path`, each qcow2 in it checked for damage once per catalog."""
+        chain, formats = backing_chain(path, package)
+        for layer, fmt in zip(chain, formats):
+            if fmt == "qcow2" and layer not in self._intact:
+                _check_intact(layer, path, package)
+                self._intact.add(layer)
+        return chain, formats
 
     def ssh_key(self, distro: str) -> Path:
         """The private root key of the distro's images."""
@@ -230,12 +240,18 @@ def _rpm_files(rpm: Sequence[str], directory: Path) -> list[tuple[Path, Package]
     return found
 
 
-def backing_chain(path: Path, package: Optional[Package]) -> tuple[tuple[Path, ...], tuple[str, ...]]:
-    """Files and formats of the chain of `path` (top first), checked by qemu-img."""
+def _owner_and_fix(path: Path, package: Optional[Package]) -> tuple[str, str]:
+    """How error messages name the image's package, and what to do about a bad image."""
     owner = f" (package {package.name}-{package.version})" if package else ""
     fix = (f"Reinstall the packages of the chain, e.g. dnf reinstall {package.name} "
            f"ost-images-{path.name.partition('-')[0]}-base" if package
            else "Rebuild or replace the image and its backing files.")
+    return owner, fix
+
+
+def backing_chain(path: Path, package: Optional[Package]) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    """Files and formats of the chain of `path` (top first), as qemu-img resolves it."""
+    owner, fix = _owner_and_fix(path, package)
     try:
         result = subprocess.run(
             ["qemu-img", "info", "--backing-chain", "--output=json", "-U", str(path)],
@@ -256,16 +272,16 @@ def backing_chain(path: Path, package: Optional[Package]) -> tuple[tuple[Path, .
     if top.get("format") != "qcow2":
         raise ImageError(f"Image {path}{owner} is not a qcow2 image (qemu-img sees format "
                          f"{top.get('format')!r}). {fix}")
-    chain = tuple(Path(info["filename"]).resolve() for info in infos)
-    formats = tuple(str(info.get("format", "raw")) for info in infos)
-    for layer, fmt in zip(chain, formats):
-        if fmt == "qcow2":
-            _check_intact(layer, owner, fix)
-    return chain, formats
+    return (tuple(Path(info["filename"]).resolve() for info in infos),
+            tuple(str(info.get("format", "raw")) for info in infos))
 
 
-def _check_intact(path: Path, owner: str, fix: str) -> None:
-    """A truncated or damaged qcow2 opens fine; qemu-img check reads its metadata (fast)."""
+def _check_intact(path: Path, top: Path, package: Optional[Package]) -> None:
+    """A truncated or damaged qcow2 opens fine; qemu-img check reads its metadata (fast).
+
+    `top` and `package` are the image whose chain `path` is in, for the message.
+    """
+    owner, fix = _owner_and_fix(top, package)
     result = subprocess.run(["qemu-img", "check", "-U", "--output=json", str(path)],
                             capture_output=True, text=True, check=False)
     try:
