@@ -66,7 +66,7 @@ class Network:
 
 class Lab:
     def __init__(self, config: OstConfig, progress: Callable[[str], None] = lambda _: None,
-                 owner_pid: Optional[int] = None) -> None:
+                 owner_pid: Optional[int] = None, catalog: Optional[Catalog] = None) -> None:
         self.config = config
         self.progress = progress
         self.run_id = secrets.token_hex(4)
@@ -80,6 +80,8 @@ class Lab:
         self._abort = threading.Event()  # set when the session is interrupted
         self.ssh_key: Optional[Path] = None  # the distro's key as a 0600 file, once started
         self._slots = BootSlots(config.workdir, config.max_boots)
+        if catalog is not None:  # already discovered (for the report header)
+            self.catalog = catalog
 
     # --- inputs, checked before anything is created -------------------------------
 

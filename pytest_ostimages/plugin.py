@@ -40,6 +40,7 @@ CONFIG_KEY = pytest.StashKey[OstConfig]()
 PLAN_KEY = pytest.StashKey[list[str]]()
 LAB_KEY = pytest.StashKey[Lab]()
 SHARE_KEY = pytest.StashKey[Optional[Share]]()
+CATALOG_KEY = pytest.StashKey[Catalog]()  # found for the report header, reused by the lab
 REUSE_KEY = pytest.StashKey[list[VMSpec]]()  # the VMs to keep for --ost-reuse
 
 # fixture name -> the VMs it needs, for booting every VM of a session together
@@ -94,9 +95,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = config.stash[CONFIG_KEY]
     try:
-        return diagnostics.header_lines(settings, Catalog.discover(settings.images_dir))
+        catalog = Catalog.discover(settings.images_dir)
     except OSError as exc:  # the header must never stop a run; the fixtures will explain
         return [f"ost-images: cannot read {settings.images_dir}: {exc.strerror}"]
+    config.stash[CATALOG_KEY] = catalog  # the session's lab uses it: one RPM query per run
+    return diagnostics.header_lines(settings, catalog)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -165,7 +168,8 @@ def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config, ost_con
         base = tmp_path_factory.getbasetemp().parent  # shared by the workers of this run
         share = Share(base / f"ost-share-{worker['testrunuid']}")
     # A shared environment belongs to the xdist controller, which outlives every worker.
-    lab = Lab(ost_config, _progress(pytestconfig), owner_pid=os.getppid() if share else None)
+    lab = Lab(ost_config, _progress(pytestconfig), owner_pid=os.getppid() if share else None,
+              catalog=pytestconfig.stash.get(CATALOG_KEY, None))
     pytestconfig.stash[LAB_KEY] = lab
     pytestconfig.stash[SHARE_KEY] = share
     try:
