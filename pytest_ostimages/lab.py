@@ -118,6 +118,15 @@ class Lab:
     def virt_type(self) -> str:
         return virt.resolve_virt_type(self.conn, self.config.virt_type)
 
+    @functools.cached_property
+    def cpu_mode(self) -> str:
+        return virt.resolve_cpu_mode(self.virt_type, self.config.cpu_mode)
+
+    def size(self, spec: VMSpec) -> tuple[int, int]:
+        """Memory (MiB) and vCPUs of `spec`: its own, else the setting for its role."""
+        return (spec.memory or self.config.memory.for_role(spec.role),
+                spec.vcpus or self.config.vcpus.for_role(spec.role))
+
     def label(self, role: str = "") -> Label:
         return self._owner.with_role(role)
 
@@ -133,8 +142,7 @@ class Lab:
             self.progress(f"removed leftover {leftover}")
         version = self.conn.getLibVersion()
         self.progress(f"libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000} at "
-                      f"{self.config.libvirt_uri}: {self.virt_type} guests, CPU "
-                      f"{virt.resolve_cpu_mode(self.virt_type, self.config.cpu_mode)}")
+                      f"{self.config.libvirt_uri}: {self.virt_type} guests, CPU {self.cpu_mode}")
         self.workdir.create(self._owner)
         self._cleanup.callback(self.workdir.remove if not self.config.keep else self.workdir.disown)
         # for people and tools that log in by hand (OpenSSH wants the key 0600)
@@ -192,17 +200,15 @@ class Lab:
         else:
             entries = [self._reserve(s.role) for s in specs]
         assert self.network is not None
-        cpu_mode = virt.resolve_cpu_mode(self.virt_type, self.config.cpu_mode)
         plans = []
         for spec, entry in zip(specs, entries):
             image = images[spec.role]
-            memory = spec.memory or self.config.memory.for_role(spec.role)
-            vcpus = spec.vcpus or self.config.vcpus.for_role(spec.role)
+            memory, vcpus = self.size(spec)
             name = f"ost-{self.run_id}-{spec.role}"
             overlay = self.workdir.overlay(image, name)
             console = self.workdir.path / f"{name}.console.log"
             xml = domain_xml(self.templates.load("domain.xml"), name=name, virt_type=self.virt_type,
-                             cpu_mode=cpu_mode, memory_mib=memory, vcpus=vcpus, disk=overlay,
+                             cpu_mode=self.cpu_mode, memory_mib=memory, vcpus=vcpus, disk=overlay,
                              backing=list(zip(image.chain, image.chain_formats)),
                              network=self.network.name, mac=entry.mac, console_log=console,
                              label=self.label(spec.role))

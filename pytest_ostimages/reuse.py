@@ -28,8 +28,7 @@ def fingerprint(lab: Lab, specs: list[VMSpec]) -> str:
     for spec in sorted(specs, key=lambda s: s.role):
         image = lab.image(spec.image)
         layers = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in image.chain]
-        parts.append([spec.role, layers, spec.memory or config.memory.for_role(spec.role),
-                      spec.vcpus or config.vcpus.for_role(spec.role)])
+        parts.append([spec.role, layers, *lab.size(spec)])
     for name in ("domain.xml", "network.xml"):
         parts.append(lab.templates.text(name))
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
