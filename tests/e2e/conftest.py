@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from .helpers import image_state, libvirt_objects, workdirs
+from .helpers import IMAGES, image_state, libvirt_objects, workdirs
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -26,6 +29,20 @@ def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pyte
     """pytester with the real HOME: Debian's rpm keeps its database in ~/.rpmdb."""
     monkeypatch.setenv("HOME", pwd.getpwuid(os.getuid()).pw_dir)
     return pytester
+
+
+@pytest.fixture
+def linked_images() -> Iterator[Path]:
+    """A folder qemu's user can reach, with links to every installed image file.
+
+    Tests change it (another key, an extra image) without touching the real ones.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="ost-images-", dir="/var/tmp"))
+    folder.chmod(0o755)
+    for path in IMAGES.iterdir():
+        (folder / path.name).symlink_to(path)
+    yield folder
+    shutil.rmtree(folder)
 
 
 @pytest.fixture

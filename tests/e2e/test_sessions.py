@@ -3,14 +3,13 @@ the option boots what it names, failures say what happened, nothing is left."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from .helpers import INNER
+
 
 def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None, tmp_path: Path) -> None:
     pytester.makepyfile("""
@@ -44,17 +43,12 @@ def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None, 
 
 
 def test_vm_that_never_boots_shows_its_console(pytester: pytest.Pytester, unchanged: None,
-                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+                                               linked_images: Path) -> None:
     # A disk with no OS: the BIOS reports it on the serial console, sshd never comes.
-    folder = Path("/var/tmp/pytest-ostimages-tests")  # qemu's user must reach it
-    folder.mkdir(mode=0o755, exist_ok=True)
-    blank = folder / "blank.qcow2"
+    blank = linked_images / "blank.qcow2"  # where qemu's user can reach it
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)
     pytester.makepyfile("def test_never(ost_vm):\n    pass\n")
-    try:
-        result = pytester.runpytest_subprocess(f"--ost-image={blank}", "--ost-boot-timeout=20", *INNER)
-    finally:
-        blank.unlink()
+    result = pytester.runpytest_subprocess(f"--ost-image={blank}", "--ost-boot-timeout=20", *INNER)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([
         "*VM vm (ost-*-vm, image debian12-blank) not reachable over SSH within 20 s*",
@@ -65,20 +59,16 @@ def test_vm_that_never_boots_shows_its_console(pytester: pytest.Pytester, unchan
     assert "pytest_ostimages/" not in result.stdout.str()  # no traceback from inside the plugin
 
 
-def test_guest_that_refuses_the_key(pytester: pytest.Pytester, unchanged: None) -> None:
+def test_guest_that_refuses_the_key(pytester: pytest.Pytester, unchanged: None,
+                                    linked_images: Path) -> None:
     # the same images, but a key the guests do not know
-    folder = Path(tempfile.mkdtemp(prefix="ost-wrong-key-", dir="/var/tmp"))
-    try:
-        folder.chmod(0o755)
-        for image in Path("/usr/share/ost-images").glob("*.qcow2"):
-            (folder / image.name).symlink_to(image)
-        subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-N", "", "-f", str(folder / "debian12_id_rsa")],
-                       check=True)
-        pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
-        result = pytester.runpytest_subprocess("--ost-image=base", f"--ost-images-dir={folder}",
-                                               "--ost-boot-timeout=240", *INNER)
-    finally:
-        shutil.rmtree(folder)
+    for key in linked_images.glob("debian12_id_rsa*"):
+        key.unlink()
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-N", "", "-f", str(linked_images / "debian12_id_rsa")],
+                   check=True)
+    pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
+    result = pytester.runpytest_subprocess("--ost-image=base", f"--ost-images-dir={linked_images}",
+                                           "--ost-boot-timeout=240", *INNER)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*VM vm (ost-*-vm, image debian12-base) answers SSH but refuses the key "
                                  "for root*", "*last 30 lines of the serial console*"])
@@ -103,21 +93,15 @@ def test_libvirt_not_reachable(pytester: pytest.Pytester, unchanged: None) -> No
                                  "*Is the daemon running?*"])
 
 
-def test_image_unreadable_for_qemu(pytester: pytest.Pytester, unchanged: None) -> None:
+def test_image_unreadable_for_qemu(pytester: pytest.Pytester, unchanged: None,
+                                   linked_images: Path) -> None:
     # root can read it, libvirt's qemu user cannot: the start fails, and says why
-    folder = Path(tempfile.mkdtemp(prefix="ost-private-", dir="/var/tmp"))
-    try:
-        folder.chmod(0o755)
-        for image in Path("/usr/share/ost-images").glob("*"):
-            (folder / image.name).symlink_to(image)
-        private = folder / "debian12-secret.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                        "/usr/share/ost-images/debian12-base.qcow2", str(private)], check=True)
-        private.chmod(0o600)
-        pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
-        result = pytester.runpytest_subprocess("--ost-image=secret", f"--ost-images-dir={folder}", *INNER)
-    finally:
-        shutil.rmtree(folder)
+    private = linked_images / "debian12-secret.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                    "/usr/share/ost-images/debian12-base.qcow2", str(private)], check=True)
+    private.chmod(0o600)
+    pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
+    result = pytester.runpytest_subprocess("--ost-image=secret", f"--ost-images-dir={linked_images}", *INNER)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*Cannot start domain ost-*-vm:*Permission denied*",
                                  "*qemu user must be able to read every image of the chain*"])
