@@ -45,19 +45,23 @@ class VM:
 
     def ssh(self, command: str, check: bool = False, timeout: Optional[float] = 600) -> CommandResult:
         """Run `command` as root; with ``check=True`` a non-zero exit raises."""
-        state = self.state()
-        if state != "running":  # a dead VM is reported as such, at once
-            raise VMError(self.describe_failure(f"is not running any more (state: {state})", hint=False))
+        dead = self._death()
+        if dead is not None:  # a dead VM is reported as such, at once
+            raise dead
         try:
             result = self._ssh.run(command, timeout=timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            state = self.state()
-            if state != "running":  # say that the VM died, not that SSH failed
-                raise VMError(self.describe_failure(f"is not running any more (state: {state})",
-                                                    hint=False)) from None
-            raise VMError(self.describe_failure(f"did not answer SSH for {command!r}: "
-                                                f"{exc.__class__.__name__}: {exc}", hint=False)) from None
+            # say that the VM died, not that SSH failed
+            raise self._death() or VMError(self.describe_failure(
+                f"did not answer SSH for {command!r}: {exc.__class__.__name__}: {exc}", hint=False)) from None
         return result.check(self.role) if check else result
+
+    def _death(self) -> Optional[VMError]:
+        """The error for a VM that is not running any more, None while it runs."""
+        state = self.state()
+        if state == "running":
+            return None
+        return VMError(self.describe_failure(f"is not running any more (state: {state})", hint=False))
 
     def put(self, local: Union[str, Path], remote: str) -> None:
         """Copy a local file into the VM over SFTP."""
