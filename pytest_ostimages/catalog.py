@@ -50,6 +50,10 @@ class Image:
     def label(self) -> str:
         return f"{self.distro}-{self.layer}"
 
+    def identity(self) -> list[tuple[str, int, int]]:
+        """File, size and mtime of every layer of the chain: changes when any layer does."""
+        return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.chain]
+
 
 @dataclass
 class _Entry:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .catalog import Image
 from .config import OstConfig, from_environment
 from .errors import OstError
 from .lab import Lab, VMSpec
@@ -44,11 +45,10 @@ class LayerRecipe:
     squash_above: Optional[int] = None  # flatten when the chain gets longer than this
 
 
-def _digest(recipe: LayerRecipe, parent_chain: Sequence[Path]) -> str:
+def _digest(recipe: LayerRecipe, parent: Image) -> str:
     h = hashlib.sha256()
-    for layer in parent_chain:
-        st = layer.stat()
-        h.update(f"{layer}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    for layer, size, mtime in parent.identity():
+        h.update(f"{layer}\0{size}\0{mtime}\0".encode())
     for path in [recipe.script] if recipe.script else []:
         h.update(b"script\0" + path.read_bytes())
     for path in recipe.files:
@@ -68,7 +68,7 @@ def build_layer(config: OstConfig, recipe: LayerRecipe,
         parent = lab.image(recipe.parent)
         cache = config.workdir / "layers"
         cache.mkdir(mode=0o755, parents=True, exist_ok=True)
-        target = cache / f"{parent.distro}-{recipe.name}-{_digest(recipe, parent.chain)}.qcow2"
+        target = cache / f"{parent.distro}-{recipe.name}-{_digest(recipe, parent)}.qcow2"
         with file_lock(cache / f"{target.name}.lock"):  # two sessions build it once
             if target.exists():
                 progress(f"layer {recipe.name}: cached {target}")

@@ -26,9 +26,7 @@ def fingerprint(lab: Lab, specs: list[VMSpec]) -> str:
     config = lab.config
     parts: list[Any] = [config.libvirt_uri, config.virt_type, config.cpu_mode, config.dns_domain]
     for spec in sorted(specs, key=lambda s: s.role):
-        image = lab.image(spec.image)
-        layers = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in image.chain]
-        parts.append([spec.role, layers, *lab.size(spec)])
+        parts.append([spec.role, lab.image(spec.image).identity(), *lab.size(spec)])
     for name in ("domain.xml", "network.xml"):
         parts.append(lab.templates.text(name))
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
