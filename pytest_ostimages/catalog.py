@@ -17,6 +17,7 @@ file names are split at the first hyphen.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,8 @@ class Catalog:
             return "  (none)"
         return "\n".join(f"  {d}: {', '.join(self.layer_names(d)) or '(no layers)'}" for d in self.distros())
 
-    def choose_distro(self, requested: Optional[str]) -> str:
+    def choose_distro(self, requested: Optional[str], layers: Sequence[str] = ()) -> str:
+        """`requested`, else the only distro that has every one of `layers` (all planned)."""
         distros = self.distros()
         if not distros:
             raise ImageError(self._nothing_installed())
@@ -143,12 +145,19 @@ class Catalog:
                     f"Choose one of them with --ost-distro, or install ost-images-{requested}-base."
                 )
             return requested
-        if len(distros) > 1:
-            raise ImageError(
-                f"Several distros are installed in {self.directory}; choose one with "
-                f"--ost-distro (ini ost_distro, env OST_DISTRO):\n{self.describe()}"
-            )
-        return distros[0]
+        if len(distros) == 1:
+            return distros[0]
+        fitting = [d for d in distros if set(layers) <= set(self.layer_names(d))]
+        if len(fitting) == 1 and layers:
+            return fitting[0]
+        needs = f" that has every layer this session uses ({', '.join(layers)})" if layers else ""
+        found = (f"{len(fitting)} of them have all of those layers" if layers and fitting
+                 else "none of them has all of those layers" if layers else "")
+        raise ImageError(
+            f"Several distros are installed in {self.directory}{'; ' + found if found else ''}. "
+            f"Choose the one{needs} with --ost-distro (ini ost_distro, env OST_DISTRO):\n"
+            f"{self.describe()}"
+        )
 
     def image(self, distro: str, layer: str) -> Image:
         """The layer with a validated backing chain, or an ImageError saying why not."""
@@ -265,10 +274,13 @@ def backing_chain(path: Path, package: Optional[Package]) -> tuple[tuple[Path, .
         raise ImageError("qemu-img is not installed; it is needed to check and overlay "
                          "images. Install qemu-img (RPM) or qemu-utils (Debian).") from None
     if result.returncode != 0:
-        raise ImageError(
-            f"Image {path}{owner} cannot be used: its backing chain is broken.\n"
-            f"  qemu-img: {result.stderr.strip()}\n  {fix}"
-        )
+        missing = re.search(r"Could not open '([^']+)': .*No such file or directory", result.stderr)
+        if missing and missing.group(1) != str(path):
+            problem = (f"is installed, but its backing chain is broken: its backing file "
+                       f"{missing.group(1)} does not exist")
+        else:
+            problem = "cannot be used: qemu-img cannot open it (damaged, truncated or unreadable)"
+        raise ImageError(f"Image {path}{owner} {problem}.\n  qemu-img: {result.stderr.strip()}\n  {fix}")
     infos = json.loads(result.stdout)
     if isinstance(infos, dict):  # a flat image
         infos = [infos]

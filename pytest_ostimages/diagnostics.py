@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from . import kvm_access
+
 if TYPE_CHECKING:
     from .catalog import Catalog
     from .config import OstConfig
@@ -34,6 +36,9 @@ def header_lines(config: "OstConfig", catalog: "Catalog") -> list[str]:
             lines.append(f"ost-images:   {distro}-{layer} ({package})")
     if not catalog.distros():
         lines.append("ost-images:   none installed")
+    kvm_warning = kvm_access.warning(config.libvirt_uri)
+    if kvm_warning is not None:
+        lines.append(f"ost-images: {kvm_warning}")
     return lines
 
 

@@ -1,52 +1,42 @@
-"""The session's lab: images -> overlays -> network -> domains -> SSH, and teardown.
+"""The session's lab: checked inputs -> work directory -> network -> VMs, and teardown.
 
 One :class:`Lab` per pytest session (per xdist worker). It creates nothing until
-the first VM is asked for, checks every input (images, chain, key, libvirt)
-before creating anything, boots the VMs of a batch together and records a
-cleanup for every object it makes, so that closing it removes them all, also
-after a failure half-way.
+the first VM is asked for and checks every input (inputs.py) before creating
+anything. Each object it makes is recorded (as an owned item, before it exists)
+so that closing the lab removes them all through the one ownership-checked path
+(reaper.remove), also after a failure half-way. Its state is one
+:class:`~pytest_ostimages.environment.Environment` record, which is all that
+``--ost-share`` and ``--ost-reuse`` exchange.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import ipaddress
 import secrets
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from . import reaper, virt
-from .catalog import Catalog, Image
+from .booter import Booter, BootPlan
+from .catalog import Catalog
 from .config import OstConfig
+from .environment import FIRST_VM_HOST, LAST_VM_HOST, Environment, NetworkRecord, VMRecord
 from .errors import OstError
+from .inputs import Inputs, VMSpec
 from .overlay import WorkDir
 from .owner import Label
-from .render import HostEntry, Templates, domain_xml, network_xml
+from .reaper import Owned
+from .render import HostEntry, domain_xml, network_xml
 from .slots import BootSlots
-from .ssh import SSH, load_key
-from .vm import VM
+from .ssh import SSH
+from .reuse import kept_runs
+from .vm import CLEAN_SNAPSHOT, VM
 
 if TYPE_CHECKING:
     import libvirt
-    import paramiko
-
-FIRST_VM_HOST = 10  # VMs get .10 - .99; .100 up is the dynamic DHCP range
-LAST_VM_HOST = 99
-
-
-@dataclass(frozen=True)
-class VMSpec:
-    """What to boot: a role name and a layer name (or qcow2 path)."""
-
-    role: str
-    image: str
-    memory: Optional[int] = None
-    vcpus: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -69,49 +59,24 @@ class Lab:
                  owner_pid: Optional[int] = None, catalog: Optional[Catalog] = None) -> None:
         self.config = config
         self.progress = progress
+        self.inputs = Inputs(config, catalog)
         self.run_id = secrets.token_hex(4)
         self.workdir = WorkDir(config.workdir, self.run_id)
+        self.owner = Label.current(self.run_id, self.workdir.path, owner_pid)
         self.vms: dict[str, VM] = {}
         self.network: Optional[Network] = None
-        self._cleanup = contextlib.ExitStack()
-        self._conn: Optional["libvirt.virConnect"] = None
-        self._next_host = FIRST_VM_HOST
-        self._owner = Label.current(self.run_id, self.workdir.path, owner_pid)
-        self._abort = threading.Event()  # set when the session is interrupted
         self.ssh_key: Optional[Path] = None  # the distro's key as a 0600 file, once started
-        self._slots = BootSlots(config.workdir, config.max_boots)
-        if catalog is not None:  # already discovered (for the report header)
-            self.catalog = catalog
+        self._next_host = FIRST_VM_HOST
+        self._made: list[Owned] = []  # what close() removes, recorded before it exists
+        self._conn: Optional["libvirt.virConnect"] = None
+        self._booter: Optional[Booter] = None
 
-    # --- inputs, checked before anything is created -------------------------------
-
-    @functools.cached_property
-    def catalog(self) -> Catalog:
-        return Catalog.discover(self.config.images_dir)
-
-    @functools.cached_property
-    def distro(self) -> str:
-        return self.catalog.choose_distro(self.config.distro)
-
-    def image(self, name: str) -> Image:
-        """A layer name of the chosen distro, or a path to a qcow2 file."""
-        if "/" in name or name.endswith(".qcow2"):
-            return self.catalog.image_from_path(Path(name), self.distro)
-        return self.catalog.image(self.distro, name)
-
-    @functools.cached_property
-    def _key(self) -> "paramiko.PKey":
-        return load_key(self.catalog.ssh_key(self.distro))
-
-    @functools.cached_property
-    def templates(self) -> Templates:
-        return Templates(self.config.templates)
+    # --- connection and hypervisor --------------------------------------------------
 
     @property
     def conn(self) -> "libvirt.virConnect":
         if self._conn is None:
             self._conn = virt.connect(self.config.libvirt_uri)
-            self._cleanup.callback(self._conn.close)
         return self._conn
 
     @functools.cached_property
@@ -122,50 +87,53 @@ class Lab:
     def cpu_mode(self) -> str:
         return virt.resolve_cpu_mode(self.virt_type, self.config.cpu_mode)
 
-    def size(self, spec: VMSpec) -> tuple[int, int]:
-        """Memory (MiB) and vCPUs of `spec`: its own, else the setting for its role."""
-        return (spec.memory or self.config.memory.for_role(spec.role),
-                spec.vcpus or self.config.vcpus.for_role(spec.role))
+    @property
+    def booter(self) -> Booter:
+        if self._booter is None:
+            self._booter = Booter(BootSlots(self.config.max_boots), self.config.boot_timeout,
+                                  self.virt_type, self.progress)
+        return self._booter
 
-    def label(self, role: str = "") -> Label:
-        return self._owner.with_role(role)
+    def abort(self) -> None:
+        """Stop every wait for a boot at once (the session is being interrupted)."""
+        if self._booter is not None:
+            self._booter.abort.set()
 
     # --- creating things ----------------------------------------------------------
 
     def _start(self) -> None:
-        """Check libvirt and the templates, then make the work directory."""
+        """Check libvirt, reap what dead runs left, then make the work directory."""
         if self.workdir.path.exists():
             return
-        self.templates.load("domain.xml"), self.templates.load("network.xml")
         self.virt_type  # noqa: B018 - connects and checks KVM before anything exists
-        for leftover in reaper.reap(self.conn, self.config.workdir):
+        for leftover in reaper.reap(self.conn, self.config.workdir, spare=kept_runs(self.config.workdir)):
             self.progress(f"removed leftover {leftover}")
         version = self.conn.getLibVersion()
         self.progress(f"libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000} at "
                       f"{self.config.libvirt_uri}: {self.virt_type} guests, CPU {self.cpu_mode}")
-        self.workdir.create(self._owner)
-        self._cleanup.callback(self.workdir.remove if not self.config.keep else self.workdir.disown)
+        self._made.append(Owned("workdir", str(self.workdir.path), self.owner))
+        self.workdir.create(self.owner)
         # for people and tools that log in by hand (OpenSSH wants the key 0600)
-        self.ssh_key = self.workdir.private_key(self.catalog.ssh_key(self.distro))
+        self.ssh_key = self.workdir.private_key(self.inputs.key_path)
         self.progress(f"work directory {self.workdir.path}")
 
     def _create_network(self, roles: list[str]) -> list[HostEntry]:
         """Create the management network with DHCP/DNS entries for `roles`."""
         name = f"ost-{self.run_id}"
+        templates = self.inputs.templates
 
         def create(subnet: ipaddress.IPv4Network) -> tuple[Network, list[HostEntry]]:
             entries = [_entry(role, subnet.network_address + FIRST_VM_HOST + i)
                        for i, role in enumerate(roles)]
-            xml = network_xml(self.templates.load("network.xml"), name=name, bridge=name,
+            xml = network_xml(templates.load("network.xml"), name=name, bridge=name,
                               subnet=subnet, domain=self.config.dns_domain, hosts=entries,
-                              label=self.label())
-            # registered first: an interrupt right after creation still removes it
-            self._cleanup.callback(virt.remove_network, self.conn, name)
+                              label=self.owner)
+            # recorded first: an interrupt right after creation still removes it
+            self._made.append(Owned("network", name, self.owner))
             handle = virt.create_network(self.conn, xml)
             return Network(name, name, subnet, self.config.dns_domain, handle), entries
 
-        self.network, entries = virt.with_free_subnet(
-            self.conn, self.config.subnet_pool, self.config.workdir / "subnets.lock", create)
+        self.network, entries = virt.with_free_subnet(self.conn, self.config.subnet_pool, create)
         self._next_host = FIRST_VM_HOST + len(entries)
         self.progress(f"network {name}: {self.network.subnet}, bridge {name}")
         return entries
@@ -191,9 +159,9 @@ class Lab:
         """Boot `specs` together and wait until each answers SSH."""
         taken = [s.role for s in specs if s.role in self.vms]
         if len({s.role for s in specs}) != len(specs) or taken:
-            raise OstError(f"VM roles must be unique in a session; got {[s.role for s in specs]}")
-        images = {s.role: self.image(s.image) for s in specs}  # every input checked first
-        key = self._key
+            raise OstError(f"VM roles must be unique in a session; got {[s.role for s in specs]}"
+                           + (f", and {taken} already run" if taken else ""))
+        images = self.inputs.check(specs)  # every input checked before anything is made
         self._start()
         if self.network is None:
             entries = self._create_network([s.role for s in specs])
@@ -203,125 +171,103 @@ class Lab:
         plans = []
         for spec, entry in zip(specs, entries):
             image = images[spec.role]
-            memory, vcpus = self.size(spec)
+            memory, vcpus = self.inputs.size(spec)
             name = f"ost-{self.run_id}-{spec.role}"
             overlay = self.workdir.overlay(image, name)
             console = self.workdir.path / f"{name}.console.log"
-            xml = domain_xml(self.templates.load("domain.xml"), name=name, virt_type=self.virt_type,
-                             cpu_mode=self.cpu_mode, memory_mib=memory, vcpus=vcpus, disk=overlay,
-                             backing=list(zip(image.chain, image.chain_formats)),
+            xml = domain_xml(self.inputs.templates.load("domain.xml"), name=name,
+                             virt_type=self.virt_type, cpu_mode=self.cpu_mode, memory_mib=memory,
+                             vcpus=vcpus, disk=overlay, backing=list(zip(image.chain, image.chain_formats)),
                              network=self.network.name, mac=entry.mac, console_log=console,
-                             label=self.label(spec.role))
-            # registered before it exists: an interrupt at any point still removes it
-            self._cleanup.callback(virt.remove_domain, self.conn, name)
-            plans.append(_Plan(spec.role, name, image, memory, vcpus, entry, overlay, console, xml))
-        return self._run_all(plans, key)
+                             label=self.owner.with_role(spec.role))
+            # recorded before it exists: an interrupt at any point still removes it
+            self._made.append(Owned("domain", name, self.owner))
+            plans.append(BootPlan(spec.role, name, f"{spec.role}.{self.network.domain}", image,
+                                  memory, vcpus, entry, overlay, console, xml))
+        return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
 
-    def _boot_one(self, plan: "_Plan", key: "paramiko.PKey") -> VM:
-        """Start one domain once a host-wide boot slot is free, and wait for its SSH."""
-        assert self.network is not None
-        with self._slots.take(self._abort) as waited:
-            if waited >= 1:
-                self.progress(f"{plan.role}: waited {waited:.1f} s for a boot slot")
-            domain = virt.create_domain(self.conn, plan.xml)
-            vm = VM(plan.name, plan.role, f"{plan.role}.{self.network.domain}", plan.entry.ip,
-                    plan.entry.mac, plan.image, plan.overlay, plan.console, domain,
-                    SSH(str(plan.entry.ip), key))
-            self.vms[plan.role] = vm
-            self.progress(f"{plan.role}: booting {plan.image.label} as {plan.name} ({plan.vcpus} vCPU, "
-                          f"{plan.memory} MiB, {self.virt_type}) at {plan.entry.ip}")
-            seconds = vm.wait_for_ssh(self.config.boot_timeout, self._abort)
-        self.progress(f"{plan.role}: ssh ready in {seconds:.1f} s")
-        return vm
+    def _started(self, vm: VM) -> None:
+        self.vms[vm.role] = vm
 
-    def _run_all(self, plans: list["_Plan"], key: "paramiko.PKey") -> list[VM]:
-        """Boot every plan in its own thread; the first error is raised after all ended."""
-        start = time.monotonic()
-        pool = ThreadPoolExecutor(max_workers=len(plans))
-        futures = [pool.submit(self._boot_one, plan, key) for plan in plans]
-        try:
-            errors = [f.exception() for f in futures if f.exception() is not None]
-        finally:
-            if not all(f.done() for f in futures):
-                # Ctrl-C or SIGTERM reached the main thread: stop the waits now.
-                self._abort.set()
-            pool.shutdown(wait=True)
-        if errors:
-            raise errors[0]  # type: ignore[misc]
-        if len(plans) > 1:
-            self.progress(f"{len(plans)} VMs ready in {time.monotonic() - start:.1f} s")
-        return [f.result() for f in futures]
+    # --- one environment for several processes (--ost-share, --ost-reuse) -----------
 
-    # --- one environment for several processes (--ost-share) ------------------------
-
-    def describe(self) -> dict[str, Any]:
-        """What another process needs to attach to this lab's VMs."""
+    def environment(self) -> Environment:
+        """The record another process needs to attach to this lab's VMs."""
         assert self.network is not None
         net = self.network
-        return {
-            "run_id": self.run_id, "owner": asdict(self._owner),
-            "network": {"name": net.name, "bridge": net.bridge, "subnet": str(net.subnet),
-                        "domain": net.domain},
-            "vms": [{"name": vm.name, "role": vm.role, "hostname": vm.hostname, "ip": str(vm.ip),
-                     "mac": vm.mac, "image": str(vm.image.path), "overlay": str(vm.overlay),
-                     "console": str(vm.console_path)} for vm in self.vms.values()],
-        }
+        return Environment(
+            self.run_id, self.owner, self.workdir.path,
+            NetworkRecord(net.name, net.bridge, net.subnet, net.domain),
+            tuple(VMRecord(vm.name, vm.role, vm.hostname, vm.ip, vm.mac, vm.image.path, vm.overlay,
+                           vm.console_path) for vm in self.vms.values()),
+            self._next_host)
 
-    def attach(self, state: dict[str, Any]) -> None:
-        """Use the VMs another process booted; close() then removes them as if ours."""
-        self.run_id = state["run_id"]
-        self.workdir = WorkDir(self.config.workdir, self.run_id)
-        self._owner = Label(**state["owner"])
-        self._cleanup.callback(self.workdir.remove)
-        net = state["network"]
-        self._cleanup.callback(virt.remove_network, self.conn, net["name"])
-        self.network = Network(net["name"], net["bridge"], ipaddress.IPv4Network(net["subnet"]),
-                               net["domain"], self.conn.networkLookupByName(net["name"]))
-        for v in state["vms"]:
-            self._cleanup.callback(virt.remove_domain, self.conn, v["name"])
-            vm = VM(v["name"], v["role"], v["hostname"], ipaddress.IPv4Address(v["ip"]), v["mac"],
-                    self.image(v["image"]), Path(v["overlay"]), Path(v["console"]),
-                    self.conn.lookupByName(v["name"]), SSH(v["ip"], self._key))
+    def attach(self, env: Environment, adopt: bool = False) -> None:
+        """Use the VMs of `env`; close() then removes them as if ours.
+
+        `adopt`: this session becomes the run's owner (its work directory's label),
+        so that the reaper takes the VMs if this session dies.
+        """
+        self.run_id, self.owner = env.run_id, env.owner
+        self.workdir = WorkDir(self.config.workdir, env.run_id)
+        self._made.append(Owned("workdir", str(env.workdir), env.owner))
+        self._made.append(Owned("network", env.network.name, env.owner))
+        self._made.extend(Owned("domain", vm.name, env.owner) for vm in env.vms)
+        if adopt:
+            Label.current(env.run_id, env.workdir).write(env.workdir)
+        net = env.network
+        self.network = Network(net.name, net.bridge, net.subnet, net.domain,
+                               self.conn.networkLookupByName(net.name))
+        self._next_host = env.next_host
+        key = self.inputs.key
+        for v in env.vms:
+            domain = self.conn.lookupByName(v.name)
+            vm = VM(v.name, v.role, v.hostname, v.ip, v.mac, self.inputs.image(str(v.image)),
+                    v.overlay, v.console, domain, SSH(str(v.ip), key))
+            # a clean_vm snapshot taken by the earlier session: revert before first use
+            vm.dirty = True if CLEAN_SNAPSHOT in domain.snapshotListNames() else None
             self.vms[vm.role] = vm
-        self.ssh_key = self.workdir.private_key(self.catalog.ssh_key(self.distro))
+        self.ssh_key = self.workdir.private_key(self.inputs.key_path)
         self.progress(f"attached to {len(self.vms)} VMs of run {self.run_id}")
 
     def release(self) -> None:
         """Close connections but leave every VM, network and file for the others."""
-        self._cleanup.pop_all()
+        self._made.clear()
         for vm in self.vms.values():
             vm.close()
-        if self._conn is not None:
-            self._conn.close()
+        self._close_connection()
 
     def close(self) -> None:
-        """Remove every domain, network and file this lab made."""
-        if self.workdir.path.exists():
+        """Remove every domain, network and file this lab made (or attached to)."""
+        if self._made:
             self.progress(f"removing the VMs, network and work directory of run {self.run_id}")
         for vm in self.vms.values():
             vm.close()
-        if self._conn is not None and len(self.vms) > 1:
-            # Destroying a domain waits for its qemu to exit: do them all at once.
-            with ThreadPoolExecutor(max_workers=len(self.vms)) as pool:
-                list(pool.map(lambda vm: virt.remove_domain(self.conn, vm.name), self.vms.values()))
-        self._cleanup.close()
-        self.vms.clear()
-        self.network = None
+        made, self._made = self._made, []
+        domains = [item for item in made if item.kind == "domain"]
+        try:
+            if domains and self._conn is not None:
+                # Destroying a domain waits for its qemu to exit: do them all at once.
+                with ThreadPoolExecutor(max_workers=len(domains)) as pool:
+                    list(pool.map(lambda item: reaper.remove(self._conn, self.config.workdir, item),
+                                  domains))
+            for item in made:
+                if item.kind == "network":
+                    reaper.remove(self._conn, self.config.workdir, item)
+                elif item.kind == "workdir":
+                    if self.config.keep:
+                        self.workdir.disown()
+                    else:
+                        reaper.remove(self._conn, self.config.workdir, item)
+        finally:
+            self.vms.clear()
+            self.network = None
+            self._close_connection()
 
-
-@dataclass(frozen=True)
-class _Plan:
-    """A VM of a batch, ready to start: everything but the domain exists."""
-
-    role: str
-    name: str
-    image: Image
-    memory: int
-    vcpus: int
-    entry: HostEntry
-    overlay: Path
-    console: Path
-    xml: str
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _entry(role: str, ip: ipaddress.IPv4Address) -> HostEntry:

@@ -27,8 +27,9 @@ from typing import Callable, Optional, Sequence
 from .catalog import Image
 from .config import OstConfig, from_environment
 from .errors import OstError
-from .lab import Lab, VMSpec
-from .virt import file_lock
+from .files import locked
+from .inputs import VMSpec
+from .lab import Lab
 from .vm import VM
 
 INBOX = "/root/ost-layer"  # where the files and the script land in the guest
@@ -65,11 +66,12 @@ def build_layer(config: OstConfig, recipe: LayerRecipe,
             raise OstError(f"Layer {recipe.name!r}: {path} does not exist or is not a file.")
     lab = Lab(config, progress)
     try:
-        parent = lab.image(recipe.parent)
+        lab.inputs.choose_distro([recipe.parent])
+        parent = lab.inputs.image(recipe.parent)
         cache = config.workdir / "layers"
         cache.mkdir(mode=0o755, parents=True, exist_ok=True)
         target = cache / f"{parent.distro}-{recipe.name}-{_digest(recipe, parent)}.qcow2"
-        with file_lock(cache / f"{target.name}.lock"):  # two sessions build it once
+        with locked(cache / f"{target.name}.lock"):  # two sessions build it once
             if target.exists():
                 progress(f"layer {recipe.name}: cached {target}")
                 return target

@@ -8,7 +8,6 @@ create an overlay, and nothing is copied. Everything a session makes on disk
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -75,9 +74,6 @@ class WorkDir:
         with os.fdopen(fd, "wb") as out:
             out.write(key.read_bytes())
         return copy
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
     def disown(self) -> None:
         """Keep the directory (--ost-keep): without a label the reaper leaves it alone."""

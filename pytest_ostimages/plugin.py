@@ -3,8 +3,8 @@
 How ``pytest --ost-image=engine-installed`` becomes a booted VM:
 
 1. :func:`pytest_configure` resolves the options into an :class:`OstConfig`.
-2. :func:`pytest_collection_modifyitems` notes which VM fixtures the tests use,
-   so that all of them are booted together.
+2. :func:`pytest_collection_modifyitems` (after deselection) plans the VMs the
+   selected tests use, so that all of them are booted together.
 3. The ``ost_vm`` fixture asks the session's :class:`~pytest_ostimages.lab.Lab`,
    which finds the layer (catalog.py), makes an overlay (overlay.py), renders
    the network and domain XML (render.py), creates them (virt.py) and waits
@@ -15,6 +15,7 @@ How ``pytest --ost-image=engine-installed`` becomes a booted VM:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -28,23 +29,24 @@ from . import config as ostconfig
 from . import diagnostics, reaper, reuse, virt
 from .catalog import Catalog
 from .config import OstConfig
-from .errors import OstError
-from .lab import Lab, Network, VMSpec
+from .errors import BootError, OstError, SSHCommandError, VMError
+from .inputs import VMSpec
+from .lab import Lab, Network
 from .layers import LayerRecipe, build_layer
+from .plan import Plan, vm_fixture_specs
 from .share import Share
 from .vm import VM
 
 log = logging.getLogger("pytest_ostimages")
 
 CONFIG_KEY = pytest.StashKey[OstConfig]()
-PLAN_KEY = pytest.StashKey[list[str]]()
+PLAN_KEY = pytest.StashKey[Plan]()
 LAB_KEY = pytest.StashKey[Lab]()
 SHARE_KEY = pytest.StashKey[Optional[Share]]()
 CATALOG_KEY = pytest.StashKey[Catalog]()  # found for the report header, reused by the lab
 REUSE_KEY = pytest.StashKey[list[VMSpec]]()  # the VMs to keep for --ost-reuse
-
-# fixture name -> the VMs it needs, for booting every VM of a session together
-VM_FIXTURES: dict[str, Callable[[OstConfig], list[VMSpec]]] = {}
+FAILED_KEY = pytest.StashKey[str]()  # the input error that makes every VM of the session impossible
+ITEM_KEY = pytest.StashKey[pytest.Item]()  # the test being set up (xdist workers plan per test)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -62,7 +64,8 @@ def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
     try:
         conn = virt.connect(settings.libvirt_uri)
         try:
-            leftovers = reaper.reap(conn, settings.workdir, kept_too=True)
+            reuse.forget(settings.workdir)  # the kept VMs are leftovers too now
+            leftovers = reaper.reap(conn, settings.workdir)
         finally:
             conn.close()
     except OstError as exc:
@@ -115,17 +118,45 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+@pytest.hookimpl(trylast=True)  # after -k, -m and --deselect have removed their items
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    used = {name for item in items for name in getattr(item, "fixturenames", ())}
-    config.stash[PLAN_KEY] = [name for name in VM_FIXTURES if name in used]
+    config.stash[PLAN_KEY] = Plan.of(items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    item.config.stash[ITEM_KEY] = item
+    return (yield)
+
+
+def _planned(config: pytest.Config) -> list[VMSpec]:
+    """The VMs to boot together: for every selected test, or (an xdist worker that
+    does not share) for the test being set up: the others may run elsewhere."""
+    plan = config.stash.get(PLAN_KEY, Plan())
+    settings = config.stash[CONFIG_KEY]
+    if hasattr(config, "workerinput") and not settings.share and ITEM_KEY in config.stash:
+        return plan.specs(settings, [config.stash[ITEM_KEY]])
+    return plan.specs(settings)
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Report an OstError as a short failure, without the plugin's traceback."""
+def user_errors(config: pytest.Config, session: pytest.Session) -> Iterator[None]:
+    """Report an OstError as a short failure, without the plugin's traceback.
+
+    An input error (images, key, templates, libvirt) makes every VM of the session
+    impossible: it is reported in full once and stops the session.
+    """
+    if FAILED_KEY in config.stash:
+        pytest.fail(f"pytest-ostimages cannot boot VMs in this session: {config.stash[FAILED_KEY]} "
+                    f"(reported in full above)", pytrace=False)
     try:
         yield
+    except (BootError, VMError, SSHCommandError) as exc:  # this VM's trouble, not the session's
+        raise pytest.fail.Exception(str(exc), pytrace=False) from None
     except OstError as exc:
+        first_line = str(exc).splitlines()[0]
+        config.stash[FAILED_KEY] = first_line
+        session.shouldstop = f"pytest-ostimages: {first_line}"
         # "from None": the plugin's own exception would only repeat the message
         raise pytest.fail.Exception(str(exc), pytrace=False) from None
 
@@ -175,17 +206,23 @@ def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config, ost_con
     try:
         yield lab
     finally:
-        session = request.session
-        if ost_config.artifacts is not None and session.testsfailed and lab.vms:
-            lab.progress(f"artifacts in {diagnostics.collect_artifacts(lab, ost_config.artifacts)}")
-        del pytestconfig.stash[LAB_KEY]
-        kept_specs = pytestconfig.stash.get(REUSE_KEY, None)
-        if share is not None and share.joined:
-            share.leave(lab)
-        elif kept_specs and lab.vms:
-            reuse.keep(lab, kept_specs)
-        else:
-            lab.close()
+        try:
+            if ost_config.artifacts is not None and request.session.testsfailed and lab.network:
+                lab.progress(f"artifacts in {diagnostics.collect_artifacts(lab, ost_config.artifacts)}")
+        except Exception as exc:  # noqa: BLE001 - the teardown below must run whatever happens
+            lab.progress(f"could not collect the artifacts: {exc.__class__.__name__}: {exc}")
+        finally:
+            del pytestconfig.stash[LAB_KEY]
+            _tear_down(lab, share, pytestconfig.stash.get(REUSE_KEY, None))
+
+
+def _tear_down(lab: Lab, share: Optional[Share], kept_specs: Optional[list[VMSpec]]) -> None:
+    if share is not None and share.joined:
+        share.leave(lab)
+    elif kept_specs and lab.vms:
+        reuse.keep(lab, kept_specs)
+    else:
+        lab.close()
 
 
 @pytest.fixture(scope="session")
@@ -195,25 +232,25 @@ def ost_images(ost_lab: Lab) -> Catalog:
 
 
 @pytest.fixture(scope="session")
-def ost_network(ost_lab: Lab) -> Network:
+def ost_network(request: pytest.FixtureRequest, ost_lab: Lab) -> Network:
     """The session's management network (session scope, :class:`Network`)."""
-    with user_errors():
+    with user_errors(request.config, request.session):
         return ost_lab.ensure_network()
 
 
 @pytest.fixture(scope="session")
-def ost_vms(pytestconfig: pytest.Config, ost_lab: Lab) -> dict[str, VM]:
-    """Every VM the session's tests use, booted together (session scope, role -> VM)."""
-    planned = pytestconfig.stash.get(PLAN_KEY, [])
-    specs = [spec for name in planned for spec in VM_FIXTURES[name](ost_lab.config)]
-    # one spec per role, leaving out roles already booted (e.g. by ost_vm_factory)
-    unique = [spec for role, spec in {s.role: s for s in specs}.items() if role not in ost_lab.vms]
-    share = pytestconfig.stash.get(SHARE_KEY, None)
-    with user_errors():
+def ost_vms(request: pytest.FixtureRequest, ost_lab: Lab) -> dict[str, VM]:
+    """Every VM the selected tests use, booted together (session scope, role -> VM)."""
+    config = request.config
+    with user_errors(config, request.session):
+        # one spec per role, leaving out roles already booted (e.g. by ost_vm_factory)
+        unique = [s for s in _planned(config) if s.role not in ost_lab.vms]
+        ost_lab.inputs.check(unique)  # every input of the plan, before anything is made
+        share = config.stash.get(SHARE_KEY, None)
         if share is not None:
             share.join(ost_lab, unique)
-        elif ost_lab.config.reuse and unique and not hasattr(pytestconfig, "workerinput"):
-            pytestconfig.stash[REUSE_KEY] = unique
+        elif ost_lab.config.reuse and unique and not hasattr(config, "workerinput"):
+            config.stash[REUSE_KEY] = unique
             if not reuse.attach_kept(ost_lab, unique):
                 ost_lab.boot(unique)
         elif unique:
@@ -225,8 +262,9 @@ def ost_vms(pytestconfig: pytest.Config, ost_lab: Lab) -> dict[str, VM]:
 class VMFactory:
     """Boot a VM from any layer: ``ost_vm_factory("host-installed", role="extra")``."""
 
-    def __init__(self, lab: Lab, shared: bool = False) -> None:
+    def __init__(self, lab: Lab, request: pytest.FixtureRequest, shared: bool = False) -> None:
         self._lab = lab
+        self._request = request
         self._shared = shared
 
     def __call__(self, image: str, role: Optional[str] = None, memory: Optional[int] = None,
@@ -241,14 +279,14 @@ class VMFactory:
                         "(--ost-share). Declare them with vm_fixture() in conftest.py so that they "
                         "boot with the shared environment, or run without --ost-share.",
                         pytrace=False)
-        with user_errors():
+        with user_errors(self._request.config, self._request.session):
             return self._lab.boot(specs)
 
 
 @pytest.fixture(scope="session")
-def ost_vm_factory(pytestconfig: pytest.Config, ost_lab: Lab) -> VMFactory:
+def ost_vm_factory(request: pytest.FixtureRequest, ost_lab: Lab) -> VMFactory:
     """Boots VMs from any layer for the rest of the session (session scope, :class:`VMFactory`)."""
-    return VMFactory(ost_lab, shared=pytestconfig.stash.get(SHARE_KEY, None) is not None)
+    return VMFactory(ost_lab, request, shared=request.config.stash.get(SHARE_KEY, None) is not None)
 
 
 class LayerFactory:
@@ -257,27 +295,29 @@ class LayerFactory:
     Returns the layer's qcow2 path, for ``ost_vm_factory`` or ``vm_fixture``.
     """
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, request: pytest.FixtureRequest) -> None:
         self._lab = lab
+        self._request = request
 
     def __call__(self, parent: str, name: str, script: Optional[Path] = None,
                  files: Sequence[Path] = (), squash_above: Optional[int] = None) -> str:
-        with user_errors():
+        with user_errors(self._request.config, self._request.session):
             return str(build_layer(self._lab.config, LayerRecipe(parent, name, script, tuple(files),
                                                                  squash_above), self._lab.progress))
 
 
 @pytest.fixture(scope="session")
-def ost_layer_factory(ost_lab: Lab) -> LayerFactory:
+def ost_layer_factory(request: pytest.FixtureRequest, ost_lab: Lab) -> LayerFactory:
     """Builds custom layers, cached between runs (session scope, :class:`LayerFactory`)."""
-    return LayerFactory(ost_lab)
+    return LayerFactory(ost_lab, request)
 
 
-def _booted(ost_vms: dict[str, VM], ost_lab: Lab, specs: list[VMSpec]) -> list[VM]:
+def _booted(request: pytest.FixtureRequest, ost_vms: dict[str, VM], ost_lab: Lab,
+            specs: list[VMSpec]) -> list[VM]:
     """The VMs of `specs`, booting any the plan missed (e.g. getfixturevalue)."""
     missing = [s for s in specs if s.role not in ost_vms]
     if missing:
-        with user_errors():
+        with user_errors(request.config, request.session):
             ost_lab.boot(missing)
     return [ost_lab.vms[s.role] for s in specs]
 
@@ -289,15 +329,13 @@ def vm_fixture(role: str, image: str, *, name: Optional[str] = None,
     ``engine = vm_fixture("engine", "engine-installed")`` in a conftest.py gives
     a suite its own variant; the fixture is named `name` (default: `role`).
     """
-    fixture_name = name or role
-    VM_FIXTURES[fixture_name] = lambda config: [VMSpec(role, image, memory, vcpus)]
+    spec = VMSpec(role, image, memory, vcpus)
 
-    @pytest.fixture(scope="session", name=fixture_name)
-    def the_vm(ost_vms: dict[str, VM], ost_lab: Lab) -> VM:
-        return _booted(ost_vms, ost_lab, VM_FIXTURES[fixture_name](ost_lab.config))[0]
+    def the_vm(request: pytest.FixtureRequest, ost_vms: dict[str, VM], ost_lab: Lab) -> VM:
+        return _booted(request, ost_vms, ost_lab, [spec])[0]
 
     the_vm.__doc__ = f"VM {role!r} from {image!r} (session scope, :class:`VM`)."
-    return the_vm
+    return pytest.fixture(scope="session", name=name or role)(vm_fixture_specs(the_vm, lambda _: [spec]))
 
 
 def vm_group_fixture(prefix: str, image: str, *, name: str,
@@ -307,31 +345,29 @@ def vm_group_fixture(prefix: str, image: str, *, name: str,
     def specs(config: OstConfig) -> list[VMSpec]:
         return [VMSpec(f"{prefix}{i}", image) for i in range(count if count is not None else config.hosts)]
 
-    VM_FIXTURES[name] = specs
-
-    @pytest.fixture(scope="session", name=name)
-    def the_vms(ost_vms: dict[str, VM], ost_lab: Lab) -> list[VM]:
-        return _booted(ost_vms, ost_lab, specs(ost_lab.config))
+    def the_vms(request: pytest.FixtureRequest, ost_vms: dict[str, VM], ost_lab: Lab) -> list[VM]:
+        return _booted(request, ost_vms, ost_lab, specs(ost_lab.config))
 
     the_vms.__doc__ = f"VMs {prefix}0.. from {image!r} (session scope, list of :class:`VM`)."
-    return the_vms
+    return pytest.fixture(scope="session", name=name)(vm_fixture_specs(the_vms, specs))
 
 
 def vm_member_fixture(group: str, index: int) -> Any:
     """A session fixture with VM number `index` of the group fixture `group`."""
     name = f"{group.rstrip('s')}{index}"
-    VM_FIXTURES[name] = lambda config: VM_FIXTURES[group](config)
 
-    @pytest.fixture(scope="session", name=name)
-    def the_vm(request: pytest.FixtureRequest) -> VM:
-        vms: list[VM] = request.getfixturevalue(group)
+    def the_vm(**group_fixture: list[VM]) -> VM:
+        vms = group_fixture[group]
         if index >= len(vms):
             pytest.fail(f"{name} needs at least {index + 1} {group}, but --ost-hosts is "
                         f"{len(vms)}. Raise it (--ost-hosts={index + 1}).", pytrace=False)
         return vms[index]
 
+    # It asks for the group fixture by name, so the plan boots the group in use.
+    the_vm.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(group, inspect.Parameter.KEYWORD_ONLY)])
     the_vm.__doc__ = f"VM number {index} of {group!r} (session scope, :class:`VM`)."
-    return the_vm
+    return pytest.fixture(scope="session", name=name)(the_vm)
 
 
 def clean_vm_fixture(role: str = "clean", image: Optional[str] = None, *,
@@ -341,13 +377,18 @@ def clean_vm_fixture(role: str = "clean", image: Optional[str] = None, *,
     The VM boots once per session (with the others) and its memory and disk are
     saved in a snapshot; each later test gets it reverted to that snapshot, which
     takes seconds instead of a boot. `image` defaults to ``--ost-image``, else base.
+    Not with --ost-share: a revert would pull the VM from under the other workers.
     """
-    fixture_name = name or f"{role}_vm"
-    VM_FIXTURES[fixture_name] = lambda config: [VMSpec(role, image or config.image or "base")]
 
-    @pytest.fixture(name=fixture_name)
-    def clean(ost_vms: dict[str, VM], ost_lab: Lab) -> VM:
-        vm = _booted(ost_vms, ost_lab, VM_FIXTURES[fixture_name](ost_lab.config))[0]
+    def specs(config: OstConfig) -> list[VMSpec]:
+        return [VMSpec(role, image or config.image or "base")]
+
+    def clean(request: pytest.FixtureRequest, ost_vms: dict[str, VM], ost_lab: Lab) -> VM:
+        if request.config.stash.get(SHARE_KEY, None) is not None:
+            pytest.fail(f"{name or role + '_vm'} reverts its VM before every test, which would "
+                        f"revert it under the other xdist workers that share it (--ost-share). "
+                        f"Run the tests that use it without --ost-share.", pytrace=False)
+        vm = _booted(request, ost_vms, ost_lab, specs(ost_lab.config))[0]
         if vm.dirty is None:  # first use: save the just-booted state
             ost_lab.progress(f"{role}: clean state saved in {vm.snapshot():.1f} s")
         elif vm.dirty:
@@ -356,21 +397,23 @@ def clean_vm_fixture(role: str = "clean", image: Optional[str] = None, *,
         return vm
 
     clean.__doc__ = f"VM {role!r}, reverted to its just-booted state for each test (function scope, :class:`VM`)."
-    return clean
+    return pytest.fixture(name=name or f"{role}_vm")(vm_fixture_specs(clean, specs))
 
 
-VM_FIXTURES["ost_vm"] = lambda config: [VMSpec("vm", config.image)] if config.image else []
+def _ost_vm_specs(config: OstConfig) -> list[VMSpec]:
+    return [VMSpec("vm", config.image)] if config.image else []
 
 
-@pytest.fixture(scope="session")
-def ost_vm(ost_vms: dict[str, VM], ost_lab: Lab) -> VM:
+def ost_vm(request: pytest.FixtureRequest, ost_vms: dict[str, VM], ost_lab: Lab) -> VM:
     """A VM from ``--ost-image=LAYER`` (session scope, :class:`VM`)."""
     if ost_lab.config.image is None:
         pytest.fail("The ost_vm fixture boots the image given with --ost-image=LAYER "
                     "(a layer such as engine-installed, or a qcow2 path); none was given.",
                     pytrace=False)
-    return _booted(ost_vms, ost_lab, VM_FIXTURES["ost_vm"](ost_lab.config))[0]
+    return _booted(request, ost_vms, ost_lab, _ost_vm_specs(ost_lab.config))[0]
 
+
+ost_vm = pytest.fixture(scope="session")(vm_fixture_specs(ost_vm, _ost_vm_specs))
 
 # Default fixtures, as an OST suite expects them. A suite redefines any of them
 # in its conftest.py with the same factories.

@@ -1,86 +1,131 @@
 """Keep a session's VMs for the next run (``--ost-reuse``).
 
 At the end of a session the environment is kept running and described in
-``<workdir root>/kept.json`` with a fingerprint of everything that shaped it:
-the VMs asked for, the images they came from (file, size, mtime of every layer
-in the chain), the templates and the settings. The next session with the same
-fingerprint attaches instead of booting; a different fingerprint removes the
-kept environment and boots afresh. The reaper leaves a kept environment alone
-(its work directory carries a ``kept`` mark); ``--ost-cleanup`` removes it.
+``<workdir root>/kept.json``: its :class:`Environment` record and a fingerprint of
+everything that shaped it (the VMs asked for, the images they came from, the
+templates and the settings). The next session with the same fingerprint attaches
+and becomes the run's owner, so the reaper takes the VMs if that session dies; a
+different fingerprint removes the kept environment and boots afresh. The reaper
+spares the run that kept.json names; ``--ost-cleanup`` removes it.
+
+kept.json is read and written under a host-wide lock, and written atomically:
+two sessions never attach to the same VMs, and a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from . import virt
-from .lab import Lab, VMSpec
-from .owner import KEPT_FILE, KEPT_MARK
+from . import reaper
+from .environment import Environment
+from .files import host_lock, write_atomic
+from .reaper import Owned
+
+if TYPE_CHECKING:
+    from .inputs import VMSpec
+    from .lab import Lab
+
+KEPT_FILE = "kept.json"  # in the work directory root
 
 
-def fingerprint(lab: Lab, specs: list[VMSpec]) -> str:
+def fingerprint(lab: "Lab", specs: list["VMSpec"]) -> str:
     config = lab.config
     parts: list[Any] = [config.libvirt_uri, config.virt_type, config.cpu_mode, config.dns_domain]
     for spec in sorted(specs, key=lambda s: s.role):
-        parts.append([spec.role, lab.image(spec.image).identity(), *lab.size(spec)])
+        parts.append([spec.role, lab.inputs.image(spec.image).identity(), *lab.inputs.size(spec)])
     for name in ("domain.xml", "network.xml"):
-        parts.append(lab.templates.text(name))
+        parts.append(lab.inputs.templates.text(name))
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def attach_kept(lab: Lab, specs: list[VMSpec]) -> bool:
-    """Attach to the kept environment if it matches `specs` and still runs; else drop it."""
-    kept = _read(lab.config.workdir)
-    if kept is None:
-        return False
-    if kept["fingerprint"] == fingerprint(lab, specs) and _alive(lab, kept["state"]):
-        lab.attach(kept["state"])
-        lab.progress(f"reusing the VMs kept by an earlier run ({kept['state']['run_id']})")
-        # Nobody else may attach now; the kept mark stays, so that no reaper takes
-        # objects that still carry the earlier run's (dead) owner.
-        (lab.config.workdir / KEPT_FILE).unlink()
-        return True
-    lab.progress("the kept VMs do not match this session (images, templates or settings "
-                 "changed): removing them")
-    drop(lab)
-    return False
+def _lock_name(workdir_root: Path) -> str:
+    return "reuse-" + hashlib.sha256(str(workdir_root).encode()).hexdigest()[:12]
 
 
-def keep(lab: Lab, specs: list[VMSpec]) -> None:
-    """Leave the lab's VMs running for the next session."""
-    (lab.workdir.path / KEPT_MARK).touch()
-    state = {"fingerprint": fingerprint(lab, specs), "state": lab.describe()}
-    (lab.config.workdir / KEPT_FILE).write_text(json.dumps(state))
-    lab.progress(f"keeping {len(lab.vms)} VMs for the next run with --ost-reuse "
-                 f"(pytest --ost-cleanup removes them)")
-    lab.release()
-
-
-def drop(lab: Lab) -> None:
-    """Remove the kept environment, if any (libvirt is only contacted if there is one)."""
-    workdir_root = lab.config.workdir
-    kept = _read(workdir_root)
-    if kept is None:
-        return
-    state = kept["state"]
-    for vm in state["vms"]:
-        virt.remove_domain(lab.conn, vm["name"])
-    virt.remove_network(lab.conn, state["network"]["name"])
-    shutil.rmtree(workdir_root / state["run_id"], ignore_errors=True)
-    (workdir_root / KEPT_FILE).unlink(missing_ok=True)
-
-
-def _read(workdir_root: Path) -> Optional[dict[str, Any]]:
+def _read(workdir_root: Path) -> Optional[tuple[str, Environment]]:
+    """(fingerprint, environment) kept under `workdir_root`, None if none (or unreadable)."""
     try:
-        return json.loads((workdir_root / KEPT_FILE).read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
+        data = json.loads((workdir_root / KEPT_FILE).read_text())
+        return str(data["fingerprint"]), Environment.from_json(data["environment"], workdir_root)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        # Not ours to trust: forget it; its VMs are no longer spared by the reaper.
+        (workdir_root / KEPT_FILE).unlink(missing_ok=True)
         return None
 
 
-def _alive(lab: Lab, state: dict[str, Any]) -> bool:
+def kept_runs(workdir_root: Path) -> set[str]:
+    """The run kept for --ost-reuse (the reaper spares it)."""
+    kept = _read(workdir_root)
+    return {kept[1].run_id} if kept else set()
+
+
+def attach_kept(lab: "Lab", specs: list["VMSpec"]) -> bool:
+    """Attach to the kept environment if it matches `specs` and still runs; else drop it."""
+    root = lab.config.workdir
+    if not (root / KEPT_FILE).exists():
+        return False
+    with host_lock(_lock_name(root)):
+        kept = _read(root)
+        if kept is None:
+            return False
+        (root / KEPT_FILE).unlink()  # from now on nobody else attaches to it
+        kept_fingerprint, env = kept
+        if kept_fingerprint == fingerprint(lab, specs) and _alive(lab, env):
+            lab.attach(env, adopt=True)
+            lab.progress(f"reusing the VMs kept by an earlier run ({env.run_id})")
+            return True
+    lab.progress("the kept VMs do not match this session (images, templates or settings "
+                 "changed): removing them")
+    _remove(lab, env)
+    return False
+
+
+def keep(lab: "Lab", specs: list["VMSpec"]) -> None:
+    """Leave the lab's VMs running for the next session."""
+    root = lab.config.workdir
+    state = json.dumps({"fingerprint": fingerprint(lab, specs), "environment": lab.environment().to_json()})
+    with host_lock(_lock_name(root)):
+        previous = _read(root)
+        write_atomic(root / KEPT_FILE, state)
+    lab.progress(f"keeping {len(lab.vms)} VMs for the next run with --ost-reuse "
+                 f"(pytest --ost-cleanup removes them)")
+    lab.release()
+    if previous is not None and previous[1].run_id != lab.run_id:
+        _remove(lab, previous[1])  # kept by a session that ran meanwhile: one kept environment
+
+
+def drop(lab: "Lab") -> None:
+    """Remove the kept environment, if any (libvirt is only contacted if there is one)."""
+    root = lab.config.workdir
+    if not (root / KEPT_FILE).exists():
+        return
+    with host_lock(_lock_name(root)):
+        kept = _read(root)
+        (root / KEPT_FILE).unlink(missing_ok=True)
+    if kept is not None:
+        _remove(lab, kept[1])
+
+
+def forget(workdir_root: Path) -> None:
+    """Stop sparing the kept environment (``--ost-cleanup``): the reaper may take it."""
+    with host_lock(_lock_name(workdir_root)):
+        (workdir_root / KEPT_FILE).unlink(missing_ok=True)
+
+
+def _remove(lab: "Lab", env: Environment) -> None:
+    """Remove what `env` names, each only if it still carries the kept run's label."""
+    root = lab.config.workdir
+    for vm in env.vms:
+        reaper.remove(lab.conn, root, Owned("domain", vm.name, env.owner))
+    reaper.remove(lab.conn, root, Owned("network", env.network.name, env.owner))
+    reaper.remove(lab.conn, root, Owned("workdir", str(env.workdir), env.owner))
+
+
+def _alive(lab: "Lab", env: Environment) -> bool:
     names = {d.name() for d in lab.conn.listAllDomains() if d.isActive()}
-    return all(vm["name"] in names for vm in state["vms"])
+    return all(vm.name in names for vm in env.vms)

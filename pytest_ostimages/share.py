@@ -1,46 +1,67 @@
 """One environment for every xdist worker of a run (``--ost-share``).
 
-The first worker to get the lock boots the VMs and writes what the others need
-to attach; each worker counts itself in and out, and the last one out removes
-everything, whichever worker booted it. The objects are labelled with the xdist
-controller's pid, which lives as long as the run, so the reaper of another run
-never takes them while a worker still uses them.
+The first worker to get the lock boots the VMs and writes the environment record
+that the others attach to; if its boot fails it writes the error instead, and
+every other worker fails with it at once rather than booting again. Each worker
+counts itself in and out, and the last one out removes everything, whichever
+worker booted it. The objects are labelled with the xdist controller's pid, which
+lives as long as the run, so the reaper of another run never takes them while a
+worker still uses them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .lab import Lab, VMSpec
-from .virt import file_lock
+from .environment import Environment
+from .errors import OstError
+from .files import locked, write_atomic
+
+if TYPE_CHECKING:
+    from .inputs import VMSpec
+    from .lab import Lab
 
 
 class Share:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.lock = directory / "lock"
-        self.state = directory / "state.json"
+        self.state = directory / "environment.json"
+        self.failure = directory / "failure.txt"
         self.users = directory / "users"
         self.joined = False
 
-    def join(self, lab: Lab, specs: list[VMSpec]) -> None:
+    def join(self, lab: "Lab", specs: list["VMSpec"]) -> None:
         """Boot `specs` if nobody has yet, else attach to the booted ones."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.lock):
+        with locked(self.lock):
+            if self.failure.exists():
+                raise OstError(f"The shared environment could not be booted by another worker:\n"
+                               f"{self.failure.read_text()}")
             if self.state.exists():
-                lab.attach(json.loads(self.state.read_text()))
+                try:
+                    env = Environment.from_json(self.state.read_text(), lab.config.workdir)
+                except ValueError as exc:
+                    raise OstError(f"The shared environment's record {self.state} is damaged "
+                                   f"({exc}); the run cannot attach to it.") from None
+                lab.attach(env)
             else:
-                lab.boot(specs)
-                self.state.write_text(json.dumps(lab.describe()))
-            self.users.write_text(str(self._count() + 1))
+                try:
+                    lab.boot(specs)
+                except OstError as exc:
+                    write_atomic(self.failure, str(exc))
+                    raise
+                write_atomic(self.state, lab.environment().to_json())
+            write_atomic(self.users, str(self._count() + 1))
             self.joined = True
 
-    def leave(self, lab: Lab) -> None:
+    def leave(self, lab: "Lab") -> None:
         """Count out; the last one removes the environment."""
-        with file_lock(self.lock):
+        with locked(self.lock):
             left = self._count() - 1
-            self.users.write_text(str(left))
+            write_atomic(self.users, str(left))
             if left <= 0:
                 self.state.unlink(missing_ok=True)
                 lab.close()
@@ -49,6 +70,6 @@ class Share:
 
     def _count(self) -> int:
         try:
-            return int(self.users.read_text())
-        except (OSError, ValueError):
+            return int(json.loads(self.users.read_text()))
+        except (OSError, ValueError, TypeError):
             return 0

@@ -21,6 +21,8 @@ from .errors import ImageError, OstError, SSHCommandError
 
 PROBE_INTERVAL = 0.1
 AUTH_GRACE = 10.0  # seconds a guest may refuse the key while it finishes booting
+# What a booting guest's SSH raises until it is ready (socket.timeout is an OSError).
+NOT_READY_YET = (OSError, EOFError, paramiko.SSHException)
 
 
 @dataclass(frozen=True)
@@ -169,14 +171,13 @@ class SSH:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_before_delay(max(0.0, deadline - time.monotonic())),
             wait=tenacity.wait_fixed(PROBE_INTERVAL),
-            retry=tenacity.retry_if_not_exception_type(NotReady),
+            # only what means "not ready yet"; anything else is a bug and surfaces at once
+            retry=tenacity.retry_if_exception_type(NOT_READY_YET),
             reraise=True,
         )
         try:
             retrying(attempt)
-        except NotReady:
-            raise
-        except Exception:
+        except NOT_READY_YET:
             raise NotReady(f"not reachable over SSH within {timeout:.0f} s: {last[0]}") from None
 
 

@@ -7,16 +7,16 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import socket
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from lxml import etree
 
 from .errors import VirtError
+from .files import host_lock
 from .render import HostEntry, dhcp_host_xml, dns_host_xml
 
 if TYPE_CHECKING:
@@ -122,27 +122,16 @@ def free_subnet(pool: ipaddress.IPv4Network,
     return None
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock shared by every run and xdist worker on this host."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def with_free_subnet(conn: "libvirt.virConnect", pool: ipaddress.IPv4Network,
+                     create: Callable[[ipaddress.IPv4Network], T],
+                     routes: Callable[[], list[ipaddress.IPv4Network]] = host_routes) -> T:
+    """Run `create(subnet)` with a /24 of `pool` no network or route uses.
 
-
-def with_free_subnet(conn: "libvirt.virConnect", pool: ipaddress.IPv4Network, lock: Path,
-                     create: Callable[[ipaddress.IPv4Network], T]) -> T:
-    """Run `create(subnet)` with a /24 of `pool` no network or route uses, under a lock.
-
-    The lock is held until `create` returns, so the next allocator sees the new
-    network in libvirt.
+    Under the host-wide "subnets" lock, held until `create` returns, so the next
+    allocator (any session, any work directory) sees the new network in libvirt.
     """
-    with file_lock(lock):
-        used = network_subnets(conn) + host_routes()
+    with host_lock("subnets"):
+        used = network_subnets(conn) + routes()
         subnet = free_subnet(pool, used)
         if subnet is None:
             raise VirtError(
@@ -174,13 +163,9 @@ def add_network_host(net: "libvirt.virNetwork", entry: HostEntry, domain: str) -
                         f"{net.name()}: {exc.get_error_message()}") from None
 
 
-def remove_network(conn: "libvirt.virConnect", name: str) -> None:
-    """Destroy and undefine network `name` if it exists."""
+def remove_network(net: "libvirt.virNetwork") -> None:
+    """Destroy and undefine `net` (only reaper.remove and a failed start call this)."""
     libvirt = libvirt_module()
-    try:
-        net = conn.networkLookupByName(name)
-    except libvirt.libvirtError:
-        return
     with contextlib.suppress(libvirt.libvirtError):
         if net.isActive():
             net.destroy()
@@ -193,8 +178,12 @@ def create_domain(conn: "libvirt.virConnect", xml: str) -> "libvirt.virDomain":
 
 
 def _define_and_start(conn: "libvirt.virConnect", xml: str, define: Callable[[str], Any],
-                      remove: Callable[[Any, str], None], kind: str) -> Any:
-    """Define and start a network or domain; nothing is left defined if starting fails."""
+                      remove: Callable[[Any], None], kind: str) -> Any:
+    """Define and start a network or domain; nothing is left defined if starting fails.
+
+    The object removed after a failed start is the very one just defined (its
+    handle, not a name looked up again).
+    """
     libvirt = libvirt_module()
     try:
         obj = define(xml)
@@ -204,25 +193,21 @@ def _define_and_start(conn: "libvirt.virConnect", xml: str, define: Callable[[st
     try:
         obj.create()
     except libvirt.libvirtError as exc:
-        remove(conn, obj.name())
+        remove(obj)
         message = exc.get_error_message()
         hint = ("\nlibvirt's qemu user must be able to read every image of the chain and traverse "
                 "their directories (ost-images installs them 0444 under a 0755 directory)."
                 if "Permission denied" in message else "")
         raise VirtError(f"Cannot start {kind} {obj.name()}: {message}{hint}") from None
     except BaseException:  # interrupted: leave nothing behind
-        remove(conn, obj.name())
+        remove(obj)
         raise
     return obj
 
 
-def remove_domain(conn: "libvirt.virConnect", name: str) -> None:
-    """Destroy and undefine domain `name` if it exists."""
+def remove_domain(dom: "libvirt.virDomain") -> None:
+    """Destroy and undefine `dom` (only reaper.remove and a failed start call this)."""
     libvirt = libvirt_module()
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
     with contextlib.suppress(libvirt.libvirtError):
         if dom.isActive():
             dom.destroy()

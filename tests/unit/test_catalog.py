@@ -84,15 +84,24 @@ def test_missing_backing_file_is_a_broken_chain(images_dir: Path) -> None:
     base.unlink()
     with pytest.raises(ImageError) as err:
         Catalog.discover(images_dir).image(DISTRO, "engine-installed")
-    assert "backing chain is broken" in str(err.value)
+    assert f"backing chain is broken: its backing file {base} does not exist" in str(err.value)
     assert str(base) in str(err.value)
 
 
-def test_truncated_image_is_rejected(images_dir: Path) -> None:
+def test_image_too_short_to_open_is_rejected(images_dir: Path) -> None:
     path = images_dir / f"{DISTRO}-base.qcow2"
     path.chmod(0o644)
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ImageError, match="cannot be used"):
+    path.write_bytes(path.read_bytes()[:100])  # not even the header: qemu-img info fails
+    with pytest.raises(ImageError, match="cannot be used: qemu-img cannot open it"):
+        Catalog.discover(images_dir).image(DISTRO, "base")
+
+
+def test_damaged_image_that_opens_is_caught_by_qemu_img_check(images_dir: Path) -> None:
+    path = images_dir / f"{DISTRO}-base.qcow2"
+    path.chmod(0o644)
+    path.write_bytes(path.read_bytes()[:120])  # the header survives: qemu-img info accepts it
+    subprocess.run(["qemu-img", "info", "-U", str(path)], check=True, capture_output=True)
+    with pytest.raises(ImageError, match=r"damaged or truncated \(qemu-img check finds [1-9]"):
         Catalog.discover(images_dir).image(DISTRO, "base")
 
 

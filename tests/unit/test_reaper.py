@@ -49,12 +49,12 @@ def names(conn) -> set[str]:
 
 
 def test_only_dead_owners_are_reaped(conn, tmp_path: Path) -> None:
-    alive = Label.current("alive000", tmp_path / "alive000")
-    dead = Label("dead0000", dead_pid(), alive.host, str(tmp_path / "dead0000"))
+    alive = Label.current("a11fe000", tmp_path / "a11fe000")
+    dead = Label("dead0001", dead_pid(), alive.host, str(tmp_path / "dead0001"))
     # the owner's pid was reused by another process: its start time differs
-    reused = Label("reused00", os.getpid(), alive.host, str(tmp_path / "reused00"),
+    reused = Label("2e05ed00", os.getpid(), alive.host, str(tmp_path / "2e05ed00"),
                    started=alive.started - 1)
-    elsewhere = Label("remote00", dead_pid(), "another-host", str(tmp_path / "remote00"))
+    elsewhere = Label("2e307e00", dead_pid(), "another-host", str(tmp_path / "2e307e00"))
     define(conn, alive, "alive", 201)
     define(conn, dead, "dead", 202)
     define(conn, reused, "reused", 203)
@@ -69,22 +69,22 @@ def test_only_dead_owners_are_reaped(conn, tmp_path: Path) -> None:
 
     assert sorted(str(r) .split(" (")[0] for r in removed) == sorted([
         "domain dead-vm", "network dead-net", "domain reused-vm", "network reused-net",
-        f"workdir {tmp_path}/dead0000", f"workdir {tmp_path}/reused00"])
+        f"workdir {tmp_path}/dead0001", f"workdir {tmp_path}/2e05ed00"])
     assert [r.kind for r in removed[:2]] == ["domain", "domain"]  # domains before networks
     left = names(conn)
     for kept in ("alive", "remote", "foreign"):
         assert {f"{kept}-vm", f"{kept}-net"} <= left
-    assert {p.name for p in tmp_path.iterdir()} == {"alive000", "remote00", "unlabelled"}
+    assert {p.name for p in tmp_path.iterdir()} == {"a11fe000", "2e307e00", "unlabelled"}
 
 
 def test_cleanup_option_reports_and_exits(pytester: pytest.Pytester, tmp_path: Path) -> None:
-    dead = Label("dead0000", dead_pid(), Label.current("x", tmp_path).host, str(tmp_path / "w" / "dead0000"))
+    dead = Label("dead0001", dead_pid(), Label.current("x", tmp_path).host, str(tmp_path / "w" / "dead0001"))
     Path(dead.workdir).mkdir(parents=True)
     dead.write(Path(dead.workdir))
     pytester.makepyfile("def test_not_run():\n    raise AssertionError\n")
     result = pytester.runpytest("--ost-cleanup", "--ost-libvirt-uri=test:///default",
                                 f"--ost-workdir={tmp_path / 'w'}")
     assert result.ret == 0
-    result.stdout.fnmatch_lines([f"removed workdir {tmp_path}/w/dead0000 (run dead0000, pid * gone)",
+    result.stdout.fnmatch_lines([f"removed workdir {tmp_path}/w/dead0001 (run dead0001, pid * gone)",
                                  "pytest-ostimages: removed 1 leftovers at test:///default*"])
     assert not Path(dead.workdir).exists()

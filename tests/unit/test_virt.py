@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from pytest_ostimages import virt
+from pytest_ostimages import reaper, virt
 from pytest_ostimages.errors import VirtError
 from pytest_ostimages.owner import Label
+from pytest_ostimages.reaper import Owned
 from pytest_ostimages.render import HostEntry, Templates, domain_xml, network_xml
 
 LABEL = Label("feedbeef", 1, "testhost", "/w")
@@ -35,12 +36,19 @@ def test_connect_failure_says_how_to_fix() -> None:
         virt.connect("qemu+unix:///system?socket=/nonexistent/sock")
 
 
-def test_subnet_skips_libvirt_networks_and_routes(conn, tmp_path: Path) -> None:
+def test_subnet_skips_libvirt_networks_and_routes(conn) -> None:
     # the test driver's "default" network holds 192.168.122.0/24
     pool = ipaddress.IPv4Network("192.168.120.0/22")
     make_network(conn, ipaddress.IPv4Network("192.168.120.0/24"), "other")
-    taken = virt.with_free_subnet(conn, pool, tmp_path / "lock", lambda s: s)
-    assert taken == ipaddress.IPv4Network("192.168.121.0/24")
+    try:
+        assert virt.with_free_subnet(conn, pool, lambda s: s, routes=lambda: []) \
+            == ipaddress.IPv4Network("192.168.121.0/24")
+        # a host route (whatever this machine's own routes are) is skipped too
+        assert virt.with_free_subnet(conn, pool, lambda s: s,
+                                     routes=lambda: [ipaddress.IPv4Network("192.168.121.0/25")]) \
+            == ipaddress.IPv4Network("192.168.123.0/24")
+    finally:
+        reaper.remove(conn, Path("/nonexistent"), Owned("network", "other", LABEL))
     assert virt.free_subnet(pool, [ipaddress.IPv4Network("192.168.120.0/23"),
                                    ipaddress.IPv4Network("192.168.122.0/24")]) \
         == ipaddress.IPv4Network("192.168.123.0/24")
@@ -48,8 +56,8 @@ def test_subnet_skips_libvirt_networks_and_routes(conn, tmp_path: Path) -> None:
 
 def test_exhausted_pool_is_a_clear_error(conn, tmp_path: Path) -> None:
     with pytest.raises(VirtError, match="No free /24 left in the subnet pool 192.168.122.0/24"):
-        virt.with_free_subnet(conn, ipaddress.IPv4Network("192.168.122.0/24"), tmp_path / "lock",
-                              lambda s: s)
+        virt.with_free_subnet(conn, ipaddress.IPv4Network("192.168.122.0/24"), lambda s: s,
+                              routes=lambda: [])
 
 
 def test_host_routes_parses_proc_format(tmp_path: Path) -> None:
@@ -69,8 +77,9 @@ def test_network_lifecycle_and_live_host_update(conn) -> None:
     root = etree.fromstring(net.XMLDesc())
     assert root.find("ip/dhcp/host").get("mac") == entry.mac
     assert root.find("dns/host/hostname").text == "late.ost.test"
-    virt.remove_network(conn, net.name())
-    virt.remove_network(conn, net.name())  # gone already: nothing to do
+    assert reaper.remove(conn, Path("/nonexistent"), Owned("network", net.name(), LABEL))
+    # gone already: nothing to do
+    assert not reaper.remove(conn, Path("/nonexistent"), Owned("network", net.name(), LABEL))
     assert "ost-feedbeef" not in [n.name() for n in conn.listAllNetworks()]
 
 
@@ -83,15 +92,27 @@ def test_domain_lifecycle(conn) -> None:
     dom = virt.create_domain(conn, xml)
     assert virt.domain_state(dom) == "running"
     assert Label.from_xml(dom.XMLDesc()) == LABEL
-    virt.remove_domain(conn, dom.name())
+    reaper.remove(conn, Path("/nonexistent"), Owned("domain", dom.name(), LABEL))
     assert "ost-feedbeef-engine" not in [d.name() for d in conn.listAllDomains()]
 
 
-def test_rejected_definition_leaves_nothing(conn) -> None:
+def test_rejected_definition_is_a_clear_error(conn) -> None:
     before = {n.name() for n in conn.listAllNetworks()}
     with pytest.raises(VirtError, match="refused the network definition"):
         virt.create_network(conn, "<network><name>bad</name><ip address='nonsense'/></network>")
     assert {n.name() for n in conn.listAllNetworks()} == before
+
+
+def test_a_start_that_fails_leaves_nothing_defined(conn) -> None:
+    xml = domain_xml(Templates().load("domain.xml"), name="ost-feedbeef-twice", virt_type="test",
+                     cpu_mode="default", memory_mib=256, vcpus=1, disk=Path("/w/d.qcow2"), backing=[],
+                     network="default", mac="52:54:00:00:00:0b", console_log=Path("/w/c.log"),
+                     label=LABEL)
+    running = virt.create_domain(conn, xml)
+    # defined again (same uuid), it is accepted; starting it fails (it runs): it is removed
+    with pytest.raises(VirtError, match="Cannot start domain ost-feedbeef-twice: .*already running"):
+        virt.create_domain(conn, running.XMLDesc())
+    assert "ost-feedbeef-twice" not in [d.name() for d in conn.listAllDomains()]
 
 
 def test_virt_type_resolution(conn) -> None:

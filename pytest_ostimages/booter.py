@@ -1,0 +1,88 @@
+"""Booting a batch of VMs together: host-wide slots, one thread per VM, abort on interrupt.
+
+The booter knows nothing of networks, overlays or XML: it gets plans whose every
+input exists, starts each domain once a boot slot is free and waits for its SSH.
+The first failure is raised after every thread has ended; an interrupt of the
+main thread stops all waits at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from . import virt
+from .catalog import Image
+from .render import HostEntry
+from .slots import BootSlots
+from .ssh import SSH
+from .vm import VM
+
+if TYPE_CHECKING:
+    import libvirt
+    import paramiko
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """A VM of a batch, ready to start: everything but the domain exists."""
+
+    role: str
+    name: str
+    hostname: str
+    image: Image
+    memory: int
+    vcpus: int
+    entry: HostEntry
+    overlay: Path
+    console: Path
+    xml: str
+
+
+class Booter:
+    def __init__(self, slots: BootSlots, boot_timeout: float, virt_type: str,
+                 progress: Callable[[str], None]) -> None:
+        self.slots = slots
+        self.boot_timeout = boot_timeout
+        self.virt_type = virt_type
+        self.progress = progress
+        self.abort = threading.Event()  # set when the session is interrupted
+
+    def boot(self, conn: "libvirt.virConnect", plans: list[BootPlan], key: "paramiko.PKey",
+             started: Callable[[VM], None]) -> list[VM]:
+        """Boot every plan in its own thread; `started(vm)` as soon as its domain runs."""
+        start = time.monotonic()
+        pool = ThreadPoolExecutor(max_workers=len(plans))
+        futures = [pool.submit(self._boot_one, conn, plan, key, started) for plan in plans]
+        try:
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        finally:
+            if not all(f.done() for f in futures):
+                # Ctrl-C or SIGTERM reached the main thread: stop the waits now.
+                self.abort.set()
+            pool.shutdown(wait=True)
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        if len(plans) > 1:
+            self.progress(f"{len(plans)} VMs ready in {time.monotonic() - start:.1f} s")
+        return [f.result() for f in futures]
+
+    def _boot_one(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
+                  started: Callable[[VM], None]) -> VM:
+        """Start one domain once a host-wide boot slot is free, and wait for its SSH."""
+        with self.slots.take(self.abort) as waited:
+            if waited >= 1:
+                self.progress(f"{plan.role}: waited {waited:.1f} s for a boot slot")
+            domain = virt.create_domain(conn, plan.xml)
+            vm = VM(plan.name, plan.role, plan.hostname, plan.entry.ip, plan.entry.mac, plan.image,
+                    plan.overlay, plan.console, domain, SSH(str(plan.entry.ip), key))
+            started(vm)
+            self.progress(f"{plan.role}: booting {plan.image.label} as {plan.name} ({plan.vcpus} vCPU, "
+                          f"{plan.memory} MiB, {self.virt_type}) at {plan.entry.ip}")
+            seconds = vm.wait_for_ssh(self.boot_timeout, self.abort)
+        self.progress(f"{plan.role}: ssh ready in {seconds:.1f} s")
+        return vm

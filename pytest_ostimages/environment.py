@@ -1,0 +1,124 @@
+"""The environment of a session as one typed, validated record.
+
+``--ost-share`` (xdist workers attaching to one environment) and ``--ost-reuse``
+(a later session attaching to kept VMs) exchange only this record, written as
+JSON. Reading it checks that every name, address and path belongs to the run it
+names, so a damaged or hostile file cannot point the plugin at objects that are
+not that run's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .owner import RUN_ID, Label
+
+FIRST_VM_HOST = 10  # VMs get .10 - .99; .100 up is the dynamic DHCP range
+LAST_VM_HOST = 99
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class NetworkRecord:
+    """The session's management network."""
+
+    name: str
+    bridge: str
+    subnet: ipaddress.IPv4Network
+    domain: str
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    """One VM of the environment, as another process needs it to attach."""
+
+    name: str  # libvirt domain
+    role: str
+    hostname: str
+    ip: ipaddress.IPv4Address
+    mac: str
+    image: Path  # the layer's qcow2 file
+    overlay: Path
+    console: Path
+
+
+@dataclass(frozen=True)
+class Environment:
+    """A run's network and VMs, its owner, and the next free host number."""
+
+    run_id: str
+    owner: Label
+    workdir: Path
+    network: NetworkRecord
+    vms: tuple[VMRecord, ...]
+    next_host: int
+
+    def to_json(self) -> str:
+        net = self.network
+        return json.dumps({
+            "version": VERSION, "run_id": self.run_id, "owner": self.owner.to_dict(),
+            "workdir": str(self.workdir), "next_host": self.next_host,
+            "network": {"name": net.name, "bridge": net.bridge, "subnet": str(net.subnet),
+                        "domain": net.domain},
+            "vms": [{"name": vm.name, "role": vm.role, "hostname": vm.hostname, "ip": str(vm.ip),
+                     "mac": vm.mac, "image": str(vm.image), "overlay": str(vm.overlay),
+                     "console": str(vm.console)} for vm in self.vms],
+        }, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, workdir_root: Path) -> "Environment":
+        """Parse and validate; ValueError says what is wrong."""
+        try:
+            data = json.loads(text)
+            return cls._validated(data, workdir_root)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"missing or mistyped field: {exc}") from None
+
+    @classmethod
+    def _validated(cls, data: dict[str, Any], workdir_root: Path) -> "Environment":
+        if data.get("version") != VERSION:
+            raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
+        run_id = data["run_id"]
+        if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+            raise ValueError(f"run id {run_id!r} is not 8 hex digits")
+        owner = Label.from_dict(data["owner"])
+        if owner.run_id != run_id:
+            raise ValueError(f"the owner label is of run {owner.run_id!r}, not {run_id!r}")
+        workdir = workdir_root / run_id
+        if Path(data["workdir"]) != workdir:
+            raise ValueError(f"work directory {data['workdir']!r} is not {workdir}")
+        net = data["network"]
+        network = NetworkRecord(_name(net["name"], f"ost-{run_id}"), _name(net["bridge"], f"ost-{run_id}"),
+                                ipaddress.IPv4Network(net["subnet"]), str(net["domain"]))
+        vms = []
+        for v in data["vms"]:
+            vm = VMRecord(_name(v["name"], f"ost-{run_id}-{v['role']}"), str(v["role"]), str(v["hostname"]),
+                          ipaddress.IPv4Address(v["ip"]), str(v["mac"]), Path(v["image"]),
+                          _inside(Path(v["overlay"]), workdir), _inside(Path(v["console"]), workdir))
+            if vm.ip not in network.subnet:
+                raise ValueError(f"VM {vm.name} has address {vm.ip} outside {network.subnet}")
+            vms.append(vm)
+        if len({vm.role for vm in vms}) != len(vms):
+            raise ValueError("two VMs have the same role")
+        next_host = data["next_host"]
+        used = [int(vm.ip) - int(network.subnet.network_address) for vm in vms]
+        if not isinstance(next_host, int) or not (max(used, default=FIRST_VM_HOST - 1) < next_host
+                                                  <= LAST_VM_HOST + 1):
+            raise ValueError(f"next host number {next_host!r} is taken or out of range")
+        return cls(run_id, owner, workdir, network, tuple(vms), next_host)
+
+
+def _name(value: Any, expected: str) -> str:
+    if value != expected:
+        raise ValueError(f"name {value!r} is not {expected!r}")
+    return expected
+
+
+def _inside(path: Path, workdir: Path) -> Path:
+    if path.parent != workdir:
+        raise ValueError(f"{path} is not in the run's work directory {workdir}")
+    return path
