@@ -1,0 +1,239 @@
+"""Never touch what is not ours; state that survives crashes; locks every session shares.
+
+libvirt's test driver, real files and real lock files; no VM boots here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import paramiko
+import pytest
+
+from pytest_ostimages import files, reaper, reuse, virt
+from pytest_ostimages.config import OstConfig
+from pytest_ostimages.environment import Environment
+from pytest_ostimages.errors import OstError
+from pytest_ostimages.lab import Lab
+from pytest_ostimages.owner import Label
+from pytest_ostimages.reaper import Owned
+from pytest_ostimages.render import Templates, network_xml
+from pytest_ostimages.ssh import SSH, NotReady
+
+RUN = "0badc0de"
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A work directory root, beside a directory that is not the plugin's."""
+    top = Path(tempfile.mkdtemp(prefix="ost-trust-", dir="/var/tmp"))
+    top.chmod(0o755)  # a second user reaches it
+    (top / "work").mkdir()
+    (top / "victim").mkdir()
+    (top / "victim" / "precious").write_text("not yours\n")
+    yield top / "work"
+    shutil.rmtree(top)
+
+
+@pytest.fixture
+def conn():
+    c = virt.connect("test:///default")
+    yield c
+    c.close()
+
+
+def lab_for(root: Path) -> Lab:
+    return Lab(OstConfig(libvirt_uri="test:///default", workdir=root))
+
+
+def foreign_network(conn, name: str, octet: int) -> None:
+    """A network without our label, as another tool would make it."""
+    xml = network_xml(Templates().load("network.xml"), name=name, bridge=name,
+                      subnet=ipaddress.IPv4Network(f"192.168.{octet}.0/24"), domain="x.test", hosts=[],
+                      label=Label("x", 1, "h", "/"))
+    conn.networkCreateXML(xml[:xml.index("<metadata>")] + xml[xml.index("</metadata>") + 11:])
+
+
+def kept_state(run: str, root: Path, **changes) -> str:
+    run_id = run
+    env = {"version": 1, "run_id": run_id, "workdir": str(root / run_id), "next_host": 11,
+           "owner": Label(run_id, 1, socket.gethostname(), str(root / run_id)).to_dict(),
+           "network": {"name": f"ost-{run_id}", "bridge": f"ost-{run_id}", "subnet": "192.168.140.0/24",
+                       "domain": "ost.test"},
+           "vms": [{"name": f"ost-{run_id}-vm", "role": "vm", "hostname": "vm.ost.test",
+                    "ip": "192.168.140.10", "mac": "52:54:00:a8:8c:0a", "image": "/i/x-base.qcow2",
+                    "overlay": str(root / run_id / "o.qcow2"), "console": str(root / run_id / "c.log")}]}
+    env.update(changes)
+    return json.dumps({"fingerprint": "f", "environment": json.dumps(env)})
+
+
+# --- defect 1: removal trusts nothing but the label ----------------------------------
+
+
+def test_drop_never_leaves_the_work_root(root: Path, conn) -> None:
+    (root / reuse.KEPT_FILE).write_text(kept_state("../victim", root, workdir=str(root / "../victim")))
+    reuse.drop(lab_for(root))
+    assert (root.parent / "victim" / "precious").read_text() == "not yours\n"
+    assert not (root / reuse.KEPT_FILE).exists()  # an untrustworthy record is forgotten
+
+
+def test_drop_leaves_unlabelled_objects_named_in_the_record(root: Path, conn) -> None:
+    foreign_network(conn, f"ost-{RUN}", 140)
+    (root / RUN).mkdir()  # a directory of that name, but not labelled by us
+    (root / reuse.KEPT_FILE).write_text(kept_state(RUN, root))
+    try:
+        reuse.drop(lab_for(root))
+        assert f"ost-{RUN}" in [n.name() for n in conn.listAllNetworks()]
+        assert (root / RUN).is_dir()
+    finally:
+        conn.networkLookupByName(f"ost-{RUN}").destroy()
+
+
+def test_remove_checks_the_label_right_before_removing(root: Path, conn) -> None:
+    ours = Label.current(RUN, root / RUN)
+    xml = network_xml(Templates().load("network.xml"), name="ost-x", bridge="ost-x",
+                      subnet=ipaddress.IPv4Network("192.168.141.0/24"), domain="x.test", hosts=[],
+                      label=Label("feedf00d", 1, "h", "/"))  # another run's network, same name
+    conn.networkCreateXML(xml)
+    try:
+        assert not reaper.remove(conn, root, Owned("network", "ost-x", ours))
+        assert "ost-x" in [n.name() for n in conn.listAllNetworks()]
+    finally:
+        conn.networkLookupByName("ost-x").destroy()
+
+
+def test_workdir_removal_needs_our_label_and_place(root: Path) -> None:
+    label = Label.current(RUN, root / RUN)
+    (root / RUN).mkdir()
+    assert not reaper.remove(None, root, Owned("workdir", str(root / RUN), label))  # no label yet
+    label.write(root / RUN)
+    link = root / "0000beef"
+    link.symlink_to(root.parent / "victim")
+    assert not reaper.remove(None, root, Owned("workdir", str(link), Label.current("0000beef", link)))
+    assert not reaper.remove(None, root, Owned("workdir", str(root.parent / "victim"), label))
+    assert reaper.remove(None, root, Owned("workdir", str(root / RUN), label))
+    assert not (root / RUN).exists() and (root.parent / "victim" / "precious").exists()
+
+
+# --- defect 2 and the record: attached environments are whole -------------------------
+
+
+def test_environment_record_round_trip_and_validation(root: Path) -> None:
+    env = Environment.from_json(json.loads(kept_state(RUN, root))["environment"], root)
+    assert (env.next_host, env.vms[0].ip) == (11, ipaddress.IPv4Address("192.168.140.10"))
+    assert Environment.from_json(env.to_json(), root) == env
+    bad = {
+        "run id": {"run_id": "../victim"},
+        "work directory": {"workdir": "/etc"},
+        "next host": {"next_host": 10},  # .10 is taken by the VM
+        "network name": {"network": {"name": "default", "bridge": "virbr0", "subnet": "192.168.140.0/24",
+                                     "domain": "d"}},
+    }
+    for what, change in bad.items():
+        with pytest.raises(ValueError):
+            Environment.from_json(json.loads(kept_state(RUN, root, **change))["environment"], root)
+        assert what
+    outside = json.loads(json.loads(kept_state(RUN, root))["environment"])
+    outside["vms"][0]["overlay"] = "/var/lib/precious.qcow2"
+    with pytest.raises(ValueError, match="not in the run's work directory"):
+        Environment.from_json(json.dumps(outside), root)
+
+
+# --- defect 4: host-wide locks ---------------------------------------------------------
+
+
+def test_subnet_lock_is_host_wide_whatever_the_work_directory(conn) -> None:
+    done = threading.Event()
+
+    def allocate() -> None:
+        virt.with_free_subnet(conn, ipaddress.IPv4Network("192.168.160.0/20"), lambda s: s, routes=lambda: [])
+        done.set()
+
+    with files.host_lock("subnets"):  # as a session with another --ost-workdir would hold it
+        worker = threading.Thread(target=allocate)
+        worker.start()
+        assert not done.wait(0.5), "allocated a subnet while another session held the lock"
+    worker.join()
+    assert done.is_set()
+
+
+def test_lock_files_are_never_followed_through_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_text("do not touch\n")
+    (tmp_path / "x.lock").symlink_to(target)
+    with pytest.raises(OstError, match="is a symlink.*rm "):
+        with files.locked(tmp_path / "x.lock"):
+            pass
+    assert target.read_text() == "do not touch\n"
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root to act as a second user")
+def test_second_user_gets_a_clear_error(root: Path) -> None:
+    lock = root / "subnets.lock"
+    lock.write_text("")
+    lock.chmod(0o600)  # made by another user's old session
+    code = ("from pathlib import Path; from pytest_ostimages import files\n"
+            f"with files.locked(Path({str(lock)!r})): pass\n")
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             str(Path(os.sys.executable)), "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert result.returncode != 0
+    assert "Cannot open the lock file" in result.stderr and "chmod 0666" in result.stderr
+    assert "PermissionError" not in result.stderr
+
+
+# --- defect 5: state files written atomically ------------------------------------------
+
+
+def test_a_crash_mid_write_keeps_the_old_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "kept.json"
+    files.write_atomic(state, '{"old": 1}')
+
+    def crash(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_atomic(state, '{"new": 2}' * 1000)
+    assert state.read_text() == '{"old": 1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]  # no temporary left
+
+
+# --- defect 8: owners in other containers or boots -------------------------------------
+
+
+def test_owner_in_another_pid_namespace_or_boot_counts_as_alive() -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    gone = Label.current("dead0002", Path("/w"))
+    gone = Label(gone.run_id, child.pid, gone.host, gone.workdir, "", 0, gone.boot, gone.pidns)
+    assert not gone.owner_alive()
+    elsewhere = Label(gone.run_id, child.pid, gone.host, gone.workdir, "", 0, gone.boot, "pid:[1]")
+    assert elsewhere.owner_alive()  # its pid means nothing in our namespace
+    earlier = Label(gone.run_id, child.pid, gone.host, gone.workdir, "", 0, "another-boot", gone.pidns)
+    assert earlier.owner_alive()
+
+
+# --- defect 12: the readiness probe retries only "not ready yet" -----------------------
+
+
+def test_probe_does_not_retry_programming_errors() -> None:
+    def buggy_liveness_check() -> None:
+        raise ZeroDivisionError("a bug, not a VM that is still booting")
+
+    probe = SSH("127.0.0.1", paramiko.RSAKey.generate(1024), port=1)
+    with pytest.raises(ZeroDivisionError):  # at once, not as a stale "not ready" after 30 s
+        probe.wait_ready(30, buggy_liveness_check)
+    # what means "not ready yet" is retried until the deadline, then explained
+    with pytest.raises(NotReady, match="nothing answers on 127.0.0.1:1"):
+        probe.wait_ready(0.5, lambda: None)
