@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pytest_ostimages.config import from_environment  # noqa: E402
-from pytest_ostimages.lab import Lab, VMSpec  # noqa: E402
+from pytest_ostimages import Lab, VMSpec  # noqa: E402
 from pytest_ostimages.ssh import SSH  # noqa: E402
 
 MEMORY, VCPUS = 512, 1
@@ -324,7 +324,7 @@ def main() -> None:
     args = parser.parse_args()
 
     lab = Lab(config())
-    image = lab.image(LAYER)
+    image = lab.inputs.image(LAYER)
     virt_type = lab.virt_type
     results: dict[str, Any] = {"machine": {"host": platform.node(), "cpus": os.cpu_count(),
                                            "virt_type": virt_type, "memory_mib": MEMORY, "vcpus": VCPUS,

@@ -94,11 +94,6 @@ class Lab:
                                   self.virt_type, self.progress)
         return self._booter
 
-    def abort(self) -> None:
-        """Stop every wait for a boot at once (the session is being interrupted)."""
-        if self._booter is not None:
-            self._booter.abort.set()
-
     # --- creating things ----------------------------------------------------------
 
     def _start(self) -> None:

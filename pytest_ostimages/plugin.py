@@ -228,7 +228,7 @@ def _tear_down(lab: Lab, share: Optional[Share], kept_specs: Optional[list[VMSpe
 @pytest.fixture(scope="session")
 def ost_images(ost_lab: Lab) -> Catalog:
     """The installed ost-images (session scope, :class:`Catalog`)."""
-    return ost_lab.catalog
+    return ost_lab.inputs.catalog
 
 
 @pytest.fixture(scope="session")
@@ -245,7 +245,8 @@ def ost_vms(request: pytest.FixtureRequest, ost_lab: Lab) -> dict[str, VM]:
     with user_errors(config, request.session):
         # one spec per role, leaving out roles already booted (e.g. by ost_vm_factory)
         unique = [s for s in _planned(config) if s.role not in ost_lab.vms]
-        ost_lab.inputs.check(unique)  # every input of the plan, before anything is made
+        if unique:
+            ost_lab.inputs.check(unique)  # every input of the plan, before anything is made
         share = config.stash.get(SHARE_KEY, None)
         if share is not None:
             share.join(ost_lab, unique)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 IMAGES = Path(os.environ.get("OST_IMAGES_DIR", "/usr/share/ost-images"))
+WORKDIR = Path(os.environ.get("OST_WORKDIR", "/var/tmp/pytest-ostimages"))
 # options of the inner sessions run by pytester: they do not read our pytest.ini
 INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1"]
 
@@ -44,5 +45,4 @@ def libvirt_objects(pid: Optional[int] = None) -> set[str]:
 
 def workdirs() -> set[str]:
     """Session work directories (they carry an owner label; the layer cache does not)."""
-    root = Path("/var/tmp/pytest-ostimages")
-    return {p.parent.name for p in root.glob("*/owner.json")}
+    return {p.parent.name for p in WORKDIR.glob("*/owner.json")}

@@ -1,26 +1,28 @@
-"""clean_vm: every test gets the VM as it was right after boot (snapshot revert)."""
+"""clean_vm: every test gets the VM as it was right after boot (snapshot revert).
+
+Each test holds in any order, alone or under -n: none relies on another having run.
+"""
+
+import pytest
 
 from pytest_ostimages import VM
 
-
-def test_a_test_changes_the_vm(clean_vm: VM) -> None:
-    clean_vm.ssh("echo dirty > /root/marker && systemctl stop cron 2>/dev/null; sync", check=True)
-    assert clean_vm.ssh("cat /root/marker").stdout == "dirty\n"
+MARKERS = "ls /root/ost-marker-* /dev/shm/ost-marker-* 2>/dev/null"
 
 
-def test_the_next_test_gets_it_clean(clean_vm: VM) -> None:
-    # the file is gone (disk reverted) and SSH reconnected by itself
-    assert clean_vm.ssh("test -e /root/marker").returncode == 1
+@pytest.mark.parametrize("n", range(2))
+def test_each_test_gets_the_clean_state(clean_vm: VM, n: int) -> None:
+    # whichever of these runs second finds nothing the first one left
+    assert clean_vm.ssh(MARKERS).stdout == ""
+    clean_vm.ssh(f"mkdir -p /dev/shm && touch /root/ost-marker-{n} /dev/shm/ost-marker-{n} && sync",
+                 check=True)
     assert clean_vm.ssh("cat /etc/ost-layer").stdout.strip() == "base"
 
 
-def test_memory_state_is_reverted_too(clean_vm: VM) -> None:
-    clean_vm.ssh("mkdir -p /dev/shm && echo in-memory > /dev/shm/flag", check=True)
-
-
-def test_after_memory_change(clean_vm: VM) -> None:
-    # /dev/shm is RAM only: it is gone because the memory state was reverted, not rebooted
-    assert clean_vm.ssh("test -e /dev/shm/flag").returncode == 1
-    boot_id_now = clean_vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout
+def test_revert_restores_disk_and_memory_without_a_reboot(clean_vm: VM) -> None:
+    boot_id = clean_vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout
+    clean_vm.ssh("mkdir -p /dev/shm && touch /root/ost-marker-r /dev/shm/ost-marker-r && sync", check=True)
     clean_vm.revert()
-    assert clean_vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout == boot_id_now  # no reboot
+    # disk (/root) and RAM (/dev/shm) are back to the snapshot, and SSH reconnected by itself
+    assert clean_vm.ssh(MARKERS).stdout == ""
+    assert clean_vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout == boot_id  # not rebooted

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from .helpers import INNER, libvirt_objects
+from .helpers import INNER, WORKDIR, libvirt_objects
 
 
 def start_booting(pytester: pytest.Pytester) -> subprocess.Popen:
@@ -81,4 +81,4 @@ def test_sigkill_leftovers_are_reaped(pytester: pytest.Pytester, unchanged: None
     for obj in left:
         result.stdout.fnmatch_lines([f"*removed leftover {obj} (run *, pid {proc.pid} gone)*"])
     result.stdout.fnmatch_lines(
-        [f"*removed leftover workdir /var/tmp/pytest-ostimages/* (run *, pid {proc.pid} gone)*"])
+        [f"*removed leftover workdir {WORKDIR}/* (run *, pid {proc.pid} gone)*"])

@@ -1,10 +1,17 @@
-"""--ost-reuse: the next run attaches instead of booting, unless something changed."""
+"""--ost-reuse: the next run attaches instead of booting, unless something changed;
+an attached environment is whole (clean_vm, more VMs); a reusing session that dies
+leaves nothing the reaper cannot take."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
-from .helpers import INNER
+from .helpers import INNER, libvirt_objects
 
 
 def boot_id(result: pytest.RunResult) -> str:
@@ -12,28 +19,68 @@ def boot_id(result: pytest.RunResult) -> str:
     return line.split()[1]
 
 
-def test_reuse_skips_the_boot_until_something_changes(pytester: pytest.Pytester, unchanged: None) -> None:
-    pytester.makepyfile("""
-        def test_vm(ost_vm):
-            print("BOOT_ID", ost_vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip())
-    """)
+TESTS = """
+    import os
+
+    def test_vm(ost_vm):
+        print("BOOT_ID", ost_vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip())
+
+    def test_clean(clean_vm):
+        assert clean_vm.ssh("test -e /root/dirty").returncode == 1
+        clean_vm.ssh("touch /root/dirty && sync", check=True)
+
+    def test_more_vms(ost_vm_factory, ost_vm):
+        if os.environ.get("OST_E2E_MORE_VMS"):
+            late = ost_vm_factory("base", role="late")
+            assert late.ip != ost_vm.ip
+            assert late.ssh("getent hosts vm").stdout.split()[0] == str(ost_vm.ip)
+"""
+
+
+def test_reuse_skips_the_boot_until_something_changes(pytester: pytest.Pytester, unchanged: None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile(TESTS)
     args = ["--ost-image=base", "-s", *INNER]
 
     first = pytester.runpytest_subprocess("--ost-reuse", *args)
-    first.assert_outcomes(passed=1)
-    first.stdout.fnmatch_lines(["*vm: booting debian12-base*", "*keeping 1 VMs for the next run*"])
+    first.assert_outcomes(passed=3)
+    first.stdout.fnmatch_lines(["*vm: booting debian12-base*", "*keeping 2 VMs for the next run*"])
 
+    # attached: the clean snapshot of the first run is reverted to, not taken again,
+    # and a VM added now gets the next free address
+    monkeypatch.setenv("OST_E2E_MORE_VMS", "1")
     second = pytester.runpytest_subprocess("--ost-reuse", *args)
-    second.assert_outcomes(passed=1)
-    second.stdout.fnmatch_lines(["*reusing the VMs kept by an earlier run*"])
-    second.stdout.no_fnmatch_line("*booting*")
+    second.assert_outcomes(passed=3)
+    second.stdout.fnmatch_lines(["*reusing the VMs kept by an earlier run*", "*late: booting*"])
+    second.stdout.no_fnmatch_line("*vm: booting*")
     assert boot_id(second) == boot_id(first)  # the same running guest
+    monkeypatch.delenv("OST_E2E_MORE_VMS")
 
     changed = pytester.runpytest_subprocess("--ost-reuse", *args, "--ost-memory=640")
-    changed.assert_outcomes(passed=1)
+    changed.assert_outcomes(passed=3)
     changed.stdout.fnmatch_lines(["*the kept VMs do not match this session*removing them*",
                                   "*vm: booting debian12-base*640 MiB*"])
     assert boot_id(changed) != boot_id(first)
 
-    cleanup = pytester.runpytest_subprocess("--ost-cleanup")
-    cleanup.stdout.fnmatch_lines(["removed domain ost-*-vm *", "removed network ost-* *"])
+    # a reusing session killed with SIGKILL: its VMs are the next session's leftovers
+    pytester.makepyfile(test_sleep="def test_sleep(ost_vm, clean_vm):\n    __import__('time').sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "--ost-reuse", "test_sleep.py", *args,
+                             "--ost-memory=640"], cwd=pytester.path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "reusing the VMs kept by an earlier run" in line:
+            break
+        assert "booting" not in line, "".join(seen)
+    time.sleep(1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    left = libvirt_objects()
+    assert any(o.startswith("domain") for o in left)
+    pytester.makepyfile(test_sleep="def test_net(ost_network):\n    pass\n")
+    after = pytester.runpytest_subprocess("test_sleep.py", *INNER)
+    after.assert_outcomes(passed=1)
+    after.stdout.fnmatch_lines(["*removed leftover domain ost-*-vm *", "*removed leftover network ost-*"])

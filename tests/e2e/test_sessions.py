@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import INNER
+from .helpers import IMAGES, INNER
 
 
 def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None, tmp_path: Path) -> None:
@@ -27,9 +27,9 @@ def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None, 
                                            *INNER)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
-        "ost-images: /usr/share/ost-images (found via rpm)*",
+        f"ost-images: {IMAGES} (found via rpm)*",
         "ost-images:   debian12-host-installed (ost-images-debian12-host-installed-*)",
-        "*libvirt 9.* at qemu:///system: qemu guests*",
+        "*libvirt * at qemu:///system: * guests*",
         "*vm: booting debian12-host-installed*", "*vm: ssh ready in *"])
     # the failed test's report carries its VM's console and journal tails
     result.stdout.fnmatch_lines(["*ost vm: serial console (last 30 lines, running)*",
@@ -79,7 +79,7 @@ def test_unknown_layer_lists_installed_ones(pytester: pytest.Pytester, unchanged
     result = pytester.runpytest_subprocess("--ost-image=storage-installed", *INNER)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([
-        "*Layer 'storage-installed' of debian12 is not installed in /usr/share/ost-images.",
+        f"*Layer 'storage-installed' of debian12 is not installed in {IMAGES}.",
         "*Installed layers of debian12: base, engine-installed, host-installed",
     ])
 
@@ -98,7 +98,7 @@ def test_image_unreadable_for_qemu(pytester: pytest.Pytester, unchanged: None,
     # root can read it, libvirt's qemu user cannot: the start fails, and says why
     private = linked_images / "debian12-secret.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                    "/usr/share/ost-images/debian12-base.qcow2", str(private)], check=True)
+                    str(IMAGES / "debian12-base.qcow2"), str(private)], check=True)
     private.chmod(0o600)
     pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
     result = pytester.runpytest_subprocess("--ost-image=secret", f"--ost-images-dir={linked_images}", *INNER)

@@ -143,3 +143,18 @@ def test_custom_layer_squash_flattens_the_chain(images_dir: Path, tmp_path: Path
     _store(overlay, flat, depth=4, squash_above=2)
     assert Catalog.discover(images_dir).image_from_path(flat, DISTRO).chain == (flat,)
     assert oct(flat.stat().st_mode & 0o777) == "0o444"
+
+
+def test_missing_backing_file_is_named_on_the_rpm_path_too(images_dir: Path, rpm_db) -> None:
+    base = images_dir / f"{DISTRO}-base.qcow2"
+    rpm = rpm_db(f"ost-images-{DISTRO}-base", [base, images_dir / f"{DISTRO}_id_rsa"])
+    rpm_db(f"ost-images-{DISTRO}-engine-installed", [images_dir / f"{DISTRO}-engine-installed.qcow2"])
+    base.unlink()
+    catalog = Catalog.discover(images_dir, rpm=rpm)
+    assert catalog.layer_names(DISTRO) == ["engine-installed"]
+    with pytest.raises(ImageError) as err:
+        catalog.image(DISTRO, "engine-installed")
+    message = str(err.value)
+    assert "is not installed" not in message
+    assert f"backing chain is broken: its backing file {base} does not exist" in message
+    assert f"ost-images-{DISTRO}-engine-installed-1.0-7" in message

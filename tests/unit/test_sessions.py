@@ -1,0 +1,149 @@
+"""Whole sessions on libvirt's test driver: what they plan, how they fail, what they leave.
+
+The test driver "starts" domains without running anything: a VM never answers SSH,
+so these sessions use a 1 s boot timeout and a loopback subnet pool (connections
+are refused at once and no traffic leaves the machine). Progress lines show which
+VMs a session boots.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pytest_ostimages.config import OstConfig
+from pytest_ostimages.errors import OstError
+from pytest_ostimages.inputs import VMSpec
+from pytest_ostimages.lab import Lab
+from pytest_ostimages.share import Share
+
+DISTRO = "testos"
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ost-unit-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path / "work"
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def images(images_dir: Path) -> Path:
+    """The unit images with a real SSH key."""
+    key = images_dir / f"{DISTRO}_id_rsa"
+    key.unlink()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return images_dir
+
+
+@pytest.fixture
+def session(pytester: pytest.Pytester, images: Path, workdir: Path):
+    def run(*args: str) -> pytest.RunResult:
+        return pytester.runpytest_inprocess(
+            f"--ost-images-dir={images}", f"--ost-workdir={workdir}", "--ost-libvirt-uri=test:///default",
+            "--ost-virt-type=qemu", "--ost-subnet-pool=127.100.0.0/24", "--ost-boot-timeout=1",
+            "--ost-max-boots=0", *args)
+    return run
+
+
+def booted(result: pytest.RunResult) -> list[str]:
+    return sorted(line.split("[ost] ")[1].split(":")[0] for line in result.outlines
+                  if "[ost] " in line and ": booting " in line)
+
+
+def test_plan_follows_deselection(pytester: pytest.Pytester, session) -> None:
+    pytester.makepyfile("""
+        def test_engine(engine): pass
+        def test_hosts(host0, host1): pass
+        def test_clean(clean_vm): pass
+    """)
+    assert booted(session("-k", "test_engine")) == ["engine"]
+    assert booted(session("--deselect", "test_plan_follows_deselection.py::test_engine",
+                          "-k", "not clean")) == ["host0", "host1"]
+
+
+def test_each_test_gets_its_own_directory_s_vm_fixture(pytester: pytest.Pytester, session) -> None:
+    for folder, layer in (("a", "engine-installed"), ("b", "host-installed")):
+        pytester.mkpydir(folder)
+        (pytester.path / folder / "conftest.py").write_text(
+            f"from pytest_ostimages import vm_fixture\nengine = vm_fixture('engine', '{layer}')\n")
+        (pytester.path / folder / f"test_{folder}.py").write_text("def test_x(engine):\n    pass\n")
+    only_b = session("b")
+    only_b.stdout.fnmatch_lines(["*engine: booting testos-host-installed*"])
+    both = session("a", "b")
+    both.assert_outcomes(errors=1)
+    both.stdout.fnmatch_lines(["*Two VM fixtures give the role 'engine' different VMs in one session*"])
+
+
+def test_an_input_error_is_reported_once_and_stops_the_session(pytester: pytest.Pytester, session) -> None:
+    pytester.makepyfile("""
+        def test_1(ost_vm): pass
+        def test_2(ost_vm): pass
+        def test_3(ost_vm): pass
+    """)
+    result = session("--ost-image=storage-installed")
+    result.assert_outcomes(errors=1)
+    assert result.stdout.str().count("Layer 'storage-installed' of testos is not installed") == 2  # error + summary
+    result.stdout.fnmatch_lines(["*Interrupted: pytest-ostimages: Layer 'storage-installed'*"])
+
+
+def test_the_only_distro_with_the_planned_layers_is_chosen(pytester: pytest.Pytester, session,
+                                                            images: Path) -> None:
+    other = images / "other-base.qcow2"
+    shutil.copy(images / f"{DISTRO}-base.qcow2", other)
+    pytester.makepyfile("def test_x(engine):\n    pass\n")
+    session().stdout.fnmatch_lines(["*engine: booting testos-engine-installed*"])
+    shutil.copy(images / f"{DISTRO}-engine-installed.qcow2", images / "other-engine-installed.qcow2")
+    result = session()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*Several distros are installed*2 of them have all of those layers*"
+                                 "--ost-distro*", "*other: base, engine-installed*"])
+
+
+def test_teardown_runs_when_artifact_collection_fails(pytester: pytest.Pytester, session,
+                                                      workdir: Path, tmp_path: Path) -> None:
+    pytester.makepyfile("def test_fails(ost_network):\n    assert False\n")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    result = session(f"--ost-artifacts={not_a_folder}")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*could not collect the artifacts*", "*removing the VMs, network*"])
+    assert [p for p in workdir.iterdir() if p.is_dir()] == []
+
+
+def test_keep_is_honoured_by_an_attached_lab(images: Path, workdir: Path) -> None:
+    config = OstConfig(images_dir=images, libvirt_uri="test:///default", workdir=workdir,
+                       subnet_pool=__import__("ipaddress").IPv4Network("127.101.0.0/24"))
+    booter = Lab(config)
+    booter.ensure_network()
+    try:
+        env = booter.environment()
+        attached = Lab(OstConfig(**{**config.__dict__, "keep": True}))
+        attached.attach(env)
+        assert attached.environment().next_host == env.next_host
+        attached.close()
+        assert (workdir / env.run_id).is_dir()  # kept, and no longer labelled for the reaper
+        assert not (workdir / env.run_id / "owner.json").exists()
+    finally:
+        booter.close()
+
+
+def test_a_failed_shared_boot_reaches_every_worker_at_once(images: Path, tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)  # qemu's user cannot reach a work directory in here
+    config = OstConfig(images_dir=images, libvirt_uri="test:///default", workdir=private / "work")
+    share = Share(tmp_path / "share")
+    first = Lab(config)
+    with pytest.raises(OstError, match="cannot traverse"):
+        share.join(first, [VMSpec("engine", "engine-installed")])
+    first.close()
+    with pytest.raises(OstError, match=textwrap.dedent("""\
+            (?s)could not be booted by another worker:.*cannot traverse""")):
+        share.join(Lab(config), [VMSpec("engine", "engine-installed")])
