@@ -19,6 +19,8 @@ Figures:
   revert     clean_vm: back to the just-booted state (snapshot revert)  vs  a boot
   reuse      a session with --ost-reuse that attaches  vs  the first one, which boots
   suite      examples/basic_suite with -n 0 and -n 2
+  inside     --ost-run-inside on examples/inside: command -> first inner result,
+             tree shared over virtiofs  vs  copied
 """
 
 from __future__ import annotations
@@ -285,9 +287,31 @@ def measure_suite(results: dict) -> None:
               flush=True)
 
 
+def measure_inside(repeat: int, results: dict) -> None:
+    """--ost-run-inside on examples/inside: command start -> first inner test result, per share mode."""
+    times: dict[str, list[float]] = {"virtiofs": [], "copy": []}
+    for _ in range(repeat):
+        for mode in times:
+            command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
+                       "--ost-run-inside=host-installed", f"--ost-inside-share={mode}",
+                       f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", str(ROOT / "examples" / "inside")]
+            t0 = time.monotonic()
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            first = None
+            for line in proc.stdout or []:
+                if first is None and " PASSED" in line:
+                    first = time.monotonic() - t0
+            if proc.wait() != 0 or first is None:
+                raise SystemExit(f"--ost-run-inside ({mode}) failed")
+            times[mode].append(first)
+    results["inside: first inner result"] = {"plugin": stats(times["virtiofs"]), "baseline": stats(times["copy"])}
+    print(f"  inside, first result: shared {min(times['virtiofs']):.1f} s, copied {min(times['copy']):.1f} s",
+          flush=True)
+
+
 # --- report -------------------------------------------------------------------------------
 
-FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite")
+FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside")
 
 GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "boot": ("ratio <= 1.05 and overhead <= 0.5 s",
@@ -349,6 +373,8 @@ def main() -> None:
         baseline.close()
     if "suite" in wanted:
         measure_suite(results)
+    if "inside" in wanted:
+        measure_inside(args.repeat, results)
     report(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 import pytest
 
 VIRT_TYPES = ("auto", "kvm", "qemu")
+INSIDE_SHARES = ("auto", "virtiofs", "copy")
 CPU_MODES = ("auto", "host-passthrough", "host-model", "maximum", "default")
 
 
@@ -58,6 +59,10 @@ class OstConfig:
     share: bool = False
     max_boots: Optional[int] = None  # None: one more than the CPUs
     reuse: bool = False
+    run_inside: Optional[str] = None  # a layer: run the session's tests inside a VM of it
+    inside_setup: Optional[Path] = None
+    inside_share: str = "auto"
+    inside_artifacts: tuple[str, ...] = ()
 
 
 # --- parsers: str -> value, raising ValueError with what was expected -------------
@@ -149,6 +154,13 @@ def _subnet_pool(raw: str) -> ipaddress.IPv4Network:
     return pool
 
 
+def _guest_paths(raw: str) -> tuple[str, ...]:
+    paths = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not all(p.startswith("/") for p in paths):
+        raise ValueError("expected absolute paths in the guest, comma-separated, e.g. /var/log/vdsm,/tmp/out")
+    return paths
+
+
 def _dns_domain(raw: str) -> str:
     labels = raw.strip(".").split(".")
     if not all(lab and lab.replace("-", "").isalnum() for lab in labels):
@@ -206,6 +218,14 @@ SETTINGS: tuple[Setting, ...] = (
             "session if images, templates and settings are unchanged", flag=True),
     Setting("artifacts", _path, "after a failed run, save console logs, journals, /var/log, "
             "domain and network XML, DHCP leases and package lists here"),
+    Setting("run_inside", str, "run this pytest invocation inside a fresh VM of this layer (e.g. "
+            "host-installed) and report its tests as if they ran here"),
+    Setting("inside_setup", _path, "with --ost-run-inside: a script run as root in the guest, in the "
+            "tree, before the tests (install packages, build)"),
+    Setting("inside_share", _choice(INSIDE_SHARES), "with --ost-run-inside: how the rootdir reaches "
+            "the guest: virtiofs (shared read-only), copy, or auto (virtiofs, else copy)"),
+    Setting("inside_artifacts", _guest_paths, "with --ost-run-inside and --ost-artifacts: guest files "
+            "or folders to fetch after the run (comma-separated), besides the journal"),
 )
 
 

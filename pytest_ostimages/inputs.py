@@ -30,6 +30,7 @@ class VMSpec:
     image: str
     memory: Optional[int] = None
     vcpus: Optional[int] = None
+    shares: tuple[tuple[Path, str, Path], ...] = ()  # (host folder, tag, virtiofsd) for the guest
 
 
 def is_path(image: str) -> bool:

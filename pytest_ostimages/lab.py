@@ -174,7 +174,7 @@ class Lab:
                              virt_type=self.virt_type, cpu_mode=self.cpu_mode, memory_mib=memory,
                              vcpus=vcpus, disk=overlay, backing=list(zip(image.chain, image.chain_formats)),
                              network=self.network.name, mac=entry.mac, console_log=console,
-                             label=self.owner.with_role(spec.role))
+                             label=self.owner.with_role(spec.role), shares=spec.shares)
             # recorded before it exists: an interrupt at any point still removes it
             self._made.append(Owned("domain", name, self.owner))
             plans.append(BootPlan(spec.role, name, f"{spec.role}.{self.network.domain}", image,

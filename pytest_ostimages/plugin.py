@@ -31,6 +31,7 @@ from .catalog import Catalog
 from .config import OstConfig
 from .errors import BootError, OstError, SSHCommandError, VMError
 from .inputs import VMSpec
+from .inside import InsideRun
 from .lab import Lab, Network
 from .layers import LayerRecipe, build_layer
 from .plan import Plan, vm_fixture_specs
@@ -79,7 +80,13 @@ def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[CONFIG_KEY] = ostconfig.from_pytest(config)
+    settings = config.stash[CONFIG_KEY] = ostconfig.from_pytest(config)
+    if settings.run_inside is not None and not hasattr(config, "workerinput"):
+        if config.getoption("numprocesses", None):
+            raise pytest.UsageError("--ost-run-inside runs the tests in one VM; drop -n/--numprocesses.")
+        value_options = {s.option for s in ostconfig.SETTINGS if not s.flag}
+        config.pluginmanager.register(InsideRun(config, settings, _progress(config), value_options),
+                                      "ostimages-inside")
     # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so fixtures tear down.
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # not in the main thread
@@ -163,12 +170,13 @@ def user_errors(config: pytest.Config, session: pytest.Session) -> Iterator[None
 
 def _progress(config: pytest.Config) -> Callable[[str], None]:
     """Live lines on the terminal (not with -q), always in the log."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capture = config.pluginmanager.get_plugin("capturemanager")
     lock = threading.Lock()  # boots report from one thread per VM
 
     def report(message: str) -> None:
         log.info(message)
+        # looked up now: made before pytest's own plugins are configured, they may be missing then
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
         if reporter is None or config.get_verbosity() < 0:
             return
         with lock:

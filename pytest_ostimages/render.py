@@ -144,10 +144,12 @@ def domain_xml(
     mac: str,
     console_log: Path,
     label: Label,
+    shares: Sequence[tuple[Path, str, Path]] = (),
 ) -> str:
     """`backing` is the overlay's chain below it: (file, format), top first.
 
-    `cpu_mode` "default" removes <cpu> and lets libvirt choose.
+    `cpu_mode` "default" removes <cpu> and lets libvirt choose. `shares`: host
+    folders for the guest as (folder, mount tag, virtiofsd binary), over virtiofs.
     """
     root = copy.deepcopy(template)
     root.set("type", virt_type)
@@ -206,4 +208,21 @@ def domain_xml(
         _child(serial, "target").set("port", "0")
     serial.set("type", "file")
     _child(serial, "source").set("path", str(console_log))
+    if shares:
+        _add_virtiofs(root, devices, shares)
     return _tostring(root)
+
+
+def _add_virtiofs(root: etree._Element, devices: etree._Element,
+                  shares: Sequence[tuple[Path, str, Path]]) -> None:
+    """virtiofs needs guest memory that virtiofsd can map: shared memfd."""
+    backing = _child(root, "memoryBacking")
+    _child(backing, "source").set("type", "memfd")
+    _child(backing, "access").set("mode", "shared")
+    for folder, tag, binary in shares:
+        # libvirt 9.0 refuses <readonly/> for virtiofs: the guest mounts it read-only
+        fs = etree.SubElement(devices, "filesystem", type="mount", accessmode="passthrough")
+        etree.SubElement(fs, "driver", type="virtiofs")
+        etree.SubElement(fs, "binary", path=str(binary))
+        etree.SubElement(fs, "source", dir=str(folder))
+        etree.SubElement(fs, "target", dir=tag)

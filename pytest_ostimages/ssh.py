@@ -92,6 +92,11 @@ class SSH:
 
     def run(self, command: str, timeout: Optional[float] = None) -> CommandResult:
         """Run `command`; a connection that dropped is reopened once."""
+        return self.stream(command, None, timeout)
+
+    def stream(self, command: str, on_line: Optional[Callable[[str], None]],
+               timeout: Optional[float] = None) -> CommandResult:
+        """Run `command`, calling `on_line` with each stdout line as it arrives (if given)."""
         try:
             channel = self.connect().get_transport().open_session(timeout=30)  # type: ignore[union-attr]
         except (paramiko.SSHException, EOFError, OSError):
@@ -107,9 +112,13 @@ class SSH:
 
         reader = threading.Thread(target=drain_stderr, daemon=True)
         reader.start()
+        stdout = bytearray()
         try:
             with channel.makefile("rb") as out:
-                stdout = out.read()
+                for line in out if on_line is not None else [out.read()]:
+                    stdout.extend(line)
+                    if on_line is not None:
+                        on_line(line.decode(errors="replace").rstrip("\n"))
             status = channel.recv_exit_status()
         except socket.timeout:
             channel.close()

@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import paramiko
 
@@ -45,16 +45,21 @@ class VM:
 
     def ssh(self, command: str, check: bool = False, timeout: Optional[float] = 600) -> CommandResult:
         """Run `command` as root; with ``check=True`` a non-zero exit raises."""
+        result = self.stream(command, None, timeout)
+        return result.check(self.role) if check else result
+
+    def stream(self, command: str, on_line: Optional[Callable[[str], None]],
+               timeout: Optional[float] = None) -> CommandResult:
+        """Run `command` as root, calling `on_line` with each stdout line as it comes."""
         dead = self._death()
         if dead is not None:  # a dead VM is reported as such, at once
             raise dead
         try:
-            result = self._ssh.run(command, timeout=timeout)
+            return self._ssh.stream(command, on_line, timeout=timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             # say that the VM died, not that SSH failed
             raise self._death() or VMError(self.describe_failure(
                 f"did not answer SSH for {command!r}: {exc.__class__.__name__}: {exc}", hint=False)) from None
-        return result.check(self.role) if check else result
 
     def _death(self) -> Optional[VMError]:
         """The error for a VM that is not running any more, None while it runs."""
