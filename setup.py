@@ -18,7 +18,10 @@ setup(
         "tenacity>=8.3",
         "pytest-xdist",
     ],
-    extras_require={"test": ["pytest-timeout"]},
+    extras_require={
+        "cloud-init": ["pycdlib"],  # NoCloud seeds for layers with cloud-init
+        "test": ["pytest-timeout", "pycdlib"],
+    },
     entry_points={"pytest11": ["ostimages = pytest_ostimages.plugin"]},
     classifiers=[
         "Framework :: Pytest",

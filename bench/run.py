@@ -19,6 +19,8 @@ Figures:
   revert     clean_vm: back to the just-booted state (snapshot revert)  vs  a boot
   reuse      a session with --ost-reuse that attaches  vs  the first one, which boots
   suite      examples/basic_suite with -n 0 and -n 2
+  identity   boot to ready with --ost-identity=auto (own machine-id, host key,
+             hostname)  vs  keep (the image's)
   inside     --ost-run-inside on examples/inside: command -> first inner result,
              tree shared over virtiofs  vs  copied
 """
@@ -53,8 +55,8 @@ LAYER = "engine-installed"
 SETTINGS = {"ost_memory": str(MEMORY), "ost_vcpus": str(VCPUS)}
 
 
-def config():
-    return from_environment(SETTINGS)
+def config(**settings: str):
+    return from_environment({**SETTINGS, **settings})
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -64,9 +66,9 @@ def stats(values: list[float]) -> dict[str, float]:
 # --- the plugin ------------------------------------------------------------------------
 
 
-def plugin_boot(specs: list[VMSpec]) -> dict[str, Any]:
+def plugin_boot(specs: list[VMSpec], **settings: str) -> dict[str, Any]:
     """Boot `specs` with the plugin; time to ready, readiness latency and teardown."""
-    lab = Lab(config())
+    lab = Lab(config(**settings))
     start = time.monotonic()
     start_wall = time.time()
     try:
@@ -287,6 +289,17 @@ def measure_suite(results: dict) -> None:
               flush=True)
 
 
+def measure_identity(repeat: int, results: dict) -> None:
+    """Boot to ready with an identity of its own (auto) vs the image's (keep), same VM."""
+    runs: dict[str, list[float]] = {"auto": [], "keep": []}
+    for _ in range(repeat):
+        for mode in runs:
+            runs[mode].append(plugin_boot([VMSpec("vm", LAYER)], ost_identity=mode)["ready"])
+    results["identity: boot to ready, auto vs keep"] = {"plugin": stats(runs["auto"]),
+                                                        "baseline": stats(runs["keep"])}
+    print(f"  identity: auto {min(runs['auto']):.1f} s, keep {min(runs['keep']):.1f} s", flush=True)
+
+
 def measure_inside(repeat: int, results: dict) -> None:
     """--ost-run-inside on examples/inside: command start -> first inner test result, per share mode."""
     times: dict[str, list[float]] = {"virtiofs": [], "copy": []}
@@ -311,7 +324,7 @@ def measure_inside(repeat: int, results: dict) -> None:
 
 # --- report -------------------------------------------------------------------------------
 
-FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside")
+FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity")
 
 GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "boot": ("ratio <= 1.05 and overhead <= 0.5 s",
@@ -375,6 +388,8 @@ def main() -> None:
         measure_suite(results)
     if "inside" in wanted:
         measure_inside(args.repeat, results)
+    if "identity" in wanted:
+        measure_identity(args.repeat, results)
     report(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

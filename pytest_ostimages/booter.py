@@ -13,10 +13,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 from . import virt
 from .catalog import Image
+from .identity import HostKey, fingerprint
 from .render import HostEntry
 from .slots import BootSlots
 from .ssh import SSH
@@ -41,6 +42,8 @@ class BootPlan:
     overlay: Path
     console: Path
     xml: str
+    host_key: Optional[HostKey]  # the identity to give it; None: keep the image's
+    cloud_init: bool = False  # it gets its identity (host_key) from a NoCloud seed
 
 
 class Booter:
@@ -84,5 +87,15 @@ class Booter:
             self.progress(f"{plan.role}: booting {plan.image.label} as {plan.name} ({plan.vcpus} vCPU, "
                           f"{plan.memory} MiB, {self.virt_type}) at {plan.entry.ip}")
             seconds = vm.wait_for_ssh(self.boot_timeout, self.abort)
-        self.progress(f"{plan.role}: ssh ready in {seconds:.1f} s")
+            if plan.cloud_init and plan.host_key is not None:
+                left = max(1.0, self.boot_timeout - seconds)
+                identity = f", cloud-init done in {vm.finish_cloud_init(plan.host_key, left):.1f} s"
+            elif plan.host_key is not None:
+                identity = f", own identity in {vm.take_identity(plan.host_key):.1f} s"
+            else:
+                vm.pin_offered_key()
+                identity = ", image's identity kept"
+        assert vm.host_key is not None
+        self.progress(f"{plan.role}: ssh ready in {seconds:.1f} s{identity}, host key "
+                      f"{fingerprint(vm.host_key)}")
         return vm

@@ -51,6 +51,13 @@ class Image:
     def label(self) -> str:
         return f"{self.distro}-{self.layer}"
 
+    def has_package(self, name: str) -> bool:
+        """Whether the layer's package list (``<name>-<version>`` lines) has `name`."""
+        if self.pkglist is None or not self.pkglist.exists():
+            return False
+        return any(line.startswith(f"{name}-") and line[len(name) + 1:][:1].isdigit()
+                   for line in self.pkglist.read_text().split())
+
     def identity(self) -> list[tuple[str, int, int]]:
         """File, size and mtime of every layer of the chain: changes when any layer does."""
         return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.chain]

@@ -18,6 +18,8 @@ import pytest
 
 VIRT_TYPES = ("auto", "kvm", "qemu")
 INSIDE_SHARES = ("auto", "virtiofs", "copy")
+IDENTITIES = ("auto", "keep")
+CLOUD_INIT = ("auto", "on", "off")
 CPU_MODES = ("auto", "host-passthrough", "host-model", "maximum", "default")
 
 
@@ -59,6 +61,8 @@ class OstConfig:
     share: bool = False
     max_boots: Optional[int] = None  # None: one more than the CPUs
     reuse: bool = False
+    identity: str = "auto"
+    cloud_init: str = "auto"
     run_inside: Optional[str] = None  # a layer: run the session's tests inside a VM of it
     inside_setup: Optional[Path] = None
     inside_share: str = "auto"
@@ -216,6 +220,11 @@ SETTINGS: tuple[Setting, ...] = (
             "it, the last removes it) instead of one per worker", flag=True),
     Setting("reuse", _bool, "keep the VMs running after the session and reuse them in the next "
             "session if images, templates and settings are unchanged", flag=True),
+    Setting("identity", _choice(IDENTITIES), "auto: each VM gets its own machine-id, SSH host key and "
+            "hostname before any test sees it; keep: the guest is not changed (its first host key "
+            "is pinned either way)"),
+    Setting("cloud_init", _choice(CLOUD_INIT), "auto: a NoCloud seed for VMs whose layer has "
+            "cloud-init (its package list says so); on: for every VM; off: never"),
     Setting("artifacts", _path, "after a failed run, save console logs, journals, /var/log, "
             "domain and network XML, DHCP leases and package lists here"),
     Setting("run_inside", str, "run this pytest invocation inside a fresh VM of this layer (e.g. "

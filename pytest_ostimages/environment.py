@@ -44,6 +44,7 @@ class VMRecord:
     image: Path  # the layer's qcow2 file
     overlay: Path
     console: Path
+    host_key: str = ""  # the pinned SSH host key, an OpenSSH public key line
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Environment:
                         "domain": net.domain},
             "vms": [{"name": vm.name, "role": vm.role, "hostname": vm.hostname, "ip": str(vm.ip),
                      "mac": vm.mac, "image": str(vm.image), "overlay": str(vm.overlay),
-                     "console": str(vm.console)} for vm in self.vms],
+                     "console": str(vm.console), "host_key": vm.host_key} for vm in self.vms],
         }, indent=1)
 
     @classmethod
@@ -98,7 +99,8 @@ class Environment:
         for v in data["vms"]:
             vm = VMRecord(_name(v["name"], f"ost-{run_id}-{v['role']}"), str(v["role"]), str(v["hostname"]),
                           ipaddress.IPv4Address(v["ip"]), str(v["mac"]), Path(v["image"]),
-                          _inside(Path(v["overlay"]), workdir), _inside(Path(v["console"]), workdir))
+                          _inside(Path(v["overlay"]), workdir), _inside(Path(v["console"]), workdir),
+                          _host_key(v.get("host_key", "")))
             if vm.ip not in network.subnet:
                 raise ValueError(f"VM {vm.name} has address {vm.ip} outside {network.subnet}")
             vms.append(vm)
@@ -116,6 +118,12 @@ def _name(value: Any, expected: str) -> str:
     if value != expected:
         raise ValueError(f"name {value!r} is not {expected!r}")
     return expected
+
+
+def _host_key(line: Any) -> str:
+    if line and not (isinstance(line, str) and len(line.split()) >= 2):
+        raise ValueError(f"host key {line!r} is not an OpenSSH public key line")
+    return str(line)
 
 
 def _inside(path: Path, workdir: Path) -> Path:

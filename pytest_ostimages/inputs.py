@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterable, Optional
 from .catalog import Catalog, Image
 from .config import OstConfig
 from .render import Templates
+from .seed import UserData
 from .ssh import load_key
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class VMSpec:
     memory: Optional[int] = None
     vcpus: Optional[int] = None
     shares: tuple[tuple[Path, str, Path], ...] = ()  # (host folder, tag, virtiofsd) for the guest
+    user_data: Optional[UserData] = None  # cloud-config (dict or text) for a layer with cloud-init
 
 
 def is_path(image: str) -> bool:
@@ -86,6 +88,11 @@ class Inputs:
         for name in Templates.NAMES:  # invalid XML fails now, before anything exists
             templates.load(name)
         return templates
+
+    def cloud_init(self, image: Image) -> bool:
+        """Whether VMs of `image` get a NoCloud seed (--ost-cloud-init, else its package list)."""
+        mode = self.config.cloud_init
+        return mode == "on" or (mode == "auto" and image.has_package("cloud-init"))
 
     def size(self, spec: VMSpec) -> tuple[int, int]:
         """Memory (MiB) and vCPUs of `spec`: its own, else the setting for its role."""

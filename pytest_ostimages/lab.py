@@ -25,6 +25,8 @@ from .catalog import Catalog
 from .config import OstConfig
 from .environment import FIRST_VM_HOST, LAST_VM_HOST, Environment, NetworkRecord, VMRecord
 from .errors import OstError
+from .files import write_atomic
+from .identity import HostKey, known_hosts_line, openssh_line, public_key
 from .inputs import Inputs, VMSpec
 from .overlay import WorkDir
 from .owner import Label
@@ -33,6 +35,7 @@ from .render import HostEntry, domain_xml, network_xml
 from .slots import BootSlots
 from .ssh import SSH
 from .reuse import kept_runs
+from .seed import write_seed
 from .vm import CLEAN_SNAPSHOT, VM
 
 if TYPE_CHECKING:
@@ -170,16 +173,40 @@ class Lab:
             name = f"ost-{self.run_id}-{spec.role}"
             overlay = self.workdir.overlay(image, name)
             console = self.workdir.path / f"{name}.console.log"
+            hostname = f"{spec.role}.{self.network.domain}"
+            host_key = HostKey.generate() if self.config.identity == "auto" else None
+            seed = None
+            if self.inputs.cloud_init(image):
+                host_key = host_key or HostKey.generate()  # cloud-init installs it either way
+                seed = self.workdir.path / f"{name}.seed.iso"
+                write_seed(seed, spec.role, hostname, openssh_line(self.inputs.key), host_key,
+                           spec.user_data)
             xml = domain_xml(self.inputs.templates.load("domain.xml"), name=name,
                              virt_type=self.virt_type, cpu_mode=self.cpu_mode, memory_mib=memory,
                              vcpus=vcpus, disk=overlay, backing=list(zip(image.chain, image.chain_formats)),
                              network=self.network.name, mac=entry.mac, console_log=console,
-                             label=self.owner.with_role(spec.role), shares=spec.shares)
+                             label=self.owner.with_role(spec.role), shares=spec.shares, seed=seed)
             # recorded before it exists: an interrupt at any point still removes it
             self._made.append(Owned("domain", name, self.owner))
-            plans.append(BootPlan(spec.role, name, f"{spec.role}.{self.network.domain}", image,
-                                  memory, vcpus, entry, overlay, console, xml))
-        return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
+            plans.append(BootPlan(spec.role, name, hostname, image, memory, vcpus, entry, overlay,
+                                  console, xml, host_key, seed is not None))
+        try:
+            return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
+        finally:
+            self._write_ssh_files()
+
+    def _write_ssh_files(self) -> None:
+        """known_hosts (every pinned host key) and an ssh_config for people: ssh -F it engine."""
+        pinned = [vm for vm in self.vms.values() if vm.host_key is not None]
+        known = self.workdir.path / "known_hosts"
+        write_atomic(known, "".join(known_hosts_line([str(vm.ip), vm.hostname, vm.role], vm.host_key)
+                                    for vm in pinned if vm.host_key is not None))
+        hosts = "".join(f"Host {vm.role} {vm.hostname}\n    HostName {vm.ip}\n" for vm in pinned)
+        write_atomic(self.workdir.path / "ssh_config", (
+            f"# VMs of pytest-ostimages run {self.run_id}: ssh -F {self.workdir.path}/ssh_config ROLE\n"
+            f"{hosts}Host *\n    User root\n    IdentityFile {self.ssh_key}\n    IdentitiesOnly yes\n"
+            f"    UserKnownHostsFile {known}\n    GlobalKnownHostsFile /dev/null\n"
+            f"    StrictHostKeyChecking yes\n    BatchMode yes\n"))
 
     def _started(self, vm: VM) -> None:
         self.vms[vm.role] = vm
@@ -194,7 +221,8 @@ class Lab:
             self.run_id, self.owner, self.workdir.path,
             NetworkRecord(net.name, net.bridge, net.subnet, net.domain),
             tuple(VMRecord(vm.name, vm.role, vm.hostname, vm.ip, vm.mac, vm.image.path, vm.overlay,
-                           vm.console_path) for vm in self.vms.values()),
+                           vm.console_path, openssh_line(vm.host_key) if vm.host_key else "")
+                  for vm in self.vms.values()),
             self._next_host)
 
     def attach(self, env: Environment, adopt: bool = False) -> None:
@@ -218,7 +246,8 @@ class Lab:
         for v in env.vms:
             domain = self.conn.lookupByName(v.name)
             vm = VM(v.name, v.role, v.hostname, v.ip, v.mac, self.inputs.image(str(v.image)),
-                    v.overlay, v.console, domain, SSH(str(v.ip), key))
+                    v.overlay, v.console, domain,
+                    SSH(str(v.ip), key, host_key=public_key(v.host_key) if v.host_key else None))
             # a clean_vm snapshot taken by the earlier session: revert before first use
             vm.dirty = True if CLEAN_SNAPSHOT in domain.snapshotListNames() else None
             self.vms[vm.role] = vm

@@ -35,6 +35,7 @@ from .inside import InsideRun
 from .lab import Lab, Network
 from .layers import LayerRecipe, build_layer
 from .plan import Plan, vm_fixture_specs
+from .seed import UserData
 from .share import Share
 from .vm import VM
 
@@ -277,9 +278,10 @@ class VMFactory:
         self._shared = shared
 
     def __call__(self, image: str, role: Optional[str] = None, memory: Optional[int] = None,
-                 vcpus: Optional[int] = None) -> VM:
+                 vcpus: Optional[int] = None, user_data: Optional[UserData] = None) -> VM:
+        """`user_data`: cloud-config (a dict or text) for a layer with cloud-init."""
         role = role or f"vm{len(self._lab.vms)}"
-        return self.many([VMSpec(role, image, memory, vcpus)])[0]
+        return self.many([VMSpec(role, image, memory, vcpus, user_data=user_data)])[0]
 
     def many(self, specs: list[VMSpec]) -> list[VM]:
         """Boot several VMs together."""
@@ -332,13 +334,15 @@ def _booted(request: pytest.FixtureRequest, ost_vms: dict[str, VM], ost_lab: Lab
 
 
 def vm_fixture(role: str, image: str, *, name: Optional[str] = None,
-               memory: Optional[int] = None, vcpus: Optional[int] = None) -> Any:
+               memory: Optional[int] = None, vcpus: Optional[int] = None,
+               user_data: Optional[UserData] = None) -> Any:
     """A session fixture with one VM of `image` (a layer or a qcow2 path).
 
     ``engine = vm_fixture("engine", "engine-installed")`` in a conftest.py gives
     a suite its own variant; the fixture is named `name` (default: `role`).
+    `user_data`: cloud-config for a layer with cloud-init (a dict or text).
     """
-    spec = VMSpec(role, image, memory, vcpus)
+    spec = VMSpec(role, image, memory, vcpus, user_data=user_data)
 
     def the_vm(request: pytest.FixtureRequest, ost_vms: dict[str, VM], ost_lab: Lab) -> VM:
         return _booted(request, ost_vms, ost_lab, [spec])[0]

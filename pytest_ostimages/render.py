@@ -145,11 +145,13 @@ def domain_xml(
     console_log: Path,
     label: Label,
     shares: Sequence[tuple[Path, str, Path]] = (),
+    seed: Optional[Path] = None,
 ) -> str:
     """`backing` is the overlay's chain below it: (file, format), top first.
 
     `cpu_mode` "default" removes <cpu> and lets libvirt choose. `shares`: host
     folders for the guest as (folder, mount tag, virtiofsd binary), over virtiofs.
+    `seed`: a cloud-init NoCloud ISO, attached read-only as a virtio disk.
     """
     root = copy.deepcopy(template)
     root.set("type", virt_type)
@@ -210,6 +212,13 @@ def domain_xml(
     _child(serial, "source").set("path", str(console_log))
     if shares:
         _add_virtiofs(root, devices, shares)
+    if seed is not None:
+        # virtio, not a CD-ROM: the images' kernels may have no IDE or AHCI driver
+        seed_disk = etree.SubElement(devices, "disk", type="file", device="disk")
+        etree.SubElement(seed_disk, "driver", name="qemu", type="raw")
+        etree.SubElement(seed_disk, "source", file=str(seed))
+        etree.SubElement(seed_disk, "target", dev="vdz", bus="virtio")
+        etree.SubElement(seed_disk, "readonly")
     return _tostring(root)
 
 

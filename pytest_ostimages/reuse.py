@@ -33,7 +33,8 @@ KEPT_FILE = "kept.json"  # in the work directory root
 
 def fingerprint(lab: "Lab", specs: list["VMSpec"]) -> str:
     config = lab.config
-    parts: list[Any] = [config.libvirt_uri, config.virt_type, config.cpu_mode, config.dns_domain]
+    parts: list[Any] = [config.libvirt_uri, config.virt_type, config.cpu_mode, config.dns_domain,
+                        config.identity]
     for spec in sorted(specs, key=lambda s: s.role):
         parts.append([spec.role, lab.inputs.image(spec.image).identity(), *lab.inputs.size(spec)])
     for name in ("domain.xml", "network.xml"):

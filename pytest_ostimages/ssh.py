@@ -18,6 +18,7 @@ import paramiko
 import tenacity
 
 from .errors import ImageError, OstError, SSHCommandError
+from .identity import fingerprint
 
 PROBE_INTERVAL = 0.1
 AUTH_GRACE = 10.0  # seconds a guest may refuse the key while it finishes booting
@@ -60,13 +61,34 @@ class NotReady(Exception):
     """SSH did not come up; the reason is for the BootError the VM builds."""
 
 
-class SSH:
-    """One reusable SSH connection to a VM as root."""
+class HostKeyMismatch(OstError):
+    """The machine at a VM's address offered another host key than the one pinned."""
 
-    def __init__(self, host: str, key: paramiko.PKey, user: str = "root", port: int = 22) -> None:
+
+class SSH:
+    """One reusable SSH connection to a VM as root.
+
+    Until a host key is pinned (first contact) any key is accepted; from then on
+    only the pinned one (paramiko's RejectPolicy).
+    """
+
+    def __init__(self, host: str, key: paramiko.PKey, user: str = "root", port: int = 22,
+                 host_key: Optional[paramiko.PKey] = None) -> None:
         self.host, self.key, self.user, self.port = host, key, user, port
+        self.host_key = host_key
         self._client: Optional[paramiko.SSHClient] = None
         self._lock = threading.Lock()
+
+    def pin(self, host_key: paramiko.PKey) -> None:
+        """Accept only `host_key` from now on (the open connection is closed)."""
+        self.close()
+        self.host_key = host_key
+
+    def offered_key(self) -> paramiko.PKey:
+        """The host key of the open connection (the first contact's, before pinning)."""
+        transport = self.connect().get_transport()
+        assert transport is not None  # connect() succeeded
+        return transport.get_remote_server_key()
 
     def connect(self, timeout: float = 10.0, sock: Optional[socket.socket] = None) -> paramiko.SSHClient:
         """The open connection, reconnecting if it was closed or dropped.
@@ -79,11 +101,22 @@ class SSH:
                 return self._client  # type: ignore[return-value]
             self.close_unlocked()
             client = paramiko.SSHClient()
-            # Every overlay is a new machine; there is no host key worth pinning.
-            client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
-            client.connect(self.host, self.port, self.user, pkey=self.key, timeout=timeout,
-                           banner_timeout=timeout, auth_timeout=timeout, sock=sock,
-                           look_for_keys=False, allow_agent=False)
+            if self.host_key is None:  # first contact, inside the session's own new network
+                client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
+            else:
+                client.get_host_keys().add(self._known_name, self.host_key.get_name(), self.host_key)
+                client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            try:
+                client.connect(self.host, self.port, self.user, pkey=self.key, timeout=timeout,
+                               banner_timeout=timeout, auth_timeout=timeout, sock=sock,
+                               look_for_keys=False, allow_agent=False)
+            except paramiko.BadHostKeyException as exc:
+                client.close()
+                raise HostKeyMismatch(
+                    f"{self.host} offered host key {fingerprint(exc.key)} ({exc.key.get_name()}), but "
+                    f"{fingerprint(exc.expected_key)} ({exc.expected_key.get_name()}) was pinned when "
+                    f"the session set the VM up: another machine answers at its address, or its "
+                    f"host keys were changed behind the plugin's back.") from None
             transport = client.get_transport()
             assert transport is not None  # connect() succeeded
             transport.set_keepalive(15)
@@ -127,6 +160,10 @@ class SSH:
         reader.join()
         return CommandResult(command, status, stdout.decode(errors="replace"),
                              stderr.decode(errors="replace"))
+
+    @property
+    def _known_name(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
     def sftp(self) -> paramiko.SFTPClient:
         return self.connect().open_sftp()

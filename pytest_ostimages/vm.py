@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 import paramiko
 
 from .catalog import Image
-from .errors import BootError, VMError
-from .ssh import SSH, CommandResult, NotReady
+from .errors import BootError, OstError, VMError
+from .identity import HostKey, fixup_script, upload
+from .ssh import SSH, CommandResult, HostKeyMismatch, NotReady
 from .virt import domain_state, libvirt_module
 
 CLEAN_SNAPSHOT = "ost-clean"
@@ -56,6 +57,8 @@ class VM:
             raise dead
         try:
             return self._ssh.stream(command, on_line, timeout=timeout)
+        except HostKeyMismatch as exc:
+            raise VMError(f"VM {self.role} ({self.name}) at {self.ip}: {exc}") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             # say that the VM died, not that SSH failed
             raise self._death() or VMError(self.describe_failure(
@@ -106,8 +109,47 @@ class VM:
             self._ssh.wait_ready(timeout, died)
         except NotReady as exc:
             raise BootError(self.describe_failure(str(exc))) from None
+        except HostKeyMismatch as exc:
+            raise BootError(self.describe_failure(f"is not the machine it should be: {exc}", hint=False)) from None
         self.boot_seconds = time.monotonic() - start
         return self.boot_seconds
+
+    @property
+    def host_key(self) -> Optional[paramiko.PKey]:
+        """The pinned SSH host key (None before first contact)."""
+        return self._ssh.host_key
+
+    def take_identity(self, key: HostKey) -> float:
+        """Give the guest its own machine-id, host key `key` and hostname; pin `key`. Seconds."""
+        start = time.monotonic()
+        with self._ssh.sftp() as sftp:
+            upload(sftp, key)
+        short = self.hostname.split(".")[0]
+        self.ssh(fixup_script(short, self.hostname), check=True, timeout=120)
+        self._ssh.pin(key.pkey())
+        self.ssh("true", check=True)  # the new sshd answers, with the pinned key
+        return time.monotonic() - start
+
+    def finish_cloud_init(self, key: HostKey, timeout: float) -> float:
+        """Wait until cloud-init has finished (it gave the guest `key`); pin `key`. Seconds."""
+        start = time.monotonic()
+        try:
+            done = self.ssh("cloud-init status --wait", timeout=timeout)
+        except OstError:
+            done = None
+        if done is None or done.returncode != 0:
+            log = self.ssh("cloud-init status --long; tail -n 30 /var/log/cloud-init-output.log", timeout=60)
+            raise BootError(self.describe_failure(
+                f"answers SSH, but cloud-init did not finish well within {timeout:.0f} s "
+                f"({'timed out' if done is None else f'exit status {done.returncode}'}):\n{log.stdout}",
+                hint=False))
+        self._ssh.pin(key.pkey())
+        self.ssh("true", check=True)  # sshd offers the key cloud-init installed
+        return time.monotonic() - start
+
+    def pin_offered_key(self) -> None:
+        """Keep the guest as it is; accept only the host key it offered at first contact."""
+        self._ssh.pin(self._ssh.offered_key())
 
     def describe_failure(self, reason: str, console_lines: int = 30, hint: bool = True) -> str:
         tail = self.console_log(console_lines) or "(the console log is empty)"

@@ -15,6 +15,8 @@ from typing import Iterator
 
 import pytest
 
+from pytest_ostimages import vm_fixture
+
 from .helpers import IMAGES, image_state, libvirt_objects, workdirs
 
 
@@ -51,3 +53,7 @@ def unchanged():
     before = libvirt_objects(), workdirs(), image_state()
     yield
     assert (libvirt_objects(), workdirs(), image_state()) == before
+
+
+# A third VM of the hosts' layer, booted with the session's others (identity tests).
+host2 = vm_fixture("host2", "host-installed")

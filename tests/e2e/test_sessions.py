@@ -80,7 +80,7 @@ def test_unknown_layer_lists_installed_ones(pytester: pytest.Pytester, unchanged
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([
         f"*Layer 'storage-installed' of debian12 is not installed in {IMAGES}.",
-        "*Installed layers of debian12: base, engine-installed, host-installed",
+        "*Installed layers of debian12: base, cloud-installed, engine-installed, host-installed",
     ])
 
 
