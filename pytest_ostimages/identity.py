@@ -25,13 +25,19 @@ import base64
 import hashlib
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .files import write_atomic
+
+if TYPE_CHECKING:
+    from .vm import VM
+
 MODES = ("auto", "keep")
-UPLOAD = "/root/.ost-identity-key"  # where the new host key waits until it is installed
 
 
 @dataclass(frozen=True)
@@ -69,34 +75,50 @@ def openssh_line(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.get_base64()}"
 
 
-def fixup_script(short: str, fqdn: str) -> str:
-    """The guest side: new machine-id, the uploaded host key, the hostname, sshd restarted."""
-    s, f = shlex.quote(short), shlex.quote(fqdn)
+def fixup_script(short: str, fqdn: str, ip: str, key: HostKey) -> str:
+    """The guest side, one command: new machine-id, host key `key`, the hostname, sshd restarted."""
+    s = shlex.quote(short)
     return "\n".join([
         "set -e",
         "rm -f /etc/machine-id /var/lib/dbus/machine-id",
         "systemd-machine-id-setup >/dev/null",
         "if [ -d /var/lib/dbus ]; then ln -sf /etc/machine-id /var/lib/dbus/machine-id; fi",
         "rm -f /etc/ssh/ssh_host_*",
-        f"install -m 0600 {UPLOAD} /etc/ssh/ssh_host_ed25519_key",
-        f"install -m 0644 {UPLOAD}.pub /etc/ssh/ssh_host_ed25519_key.pub",
-        f"rm -f {UPLOAD} {UPLOAD}.pub",
+        "umask 077",
+        "cat >/etc/ssh/ssh_host_ed25519_key <<'OST_HOST_KEY'",
+        key.private.strip(),
+        "OST_HOST_KEY",
+        f"echo {shlex.quote(key.public)} >/etc/ssh/ssh_host_ed25519_key.pub",
+        "chmod 0644 /etc/ssh/ssh_host_ed25519_key.pub",
         f"echo {s} >/etc/hostname",
         f"hostname {s}",
-        "sed -i '/# ost-identity$/d' /etc/hosts",
-        f"printf '127.0.1.1 %s %s # ost-identity\\n' {f} {s} >>/etc/hosts",
+        hosts_line(ip, short, fqdn),
         # Type=notify: restart returns once the new sshd, with only the new key, listens
         "systemctl restart sshd 2>/dev/null || systemctl restart ssh",
     ]) + "\n"
 
 
-def upload(sftp: paramiko.SFTPClient, key: HostKey) -> None:
-    for path, text, mode in ((UPLOAD, key.private, 0o600), (f"{UPLOAD}.pub", key.public + "\n", 0o644)):
-        with sftp.open(path, "w") as out:
-            out.chmod(mode)
-            out.write(text)
+def hosts_line(ip: str, short: str, fqdn: str) -> str:
+    """A command that maps the hostname to the VM's own management address (not 127.0.1.1:
+    the VM resolves its name as the others do), so that ``hostname -f`` is the FQDN."""
+    return (f"sed -i '/# ost-identity$/d' /etc/hosts && printf '%s %s %s # ost-identity\\n' "
+            f"{shlex.quote(ip)} {shlex.quote(fqdn)} {shlex.quote(short)} >>/etc/hosts")
 
 
 def known_hosts_line(names: list[str], key: paramiko.PKey) -> str:
     return f"{','.join(names)} {openssh_line(key)}\n"
 
+
+
+def write_ssh_files(folder: Path, run_id: str, private_key: Path, vms: Iterable["VM"]) -> None:
+    """`folder`/known_hosts (every pinned key) and `folder`/ssh_config: ``ssh -F it engine``."""
+    pinned = [(vm, vm.host_key) for vm in vms if vm.host_key is not None]
+    known = folder / "known_hosts"
+    write_atomic(known, "".join(known_hosts_line([str(vm.ip), vm.hostname, vm.role], key)
+                                for vm, key in pinned))
+    hosts = "".join(f"Host {vm.role} {vm.hostname}\n    HostName {vm.ip}\n" for vm, _ in pinned)
+    write_atomic(folder / "ssh_config", (
+        f"# VMs of pytest-ostimages run {run_id}: ssh -F {folder}/ssh_config ROLE\n{hosts}"
+        f"Host *\n    User root\n    IdentityFile {private_key}\n    IdentitiesOnly yes\n"
+        f"    UserKnownHostsFile {known}\n    GlobalKnownHostsFile /dev/null\n"
+        f"    StrictHostKeyChecking yes\n    BatchMode yes\n"))

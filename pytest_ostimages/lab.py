@@ -21,21 +21,20 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from . import reaper, virt
 from .booter import Booter, BootPlan
-from .catalog import Catalog
+from .catalog import Catalog, Image
 from .config import OstConfig
 from .environment import FIRST_VM_HOST, LAST_VM_HOST, Environment, NetworkRecord, VMRecord
 from .errors import OstError
-from .files import write_atomic
-from .identity import HostKey, known_hosts_line, openssh_line, public_key
+from .identity import HostKey, openssh_line, public_key, write_ssh_files
 from .inputs import Inputs, VMSpec
 from .overlay import WorkDir
 from .owner import Label
 from .reaper import Owned
 from .render import HostEntry, domain_xml, network_xml
 from .slots import BootSlots
-from .ssh import SSH
 from .reuse import kept_runs
 from .seed import write_seed
+from .ssh import SSH
 from .vm import CLEAN_SNAPSHOT, VM
 
 if TYPE_CHECKING:
@@ -165,48 +164,37 @@ class Lab:
             entries = self._create_network([s.role for s in specs])
         else:
             entries = [self._reserve(s.role) for s in specs]
-        assert self.network is not None
-        plans = []
-        for spec, entry in zip(specs, entries):
-            image = images[spec.role]
-            memory, vcpus = self.inputs.size(spec)
-            name = f"ost-{self.run_id}-{spec.role}"
-            overlay = self.workdir.overlay(image, name)
-            console = self.workdir.path / f"{name}.console.log"
-            hostname = f"{spec.role}.{self.network.domain}"
-            host_key = HostKey.generate() if self.config.identity == "auto" else None
-            seed = None
-            if self.inputs.cloud_init(image):
-                host_key = host_key or HostKey.generate()  # cloud-init installs it either way
-                seed = self.workdir.path / f"{name}.seed.iso"
-                write_seed(seed, spec.role, hostname, openssh_line(self.inputs.key), host_key,
-                           spec.user_data)
-            xml = domain_xml(self.inputs.templates.load("domain.xml"), name=name,
-                             virt_type=self.virt_type, cpu_mode=self.cpu_mode, memory_mib=memory,
-                             vcpus=vcpus, disk=overlay, backing=list(zip(image.chain, image.chain_formats)),
-                             network=self.network.name, mac=entry.mac, console_log=console,
-                             label=self.owner.with_role(spec.role), shares=spec.shares, seed=seed)
-            # recorded before it exists: an interrupt at any point still removes it
-            self._made.append(Owned("domain", name, self.owner))
-            plans.append(BootPlan(spec.role, name, hostname, image, memory, vcpus, entry, overlay,
-                                  console, xml, host_key, seed is not None))
+        plans = [self._plan(spec, entry, images[spec.role]) for spec, entry in zip(specs, entries)]
         try:
             return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
         finally:
-            self._write_ssh_files()
+            assert self.ssh_key is not None  # made by _start
+            write_ssh_files(self.workdir.path, self.run_id, self.ssh_key, self.vms.values())
 
-    def _write_ssh_files(self) -> None:
-        """known_hosts (every pinned host key) and an ssh_config for people: ssh -F it engine."""
-        pinned = [vm for vm in self.vms.values() if vm.host_key is not None]
-        known = self.workdir.path / "known_hosts"
-        write_atomic(known, "".join(known_hosts_line([str(vm.ip), vm.hostname, vm.role], vm.host_key)
-                                    for vm in pinned if vm.host_key is not None))
-        hosts = "".join(f"Host {vm.role} {vm.hostname}\n    HostName {vm.ip}\n" for vm in pinned)
-        write_atomic(self.workdir.path / "ssh_config", (
-            f"# VMs of pytest-ostimages run {self.run_id}: ssh -F {self.workdir.path}/ssh_config ROLE\n"
-            f"{hosts}Host *\n    User root\n    IdentityFile {self.ssh_key}\n    IdentitiesOnly yes\n"
-            f"    UserKnownHostsFile {known}\n    GlobalKnownHostsFile /dev/null\n"
-            f"    StrictHostKeyChecking yes\n    BatchMode yes\n"))
+    def _plan(self, spec: VMSpec, entry: HostEntry, image: Image) -> BootPlan:
+        """Overlay, identity (host key, NoCloud seed) and domain XML of one VM of a batch."""
+        assert self.network is not None
+        memory, vcpus = self.inputs.size(spec)
+        name = f"ost-{self.run_id}-{spec.role}"
+        overlay = self.workdir.overlay(image, name)
+        console = self.workdir.path / f"{name}.console.log"
+        hostname = f"{spec.role}.{self.network.domain}"
+        host_key = HostKey.generate() if self.config.identity == "auto" else None
+        seed = None
+        if self.inputs.cloud_init(image):
+            host_key = host_key or HostKey.generate()  # cloud-init installs it either way
+            seed = self.workdir.path / f"{name}.seed.iso"
+            write_seed(seed, spec.role, hostname, str(entry.ip), openssh_line(self.inputs.key), host_key,
+                       spec.user_data)
+        xml = domain_xml(self.inputs.templates.load("domain.xml"), name=name, virt_type=self.virt_type,
+                         cpu_mode=self.cpu_mode, memory_mib=memory, vcpus=vcpus, disk=overlay,
+                         backing=list(zip(image.chain, image.chain_formats)), network=self.network.name,
+                         mac=entry.mac, console_log=console, label=self.owner.with_role(spec.role),
+                         shares=spec.shares, seed=seed)
+        # recorded before it exists: an interrupt at any point still removes it
+        self._made.append(Owned("domain", name, self.owner))
+        return BootPlan(spec.role, name, hostname, image, memory, vcpus, entry, overlay, console, xml,
+                        host_key, seed is not None)
 
     def _started(self, vm: VM) -> None:
         self.vms[vm.role] = vm

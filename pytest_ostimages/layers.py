@@ -84,8 +84,10 @@ def build_layer(config: OstConfig, recipe: LayerRecipe,
                 vm.put(recipe.script, f"{INBOX}/provision.sh")
                 progress(f"layer {recipe.name}: running {recipe.script.name}")
                 vm.ssh(f"cd {INBOX} && sh ./provision.sh", check=True, timeout=3600)
-            # Forget what this one boot left that every VM of the layer must not share.
-            vm.ssh(f"rm -rf {INBOX} /var/lib/dhcp/*.leases; truncate -s0 /etc/machine-id; sync",
+            # Forget what this one boot left that every VM of the layer must not share,
+            # including the builder's own identity (identity.py): its hostname.
+            vm.ssh(f"rm -rf {INBOX} /var/lib/dhcp/*.leases; truncate -s0 /etc/machine-id; "
+                   f"echo localhost >/etc/hostname; sed -i '/# ost-identity$/d' /etc/hosts; sync",
                    check=True)
             _shut_down(vm)
             _store(vm.overlay, target, len(parent.chain) + 1, recipe.squash_above)

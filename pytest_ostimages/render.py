@@ -99,7 +99,8 @@ def network_xml(
     _child(root, "domain").set("name", domain)
     ip = _child(root, "ip")
     for attr in ("netmask", "prefix", "address"):
-        ip.attrib.pop(attr, None)
+        if attr in ip.attrib:
+            del ip.attrib[attr]
     ip.set("address", str(subnet.network_address + 1))
     ip.set("prefix", str(subnet.prefixlen))
     dhcp = _child(ip, "dhcp")

@@ -19,21 +19,22 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import OstError
-from .identity import HostKey
+from .identity import HostKey, hosts_line
 
 UserData = Union[str, dict[str, Any]]
 
 
-def user_data(hostname: str, fqdn: str, authorized_key: str, host_key: HostKey, machine_id: str,
-              extra: Optional[UserData]) -> str:
+def user_data(hostname: str, fqdn: str, ip: str, authorized_key: str, host_key: HostKey,
+              machine_id: str, extra: Optional[UserData]) -> str:
     """The user-data: the plugin's cloud-config, then the suite's, as MIME multipart."""
     ours = {
-        "hostname": hostname, "fqdn": fqdn, "prefer_fqdn_over_hostname": False, "manage_etc_hosts": True,
+        "hostname": hostname, "fqdn": fqdn, "prefer_fqdn_over_hostname": False,
         "disable_root": False, "ssh_authorized_keys": [authorized_key],
         "ssh_deletekeys": True, "ssh_genkeytypes": [],
         "ssh_keys": {"ed25519_private": host_key.private, "ed25519_public": host_key.public},
         # systemd read the image's machine-id before cloud-init ran: give it this VM's own
-        "bootcmd": [["sh", "-c", f"echo {machine_id} >/etc/machine-id"]],
+        "bootcmd": [["sh", "-c", f"echo {machine_id} >/etc/machine-id"],
+                    ["sh", "-c", hosts_line(ip, hostname, fqdn)]],
     }
     message = MIMEMultipart()
     parts = [ours] + ([extra] if extra is not None else [])
@@ -46,7 +47,7 @@ def user_data(hostname: str, fqdn: str, authorized_key: str, host_key: HostKey, 
     return message.as_string()
 
 
-def write_seed(path: Path, hostname: str, fqdn: str, authorized_key: str, host_key: HostKey,
+def write_seed(path: Path, hostname: str, fqdn: str, ip: str, authorized_key: str, host_key: HostKey,
                extra: Optional[UserData] = None) -> str:
     """Write the seed ISO for one VM; returns its instance-id."""
     try:
@@ -58,7 +59,7 @@ def write_seed(path: Path, hostname: str, fqdn: str, authorized_key: str, host_k
     instance_id = f"ost-{uuid.uuid4()}"
     files = {
         "meta-data": f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n",
-        "user-data": user_data(hostname, fqdn, authorized_key, host_key, uuid.uuid4().hex, extra),
+        "user-data": user_data(hostname, fqdn, ip, authorized_key, host_key, uuid.uuid4().hex, extra),
     }
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")

@@ -13,7 +13,7 @@ import paramiko
 
 from .catalog import Image
 from .errors import BootError, OstError, VMError
-from .identity import HostKey, fixup_script, upload
+from .identity import HostKey, fixup_script
 from .ssh import SSH, CommandResult, HostKeyMismatch, NotReady
 from .virt import domain_state, libvirt_module
 
@@ -122,10 +122,8 @@ class VM:
     def take_identity(self, key: HostKey) -> float:
         """Give the guest its own machine-id, host key `key` and hostname; pin `key`. Seconds."""
         start = time.monotonic()
-        with self._ssh.sftp() as sftp:
-            upload(sftp, key)
-        short = self.hostname.split(".")[0]
-        self.ssh(fixup_script(short, self.hostname), check=True, timeout=120)
+        self.ssh(fixup_script(self.hostname.split(".")[0], self.hostname, str(self.ip), key),
+                 check=True, timeout=120)
         self._ssh.pin(key.pkey())
         self.ssh("true", check=True)  # the new sshd answers, with the pinned key
         return time.monotonic() - start

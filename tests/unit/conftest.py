@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 import textwrap
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -14,6 +16,15 @@ DISTRO = "testos"
 
 def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A work directory root that libvirt's qemu user could reach (not under /tmp/pytest-of-*)."""
+    path = Path(tempfile.mkdtemp(prefix="ost-unit-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path / "work"
+    shutil.rmtree(path)
 
 
 @pytest.fixture

@@ -6,22 +6,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 DISTRO = "testos"
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A work directory root that libvirt's qemu user could reach (not under /tmp/pytest-of-*)."""
-    path = Path(tempfile.mkdtemp(prefix="ost-unit-", dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path / "work"
-    shutil.rmtree(path)
 
 
 @pytest.fixture

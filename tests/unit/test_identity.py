@@ -33,9 +33,11 @@ def test_known_hosts_line_is_what_openssh_matches(tmp_path: Path) -> None:
 
 
 def test_fixup_quotes_what_it_is_given() -> None:
-    script = fixup_script("engine", "engine.ost.test")
-    assert "hostname engine\n" in script and "engine.ost.test engine >>/etc/hosts" in script
-    assert "'a b; rm -rf /'" in fixup_script("a b; rm -rf /", "x")
+    key = HostKey.generate()
+    script = fixup_script("engine", "engine.ost.test", "192.0.2.10", key)
+    assert "hostname engine\n" in script and "192.0.2.10 engine.ost.test engine >>/etc/hosts" in script
+    assert key.private.strip() in script
+    assert "'a b; rm -rf /'" in fixup_script("a b; rm -rf /", "x", "192.0.2.10", key)
 
 
 def test_nocloud_seed_carries_identity_and_the_suites_user_data(tmp_path: Path) -> None:
@@ -48,7 +50,7 @@ def test_nocloud_seed_carries_identity_and_the_suites_user_data(tmp_path: Path) 
 
     key = HostKey.generate()
     seed = tmp_path / "seed.iso"
-    instance = write_seed(seed, "engine", "engine.ost.test", "ssh-rsa AAAAroot", key,
+    instance = write_seed(seed, "engine", "engine.ost.test", "192.0.2.10", "ssh-rsa AAAAroot", key,
                           {"runcmd": [["touch", "/root/x"]]})
     assert "LABEL=\"cidata\"" in subprocess.run(["blkid", str(seed)], capture_output=True, text=True).stdout
     iso = pycdlib.PyCdlib()
@@ -64,7 +66,7 @@ def test_nocloud_seed_carries_identity_and_the_suites_user_data(tmp_path: Path) 
     assert len(parts) == 2 and all(p.startswith("#cloud-config\n") for p in parts)
     assert key.public in parts[0] and "ssh-rsa AAAAroot" in parts[0] and "engine.ost.test" in parts[0]
     assert "/root/x" in parts[1]
-    assert write_seed(tmp_path / "other.iso", "engine", "e", "k", key) != instance
+    assert write_seed(tmp_path / "other.iso", "engine", "e", "192.0.2.10", "k", key) != instance
 
 
 def test_cloud_init_is_read_from_the_layers_package_list(tmp_path: Path) -> None:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 import textwrap
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -25,13 +23,6 @@ from pytest_ostimages.share import Share
 
 DISTRO = "testos"
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ost-unit-", dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path / "work"
-    shutil.rmtree(path)
 
 
 @pytest.fixture
