@@ -21,6 +21,8 @@ Figures:
   suite      examples/basic_suite with -n 0 and -n 2
   identity   boot to ready with --ost-identity=auto (own machine-id, host key,
              hostname)  vs  keep (the image's)
+  warm       engine + 2 hosts restored from saved states  vs  booted; the example
+             suite in a cold session after a first run  vs  that first run
   inside     --ost-run-inside on examples/inside: command -> first inner result,
              tree shared over virtiofs  vs  copied
 """
@@ -52,7 +54,7 @@ from pytest_ostimages.ssh import SSH  # noqa: E402
 
 MEMORY, VCPUS = 512, 1
 LAYER = "engine-installed"
-SETTINGS = {"ost_memory": str(MEMORY), "ost_vcpus": str(VCPUS)}
+SETTINGS = {"ost_memory": str(MEMORY), "ost_vcpus": str(VCPUS), "ost_warm": "off"}  # boots unless said
 
 
 def config(**settings: str):
@@ -267,7 +269,7 @@ def measure_reuse(repeat: int, results: dict) -> None:
         test = Path(tmp) / "test_one.py"
         test.write_text("def test_one(ost_vm):\n    assert ost_vm.ssh('true').returncode == 0\n")
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test),
-                   f"--ost-image={LAYER}", f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}"]
+                   f"--ost-image={LAYER}", f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", "--ost-warm=off"]
         runs = []
         for _ in range(repeat + 1):
             t0 = time.monotonic()
@@ -300,6 +302,30 @@ def measure_identity(repeat: int, results: dict) -> None:
     print(f"  identity: auto {min(runs['auto']):.1f} s, keep {min(runs['keep']):.1f} s", flush=True)
 
 
+def measure_warm(repeat: int, results: dict) -> None:
+    """engine + 2 hosts restored from saved states vs booted; the example suite cold, twice."""
+    specs = [VMSpec("engine", "engine-installed"), VMSpec("host0", "host-installed"),
+             VMSpec("host1", "host-installed")]
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        os.chmod(tmp, 0o755)
+        settings = {"ost_warm": "on", "ost_workdir": tmp}
+        booted = plugin_boot(specs, **settings)["ready"]  # saves the states at its end
+        restored = [plugin_boot(specs, **settings)["ready"] for _ in range(repeat)]
+    results["warm: engine + 2 hosts ready"] = {"plugin": stats(restored), "baseline": stats([booted])}
+    print(f"  warm start, engine + 2 hosts: restored {min(restored):.1f} s, booted {booted:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        os.chmod(tmp, 0o755)
+        runs = []
+        for _ in range(2):
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ost-warm=on",
+                            f"--ost-workdir={tmp}", str(ROOT / "examples" / "basic_suite")], cwd=ROOT,
+                           check=True, capture_output=True)
+            runs.append(time.monotonic() - t0)
+    results["warm: example suite, cold session"] = {"plugin": stats(runs[1:]), "baseline": stats(runs[:1])}
+    print(f"  example suite: first run {runs[0]:.1f} s (boots, saves), next cold run {runs[1]:.1f} s", flush=True)
+
+
 def measure_inside(repeat: int, results: dict) -> None:
     """--ost-run-inside on examples/inside: command start -> first inner test result, per share mode."""
     times: dict[str, list[float]] = {"virtiofs": [], "copy": []}
@@ -307,7 +333,8 @@ def measure_inside(repeat: int, results: dict) -> None:
         for mode in times:
             command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
                        "--ost-run-inside=host-installed", f"--ost-inside-share={mode}",
-                       f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", str(ROOT / "examples" / "inside")]
+                       f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", "--ost-warm=off",
+                       str(ROOT / "examples" / "inside")]
             t0 = time.monotonic()
             proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             first = None
@@ -324,7 +351,7 @@ def measure_inside(repeat: int, results: dict) -> None:
 
 # --- report -------------------------------------------------------------------------------
 
-FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity")
+FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity", "warm")
 
 GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "boot": ("ratio <= 1.05 and overhead <= 0.5 s",
@@ -390,6 +417,8 @@ def main() -> None:
         measure_inside(args.repeat, results)
     if "identity" in wanted:
         measure_identity(args.repeat, results)
+    if "warm" in wanted:
+        measure_warm(args.repeat, results)
     report(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

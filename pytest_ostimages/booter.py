@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from . import virt
 from .catalog import Image
-from .identity import HostKey, fingerprint
+from . import warm
+from .identity import HostKey, fingerprint, public_key
 from .render import HostEntry
 from .slots import BootSlots
 from .ssh import SSH
 from .vm import VM
+from .warm import SNAPSHOT, WarmCache, WarmStartError
 
 if TYPE_CHECKING:
     import libvirt
@@ -44,15 +46,17 @@ class BootPlan:
     xml: str
     host_key: Optional[HostKey]  # the identity to give it; None: keep the image's
     cloud_init: bool = False  # it gets its identity (host_key) from a NoCloud seed
+    warm_key: Optional[str] = None  # its recipe, when warm start applies to it
 
 
 class Booter:
     def __init__(self, slots: BootSlots, boot_timeout: float, virt_type: str,
-                 progress: Callable[[str], None]) -> None:
+                 progress: Callable[[str], None], warm: Optional[WarmCache] = None) -> None:
         self.slots = slots
         self.boot_timeout = boot_timeout
         self.virt_type = virt_type
         self.progress = progress
+        self.warm = warm
         self.abort = threading.Event()  # set when the session is interrupted
 
     def boot(self, conn: "libvirt.virConnect", plans: list[BootPlan], key: "paramiko.PKey",
@@ -76,16 +80,18 @@ class Booter:
 
     def _boot_one(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
                   started: Callable[[VM], None]) -> VM:
-        """Start one domain once a host-wide boot slot is free, and wait for its SSH."""
+        """Restore or start one domain once a host-wide boot slot is free, and wait for its SSH."""
         with self.slots.take(self.abort) as waited:
             if waited >= 1:
                 self.progress(f"{plan.role}: waited {waited:.1f} s for a boot slot")
-            domain = virt.create_domain(conn, plan.xml)
-            vm = VM(plan.name, plan.role, plan.hostname, plan.entry.ip, plan.entry.mac, plan.image,
-                    plan.overlay, plan.console, domain, SSH(str(plan.entry.ip), key))
-            started(vm)
-            self.progress(f"{plan.role}: booting {plan.image.label} as {plan.name} ({plan.vcpus} vCPU, "
-                          f"{plan.memory} MiB, {self.virt_type}) at {plan.entry.ip}")
+            vm = self._restore(conn, plan, key, started)
+            if vm is None:
+                domain = virt.create_domain(conn, plan.xml)
+                vm = VM(plan.name, plan.role, plan.hostname, plan.entry.ip, plan.entry.mac, plan.image,
+                        plan.overlay, plan.console, domain, SSH(str(plan.entry.ip), key))
+                started(vm)
+                self.progress(f"{plan.role}: booting {plan.image.label} as {plan.name} ({plan.vcpus} vCPU, "
+                              f"{plan.memory} MiB, {self.virt_type}) at {plan.entry.ip}")
             seconds = vm.wait_for_ssh(self.boot_timeout, self.abort)
             if plan.cloud_init and plan.host_key is not None:
                 left = max(1.0, self.boot_timeout - seconds)
@@ -95,7 +101,32 @@ class Booter:
             else:
                 vm.pin_offered_key()
                 identity = ", image's identity kept"
+            if plan.warm_key is not None and vm.origin == "booted":
+                vm.snapshot(SNAPSHOT)  # this ready state is saved for warm starts at the end
+                vm.warm_key = plan.warm_key
         assert vm.host_key is not None
         self.progress(f"{plan.role}: ssh ready in {seconds:.1f} s{identity}, host key "
                       f"{fingerprint(vm.host_key)}")
+        return vm
+
+    def _restore(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
+                 started: Callable[[VM], None]) -> Optional[VM]:
+        """The VM restored from its recipe's saved state, None if there is none or it failed."""
+        if self.warm is None or plan.warm_key is None or not self.warm.state(plan.warm_key).exists():
+            return None
+        state = self.warm.state(plan.warm_key)
+        start = time.monotonic()
+        try:
+            in_use = self.warm.use(state)
+            overlay = plan.overlay.with_name(f"{plan.name}.warm.qcow2")
+            domain = warm.restore(conn, state, plan.xml, overlay, plan.overlay.with_name(f"{plan.name}.save"))
+        except (WarmStartError, OSError) as exc:
+            self.progress(f"{plan.role}: warm start from saved state {state.key} failed ({exc}): booting")
+            return None
+        vm = VM(plan.name, plan.role, plan.hostname, plan.entry.ip, plan.entry.mac, plan.image, overlay,
+                plan.console, domain, SSH(str(plan.entry.ip), key, host_key=public_key(state.host_key())),
+                origin=f"restored from saved state {state.key}", warm_lock=in_use)
+        started(vm)
+        self.progress(f"{plan.role}: restored {plan.image.label} from saved state {state.key} as "
+                      f"{plan.name} at {plan.entry.ip} in {time.monotonic() - start:.1f} s")
         return vm

@@ -63,6 +63,8 @@ class OstConfig:
     reuse: bool = False
     identity: str = "auto"
     cloud_init: str = "auto"
+    warm: bool = True
+    warm_cache_size: int = 20  # GiB
     run_inside: Optional[str] = None  # a layer: run the session's tests inside a VM of it
     inside_setup: Optional[Path] = None
     inside_share: str = "auto"
@@ -225,6 +227,10 @@ SETTINGS: tuple[Setting, ...] = (
             "is pinned either way)"),
     Setting("cloud_init", _choice(CLOUD_INIT), "auto: a NoCloud seed for VMs whose layer has "
             "cloud-init (its package list says so); on: for every VM; off: never"),
+    Setting("warm", _bool, "on/off: warm start, restore VMs from states saved by earlier sessions "
+            "instead of booting them, and save new ones at the end of the session (default on)"),
+    Setting("warm_cache_size", _positive_int, "GiB the saved states may take, least recently used "
+            "out (default 20)"),
     Setting("artifacts", _path, "after a failed run, save console logs, journals, /var/log, "
             "domain and network XML, DHCP leases and package lists here"),
     Setting("run_inside", str, "run this pytest invocation inside a fresh VM of this layer (e.g. "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ from .reuse import kept_runs
 from .seed import write_seed
 from .ssh import SSH
 from .vm import CLEAN_SNAPSHOT, VM
+from .warm import WarmCache, recipe_key
+
+WARM_RECIPE = 1  # bump when what a saved state holds changes
 
 if TYPE_CHECKING:
     import libvirt
@@ -89,11 +93,18 @@ class Lab:
     def cpu_mode(self) -> str:
         return virt.resolve_cpu_mode(self.virt_type, self.config.cpu_mode)
 
+    @functools.cached_property
+    def warm_cache(self) -> Optional[WarmCache]:
+        """The host-wide saved states (next to the custom layers), None with --ost-warm=off."""
+        if not self.config.warm:
+            return None
+        return WarmCache(self.config.workdir / "warm", self.config.warm_cache_size * 2**30)
+
     @property
     def booter(self) -> Booter:
         if self._booter is None:
             self._booter = Booter(BootSlots(self.config.max_boots), self.config.boot_timeout,
-                                  self.virt_type, self.progress)
+                                  self.virt_type, self.progress, self.warm_cache)
         return self._booter
 
     # --- creating things ----------------------------------------------------------
@@ -193,8 +204,13 @@ class Lab:
                          shares=spec.shares, seed=seed)
         # recorded before it exists: an interrupt at any point still removes it
         self._made.append(Owned("domain", name, self.owner))
+        warm_key = None
+        if self.warm_cache is not None and seed is None and not spec.shares:
+            warm_key = recipe_key([WARM_RECIPE, image.identity(), memory, vcpus, self.virt_type,
+                                   self.cpu_mode, self.inputs.templates.text("domain.xml"),
+                                   self.config.identity])
         return BootPlan(spec.role, name, hostname, image, memory, vcpus, entry, overlay, console, xml,
-                        host_key, seed is not None)
+                        host_key, seed is not None, warm_key)
 
     def _started(self, vm: VM) -> None:
         self.vms[vm.role] = vm
@@ -250,11 +266,17 @@ class Lab:
         self._close_connection()
 
     def close(self) -> None:
-        """Remove every domain, network and file this lab made (or attached to)."""
+        """Remove every domain, network and file this lab made (or attached to).
+
+        VMs whose ready state is new to the warm-start cache are saved first.
+        """
+        self._save_warm_states()
         if self._made:
             self.progress(f"removing the VMs, network and work directory of run {self.run_id}")
         for vm in self.vms.values():
             vm.close()
+            if vm.warm_lock is not None:
+                os.close(vm.warm_lock)
         made, self._made = self._made, []
         domains = [item for item in made if item.kind == "domain"]
         try:
@@ -275,6 +297,16 @@ class Lab:
             self.vms.clear()
             self.network = None
             self._close_connection()
+
+    def _save_warm_states(self) -> None:
+        for vm in self.vms.values():
+            if self.warm_cache is None or vm.warm_key is None or vm.state() != "running":
+                continue
+            self.progress(f"{vm.role}: saving its ready state for warm starts")
+            try:
+                self.warm_cache.save(vm, vm.warm_key, self.progress)
+            except Exception as exc:  # noqa: BLE001 - a cache must never keep a session from ending
+                self.progress(f"{vm.role}: its state could not be saved ({exc.__class__.__name__}: {exc})")
 
     def _close_connection(self) -> None:
         if self._conn is not None:

@@ -20,7 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -64,7 +64,8 @@ def build_layer(config: OstConfig, recipe: LayerRecipe,
     for path in [*([recipe.script] if recipe.script else []), *recipe.files]:
         if not path.is_file():
             raise OstError(f"Layer {recipe.name!r}: {path} does not exist or is not a file.")
-    lab = Lab(config, progress)
+    # booted, never restored: a warm start would put the cache's disk state into the layer's chain
+    lab = Lab(replace(config, warm=False), progress)
     try:
         lab.inputs.choose_distro([recipe.parent])
         parent = lab.inputs.image(recipe.parent)

@@ -38,6 +38,7 @@ from .plan import Plan, vm_fixture_specs
 from .seed import UserData
 from .share import Share
 from .vm import VM
+from .warm import WarmCache
 
 log = logging.getLogger("pytest_ostimages")
 
@@ -57,6 +58,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--ost-cleanup", action="store_true", default=False,
         help="remove every leftover of the plugin whose run is gone (VMs, networks, work "
              "directories), the VMs kept by --ost-reuse too, then exit without running tests")
+    parser.getgroup("ostimages").addoption(
+        "--ost-warm-cache", action="store_true", default=False,
+        help="with --ost-cleanup: also remove the saved states of warm start (--ost-warm)")
 
 
 def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
@@ -75,6 +79,9 @@ def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
         return int(pytest.ExitCode.USAGE_ERROR)
     for leftover in leftovers:
         print(f"removed {leftover}")
+    if config.getoption("ost_warm_cache"):
+        for key in WarmCache(settings.workdir / "warm", 0).clear():
+            print(f"removed saved state {key}")
     print(f"pytest-ostimages: removed {len(leftovers)} leftovers at {settings.libvirt_uri} "
           f"and in {settings.workdir}")
     return int(pytest.ExitCode.OK)

@@ -43,6 +43,9 @@ class VM:
     _ssh: SSH = field(repr=False)
     boot_seconds: Optional[float] = None
     dirty: Optional[bool] = None  # clean_vm: None until snapshotted, then used since revert?
+    origin: str = "booted"  # or "restored from saved state <key>" (warm start)
+    warm_key: Optional[str] = None  # its recipe, when its ready state is to be saved
+    warm_lock: Optional[int] = None  # held while its disk is backed by a saved state
 
     def ssh(self, command: str, check: bool = False, timeout: Optional[float] = 600) -> CommandResult:
         """Run `command` as root; with ``check=True`` a non-zero exit raises."""

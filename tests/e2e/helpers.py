@@ -10,7 +10,7 @@ from typing import Optional
 IMAGES = Path(os.environ.get("OST_IMAGES_DIR", "/usr/share/ost-images"))
 WORKDIR = Path(os.environ.get("OST_WORKDIR", "/var/tmp/pytest-ostimages"))
 # options of the inner sessions run by pytester: they do not read our pytest.ini
-INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1"]
+INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", "--ost-warm=off"]
 
 
 def image_state() -> dict[str, tuple[str, int, int, int]]:

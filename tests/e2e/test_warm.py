@@ -1,0 +1,73 @@
+"""Warm start: a later session restores saved VMs instead of booting them, with its own
+addresses and names, several sessions at once; a changed input makes it boot."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+SESSION = """
+    def test_vms(engine, host0):
+        for vm, other in ((engine, host0), (host0, engine)):
+            assert vm.ssh("hostname", check=True).stdout.strip() == vm.role
+            assert f"inet {vm.ip}/" in vm.ssh("ip -4 addr show eth0", check=True).stdout
+            assert vm.mac in vm.ssh("cat /sys/class/net/eth0/address", check=True).stdout
+            # reach each other by name, at this session's addresses
+            assert vm.ssh(f"getent hosts {other.hostname}", check=True).stdout.split()[0] == str(other.ip)
+            assert vm.ssh(f"ping -c1 -W5 {other.role}").returncode == 0
+        print("BOOT_ID", engine.role, engine.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip(),
+              engine.ip)
+"""
+
+
+@pytest.fixture
+def warm_workdir() -> Iterator[Path]:
+    """A work directory root of its own: its warm cache starts empty and is removed after."""
+    folder = Path(tempfile.mkdtemp(prefix="ost-warm-", dir="/var/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def boot_id(output: str) -> tuple[str, str]:
+    [line] = [line for line in output.splitlines() if line.startswith("BOOT_ID ")]
+    _, _, boot, ip = line.split()
+    return boot, ip
+
+
+def test_sessions_restore_saved_vms(pytester: pytest.Pytester, warm_workdir: Path, unchanged: None) -> None:
+    pytester.makepyfile(SESSION)
+    args = ["-s", "-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", "--ost-hosts=1",
+            "--ost-warm=on", f"--ost-workdir={warm_workdir}"]
+    first = pytester.runpytest_subprocess(*args)
+    first.assert_outcomes(passed=1)
+    first.stdout.fnmatch_lines(["*engine: booting *", "*engine: state saved for warm starts in *"])
+    booted, _ = boot_id(first.stdout.str())
+
+    # two sessions at once, from the same saved states, each on its own network
+    command = [sys.executable, "-m", "pytest", *args]
+    runs = [subprocess.Popen(command, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    for run, output in zip(runs, outputs):
+        assert run.returncode == 0, output
+        assert "engine: restored debian12-engine-installed from saved state" in output, output
+        assert "host0: restored debian12-host-installed from saved state" in output, output
+        assert ": booting " not in output, output
+    restored = [boot_id(output) for output in outputs]
+    assert [boot for boot, _ in restored] == [booted, booted]  # the saved guest, not rebooted
+    assert restored[0][1] != restored[1][1]  # each session's own address
+
+    changed = pytester.runpytest_subprocess(*args, "--ost-memory=640")
+    changed.assert_outcomes(passed=1)
+    changed.stdout.fnmatch_lines(["*engine: booting *640 MiB*"])
+
+    cleanup = pytester.runpytest_subprocess("--ost-cleanup", "--ost-warm-cache", f"--ost-workdir={warm_workdir}")
+    cleanup.stdout.fnmatch_lines(["removed saved state *"])
+    assert not [p for p in (warm_workdir / "warm").iterdir()]

@@ -1,0 +1,84 @@
+"""Warm start without VMs: the save image's XML rewritten in place, the cache's bounds."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from pytest_ostimages.warm import HEADER, MAGIC, SavedState, WarmCache, WarmStartError, patch_save_image, restored_xml
+
+SAVED = b"<domain type='qemu'><name>ost-aaaaaaaa-engine</name><uuid>0f6e3c6e-0000-4000-8000-000000000001</uuid>" \
+        b"<devices><disk type='file' device='disk'><source file='/w/aaaaaaaa/old.qcow2'/><address type='pci'/>" \
+        b"</disk><interface type='network'><source network='ost-aaaaaaaa'/><mac address='52:54:00:00:00:01'/>" \
+        b"<address type='pci' slot='3'/></interface><serial type='file'><source path='/w/old.log'/></serial>" \
+        b"</devices></domain>"
+FRESH = b"<domain type='qemu'><name>ost-bbbbbbbb-engine</name><metadata><owner/></metadata><devices>" \
+        b"<disk type='file' device='disk'><source file='/w/bbbbbbbb/new.qcow2'/><backingStore type='file'/></disk>" \
+        b"<interface type='network'><source network='ost-bbbbbbbb'/><mac address='52:54:00:00:00:02'/></interface>" \
+        b"<serial type='file'><source path='/w/new.log'/></serial></devices></domain>"
+
+
+def save_image(path: Path, room: int = 4096) -> bytes:
+    cookie, stream = b"<qemuDomainSaveCookie/>\0", os.urandom(8192)
+    xml = SAVED + b"\0" * (room - len(SAVED))
+    path.write_bytes(HEADER.pack(MAGIC, 2, room + len(cookie), 1, 0, room, *[0] * 14) + xml + cookie + stream)
+    return stream
+
+
+def test_the_copy_has_the_new_xml_and_the_same_cookie_and_stream(tmp_path: Path) -> None:
+    stream = save_image(tmp_path / "memory.save")
+    longer = FRESH.replace(b"/w/bbbbbbbb/new.qcow2", b"/w/" + b"x" * 5000 + b"/new.qcow2")  # more than the room
+    patch_save_image(tmp_path / "memory.save", tmp_path / "copy.save", restored_xml(etree.fromstring(longer)))
+    data = (tmp_path / "copy.save").read_bytes()
+    fields = HEADER.unpack(data[:HEADER.size])
+    assert fields[0] == MAGIC and fields[1] == 2 and fields[3] == 1  # magic, version, was_running kept
+    data_len, cookie_offset = fields[2], fields[5]
+    xml = data[HEADER.size:HEADER.size + cookie_offset]
+    assert xml.endswith(b"\0") and b"\0" not in xml[:-1]
+    assert data[HEADER.size + cookie_offset:HEADER.size + data_len] == b"<qemuDomainSaveCookie/>\0"
+    assert data[HEADER.size + data_len:] == stream
+    root = etree.fromstring(xml[:-1])
+    assert root.findtext("name") == "ost-bbbbbbbb-engine"
+    assert root.findtext("uuid") != "0f6e3c6e-0000-4000-8000-000000000001"
+    disk = root.find("devices/disk")
+    assert disk.find("source").get("file").endswith("/new.qcow2")
+    assert disk.find("address") is not None  # the saved device layout stays
+    assert disk.find("backingStore") is not None  # this session's chain comes in
+    assert root.find("devices/interface/source").get("network") == "ost-bbbbbbbb"
+    assert root.find("devices/interface/address").get("slot") == "3"
+    assert root.find("devices/serial/source").get("path") == "/w/new.log"
+
+
+def test_not_a_save_image_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "x").write_bytes(b"\0" * 200)
+    with pytest.raises(WarmStartError, match="not a libvirt save image"):
+        patch_save_image(tmp_path / "x", tmp_path / "y", lambda root: None)
+
+
+def make_state(root: Path, key: str, size: int, age: float) -> SavedState:
+    folder = root / key
+    folder.mkdir(parents=True)
+    (folder / "memory.save").write_bytes(b"\0" * size)
+    (folder / "in-use.lock").touch()
+    (folder / "meta.json").write_text(json.dumps({"host_key": "ssh-ed25519 AAAA"}))
+    os.utime(folder / "meta.json", (age, age))
+    return SavedState(folder)
+
+
+def test_least_recently_used_states_go_first_but_never_one_in_use(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path, limit=2500)
+    oldest, old, new = (make_state(tmp_path, k, 1000, age) for k, age in (("a" * 16, 1), ("b" * 16, 2), ("c" * 16, 3)))
+    fd = os.open(oldest.folder / "in-use.lock", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a running VM's disk is backed by it
+    try:
+        cache.evict(keep=new.key, progress=lambda _: None)
+    finally:
+        os.close(fd)
+    assert oldest.exists() and not old.exists() and new.exists()
+    assert cache.clear() == [oldest.key, new.key]
+    assert list(tmp_path.iterdir()) == []
