@@ -119,7 +119,8 @@ class Booter:
         try:
             in_use = self.warm.use(state)
             overlay = plan.overlay.with_name(f"{plan.name}.warm.qcow2")
-            domain = warm.restore(conn, state, plan.xml, overlay, plan.overlay.with_name(f"{plan.name}.save"))
+            domain, steps = warm.restore(conn, state, plan.xml, overlay,
+                                         plan.overlay.with_name(f"{plan.name}.save"))
         except (WarmStartError, OSError) as exc:
             self.progress(f"{plan.role}: warm start from saved state {state.key} failed ({exc}): booting")
             return None
@@ -128,5 +129,6 @@ class Booter:
                 origin=f"restored from saved state {state.key}", warm_lock=in_use)
         started(vm)
         self.progress(f"{plan.role}: restored {plan.image.label} from saved state {state.key} as "
-                      f"{plan.name} at {plan.entry.ip} in {time.monotonic() - start:.1f} s")
+                      f"{plan.name} at {plan.entry.ip} in {time.monotonic() - start:.1f} s ("
+                      + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items()) + ")")
         return vm

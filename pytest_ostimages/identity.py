@@ -93,8 +93,8 @@ def fixup_script(short: str, fqdn: str, ip: str, key: HostKey) -> str:
         f"echo {s} >/etc/hostname",
         f"hostname {s}",
         hosts_line(ip, short, fqdn),
-        # Type=notify: restart returns once the new sshd, with only the new key, listens
-        "systemctl restart sshd 2>/dev/null || systemctl restart ssh",
+        # SIGHUP: sshd re-executes itself with only the new key, on the same socket
+        "systemctl reload sshd 2>/dev/null || systemctl reload ssh",
     ]) + "\n"
 
 

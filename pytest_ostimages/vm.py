@@ -128,8 +128,18 @@ class VM:
         self.ssh(fixup_script(self.hostname.split(".")[0], self.hostname, str(self.ip), key),
                  check=True, timeout=120)
         self._ssh.pin(key.pkey())
-        self.ssh("true", check=True)  # the new sshd answers, with the pinned key
+        self._wait_for_new_sshd()
         return time.monotonic() - start
+
+    def _wait_for_new_sshd(self, timeout: float = 60) -> None:
+        """sshd re-executes itself (SIGHUP) with the new key: log in again as soon as it listens."""
+        try:
+            self._ssh.wait_ready(timeout, lambda: None if self.state() == "running" else "stopped")
+        except NotReady as exc:
+            raise BootError(self.describe_failure(f"did not answer SSH after taking its identity: {exc}")) from None
+        except HostKeyMismatch as exc:
+            raise BootError(self.describe_failure(f"does not offer the host key it was given: {exc}",
+                                                  hint=False)) from None
 
     def finish_cloud_init(self, key: HostKey, timeout: float) -> float:
         """Wait until cloud-init has finished (it gave the guest `key`); pin `key`. Seconds."""
