@@ -9,7 +9,7 @@ answers and before any test sees it (``--ost-identity=auto``):
 - an ed25519 host key made here, in this process, so it is known before the guest
   ever offers it; the image's host keys are removed,
 - its hostname: the role as short name, the FQDN on the management network,
-- sshd restarted, then the connection made again against the pinned key.
+- sshd reloaded, then the connection made again against the pinned key.
 
 Why over SSH and not systemd credentials over SMBIOS: the ``system.hostname`` and
 ``system.machine_id`` credentials need systemd 254; EL9 and Debian 12 guests have

@@ -23,6 +23,12 @@ SESSION = """
             assert vm.ssh(f"ping -c1 -W5 {other.role}").returncode == 0
         print("BOOT_ID", engine.role, engine.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip(),
               engine.ip)
+
+
+    def test_clean_vm_reverts_a_restored_vm_too(clean_vm):
+        clean_vm.ssh("touch /root/dirty && sync", check=True)
+        clean_vm.revert()
+        assert clean_vm.ssh("test -e /root/dirty").returncode == 1
 """
 
 
@@ -46,7 +52,7 @@ def test_sessions_restore_saved_vms(pytester: pytest.Pytester, warm_workdir: Pat
     args = ["-s", "-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", "--ost-hosts=1",
             "--ost-warm=on", f"--ost-workdir={warm_workdir}"]
     first = pytester.runpytest_subprocess(*args)
-    first.assert_outcomes(passed=1)
+    first.assert_outcomes(passed=2)
     first.stdout.fnmatch_lines(["*engine: booting *", "*engine: state saved for warm starts in *"])
     booted, _ = boot_id(first.stdout.str())
 
@@ -59,13 +65,15 @@ def test_sessions_restore_saved_vms(pytester: pytest.Pytester, warm_workdir: Pat
         assert run.returncode == 0, output
         assert "engine: restored debian12-engine-installed from saved state" in output, output
         assert "host0: restored debian12-host-installed from saved state" in output, output
+        assert "clean: restored debian12-base from saved state" in output, output
+        assert "2 passed" in output, output
         assert ": booting " not in output, output
     restored = [boot_id(output) for output in outputs]
     assert [boot for boot, _ in restored] == [booted, booted]  # the saved guest, not rebooted
     assert restored[0][1] != restored[1][1]  # each session's own address
 
     changed = pytester.runpytest_subprocess(*args, "--ost-memory=640")
-    changed.assert_outcomes(passed=1)
+    changed.assert_outcomes(passed=2)
     changed.stdout.fnmatch_lines(["*engine: booting *640 MiB*"])
 
     cleanup = pytester.runpytest_subprocess("--ost-cleanup", "--ost-warm-cache", f"--ost-workdir={warm_workdir}")
