@@ -152,9 +152,10 @@ class WarmCache:
         for state in states:
             if total <= self.limit:
                 break
+            size = state.size()  # measured before it is gone
             if state.key == keep or not self._remove_unused(state):
                 continue
-            total -= state.size() if state.folder.exists() else 0
+            total -= size
             progress(f"warm cache over {self.limit // 2**30} GiB: removed the least recently used state "
                      f"{state.key}")
 

@@ -82,3 +82,10 @@ def test_least_recently_used_states_go_first_but_never_one_in_use(tmp_path: Path
     assert oldest.exists() and not old.exists() and new.exists()
     assert cache.clear() == [oldest.key, new.key]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eviction_stops_as_soon_as_the_cache_fits(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path, limit=2500)
+    states = [make_state(tmp_path, k * 16, 1000, age) for k, age in (("a", 1), ("b", 2), ("c", 3), ("d", 4))]
+    cache.evict(keep=states[3].key, progress=lambda _: None)
+    assert [s.exists() for s in states] == [False, False, True, True]
