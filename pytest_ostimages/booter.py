@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from . import virt
+from . import virt, warm
 from .catalog import Image
-from . import warm
 from .identity import HostKey, fingerprint, public_key
 from .render import HostEntry
 from .slots import BootSlots
@@ -112,9 +111,11 @@ class Booter:
     def _restore(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
                  started: Callable[[VM], None]) -> Optional[VM]:
         """The VM restored from its recipe's saved state, None if there is none or it failed."""
-        if self.warm is None or plan.warm_key is None or not self.warm.state(plan.warm_key).exists():
+        if self.warm is None or plan.warm_key is None:
             return None
         state = self.warm.state(plan.warm_key)
+        if not state.exists():
+            return None
         start = time.monotonic()
         try:
             in_use = self.warm.use(state)

@@ -44,6 +44,7 @@ from lxml import etree
 
 from .errors import OstError
 from .files import host_lock, write_atomic
+from .identity import openssh_line
 from .virt import libvirt_module, remove_domain
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class WarmCache:
             partial.mkdir(parents=True, mode=0o755)
             vm.close()
             dom = vm.domain
-            dom.revertToSnapshot(dom.snapshotLookupByName(SNAPSHOT), _libvirt().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
+            dom.revertToSnapshot(dom.snapshotLookupByName(SNAPSHOT), libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
             for snapshot in dom.listAllSnapshots():  # their memory would bloat the saved disk
                 snapshot.delete()
             dom.save(str(partial / "memory.save"))
@@ -136,7 +137,7 @@ class WarmCache:
             assert vm.host_key is not None
             write_atomic(partial / "meta.json", json.dumps({
                 "key": key, "image": str(vm.image.path), "role": vm.role, "saved": time.time(),
-                "host_key": f"{vm.host_key.get_name()} {vm.host_key.get_base64()}"}))
+                "host_key": openssh_line(vm.host_key)}))
             for path in partial.iterdir():
                 path.chmod(0o444 if path.name != "in-use.lock" else 0o644)
             os.replace(partial, state.folder)
@@ -296,7 +297,7 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overl
 
     Returns the domain and the seconds each step took.
     """
-    libvirt = _libvirt()
+    libvirt = libvirt_module()
     steps: dict[str, float] = {}
     mark = time.monotonic()
 
@@ -341,6 +342,3 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overl
                              f"(guest agent?): {message}") from None
     return dom, steps
 
-
-def _libvirt() -> Any:
-    return libvirt_module()
