@@ -8,12 +8,13 @@ main thread stops all waits at once.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import virt, warm
 from .catalog import Image
@@ -46,6 +47,19 @@ class BootPlan:
     host_key: Optional[HostKey]  # the identity to give it; None: keep the image's
     cloud_init: bool = False  # it gets its identity (host_key) from a NoCloud seed
     warm_key: Optional[str] = None  # its recipe, when warm start applies to it
+    nics: tuple[tuple[str, HostEntry], ...] = ()  # (network role, reservation) of eth0, eth1, ...
+
+    @property
+    def ip(self) -> "ipaddress.IPv4Address | ipaddress.IPv6Address":
+        """Where the plugin reaches it: IPv4 on the management network, unless IPv6-only."""
+        address = self.entry.ip or self.entry.ip6
+        assert address is not None
+        return address
+
+    def vm(self, domain: "libvirt.virDomain", ssh: SSH, overlay: Optional[Path] = None, **extra: Any) -> VM:
+        return VM(self.name, self.role, self.hostname, self.ip, self.entry.mac, self.image,
+                  overlay or self.overlay, self.console, domain, ssh, ip6=self.entry.ip6, nics=self.nics,
+                  **extra)
 
 
 class Booter:
@@ -86,11 +100,10 @@ class Booter:
             vm = self._restore(conn, plan, key, started)
             if vm is None:
                 domain = virt.create_domain(conn, plan.xml)
-                vm = VM(plan.name, plan.role, plan.hostname, plan.entry.ip, plan.entry.mac, plan.image,
-                        plan.overlay, plan.console, domain, SSH(str(plan.entry.ip), key))
+                vm = plan.vm(domain, SSH(str(plan.ip), key))
                 started(vm)
                 self.progress(f"{plan.role}: booting {plan.image.label} as {plan.name} ({plan.vcpus} vCPU, "
-                              f"{plan.memory} MiB, {self.virt_type}) at {plan.entry.ip}")
+                              f"{plan.memory} MiB, {self.virt_type}) at {plan.ip}")
             seconds = vm.wait_for_ssh(self.boot_timeout, self.abort)
             if plan.cloud_init and plan.host_key is not None:
                 left = max(1.0, self.boot_timeout - seconds)
@@ -125,11 +138,10 @@ class Booter:
         except (WarmStartError, OSError) as exc:
             self.progress(f"{plan.role}: warm start from saved state {state.key} failed ({exc}): booting")
             return None
-        vm = VM(plan.name, plan.role, plan.hostname, plan.entry.ip, plan.entry.mac, plan.image, overlay,
-                plan.console, domain, SSH(str(plan.entry.ip), key, host_key=public_key(state.host_key())),
-                origin=f"restored from saved state {state.key}", warm_lock=in_use)
+        vm = plan.vm(domain, SSH(str(plan.ip), key, host_key=public_key(state.host_key())), overlay,
+                     origin=f"restored from saved state {state.key}", warm_lock=in_use)
         started(vm)
         self.progress(f"{plan.role}: restored {plan.image.label} from saved state {state.key} as "
-                      f"{plan.name} at {plan.entry.ip} in {time.monotonic() - start:.1f} s ("
+                      f"{plan.name} at {plan.ip} in {time.monotonic() - start:.1f} s ("
                       + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items()) + ")")
         return vm

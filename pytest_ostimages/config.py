@@ -21,6 +21,7 @@ INSIDE_SHARES = ("auto", "virtiofs", "copy")
 IDENTITIES = ("auto", "keep")
 CLOUD_INIT = ("auto", "on", "off")
 CPU_MODES = ("auto", "host-passthrough", "host-model", "maximum", "default")
+IP_VERSIONS = ("4", "6", "both")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class PerRole:
     roles: Mapping[str, int] = field(default_factory=dict)
 
     def for_role(self, role: str) -> int:
-        kind = role.rstrip("0123456789") or role
+        kind = role.rstrip("0123456789-") or role
         return self.roles.get(role, self.roles.get(kind, self.default))
 
 
@@ -69,6 +70,14 @@ class OstConfig:
     inside_setup: Optional[Path] = None
     inside_share: str = "auto"
     inside_artifacts: tuple[str, ...] = ()
+    init_config: Optional[Path] = None  # an OST init-config: boot its topology at session start
+    suite: Optional[str] = None  # OST suite name (default: the init-config's directory)
+    root: Optional[Path] = None  # OST_REPO_ROOT: deploy scripts are relative to it (default rootdir)
+    ip_version: str = "both"  # addresses of every network: IPv4, IPv6 or both
+    given: frozenset[str] = frozenset()  # the settings given explicitly (not defaults)
+
+    def ip_versions(self) -> tuple[int, ...]:
+        return {"4": (4,), "6": (6,), "both": (4, 6)}[self.ip_version]
 
 
 # --- parsers: str -> value, raising ValueError with what was expected -------------
@@ -167,6 +176,12 @@ def _guest_paths(raw: str) -> tuple[str, ...]:
     return paths
 
 
+def _suite(raw: str) -> str:
+    if not raw or not raw.replace("-", "").replace("_", "").isalnum():
+        raise ValueError("expected a suite name of letters, digits, '-' and '_', e.g. basic-suite-master")
+    return raw
+
+
 def _dns_domain(raw: str) -> str:
     labels = raw.strip(".").split(".")
     if not all(lab and lab.replace("-", "").isalnum() for lab in labels):
@@ -182,6 +197,7 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     flag: bool = False
+    env_name: Optional[str] = None  # when not OST_<NAME> (a variable OST itself uses)
 
     @property
     def option(self) -> str:
@@ -193,7 +209,7 @@ class Setting:
 
     @property
     def env(self) -> str:
-        return "OST_" + self.name.upper()
+        return self.env_name or "OST_" + self.name.upper()
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -241,6 +257,15 @@ SETTINGS: tuple[Setting, ...] = (
             "the guest: virtiofs (shared read-only), copy, or auto (virtiofs, else copy)"),
     Setting("inside_artifacts", _guest_paths, "with --ost-run-inside and --ost-artifacts: guest files "
             "or folders to fetch after the run (comma-separated), besides the journal"),
+    Setting("init_config", _path, "an OST init-config (e.g. basic-suite-master/ost.json): boot its networks "
+            "and VMs at session start, run their deploy scripts, and set up OST's conventions "
+            "(OST_DEPLOYMENT, the hosts inventory) so that OST's ost_utils fixtures find them"),
+    Setting("suite", _suite, "OST suite name, as in domain and host names ost-<suite>-<vm> (default: "
+            "the name of the init-config's directory)"),
+    Setting("root", _path, "OST repository root: deploy-script paths are relative to it (default: "
+            "pytest's rootdir)", env_name="OST_REPO_ROOT"),
+    Setting("ip_version", _choice(IP_VERSIONS), "addresses on every network: 4, 6 or both (default both: "
+            "IPv4 and an IPv6 ULA /64, each with DHCP reservations and DNS)"),
 )
 
 
@@ -277,6 +302,7 @@ def resolve(
                 except ValueError as exc:
                     raise pytest.UsageError(f"{source}={raw!r}: {exc}") from None
                 break
+    values["given"] = frozenset(values)
     if "memory" in values and values["memory"].default == 0:
         values["memory"] = PerRole(OstConfig.memory.default, values["memory"].roles)
     if "vcpus" in values and values["vcpus"].default == 0:

@@ -68,12 +68,15 @@ def collect_artifacts(lab: "Lab", dest: Path) -> Path:
     """Write logs, XML and package lists of the lab's VMs under dest/<run id>/."""
     root = dest / lab.run_id
     root.mkdir(parents=True, exist_ok=True)
-    if lab.network is not None:
-        net = lab.network.handle
+    for network in lab.networks.values():
+        suffix = "" if network.management else f"-{network.role}"
         with contextlib.suppress(Exception):
-            (root / "network.xml").write_text(net.XMLDesc())
+            (root / f"network{suffix}.xml").write_text(network.handle.XMLDesc())
         with contextlib.suppress(Exception):
-            (root / "dhcp-leases.json").write_text(json.dumps(net.DHCPLeases(), indent=2))
+            (root / f"dhcp-leases{suffix}.json").write_text(json.dumps(network.handle.DHCPLeases(), indent=2))
+    deploy_logs = lab.workdir.path / "deploy"
+    if deploy_logs.is_dir():
+        shutil.copytree(deploy_logs, root / "deploy", dirs_exist_ok=True)
     images = set()
     for vm in lab.vms.values():
         folder = root / vm.role

@@ -13,13 +13,19 @@ import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .owner import RUN_ID, Label
 
 FIRST_VM_HOST = 10  # VMs get .10 - .99; .100 up is the dynamic DHCP range
 LAST_VM_HOST = 99
-VERSION = 1
+VERSION = 2
+
+
+def ipv6_subnet(subnet: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
+    """A ULA /64 made of an IPv4 subnet's address: unique wherever the IPv4 one is."""
+    o = subnet.network_address.packed
+    return ipaddress.IPv6Network(f"fd6f:7374:{o[0]:02x}{o[1]:02x}:{o[2]:02x}{o[3]:02x}::/64")
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class NetworkRecord:
     bridge: str
     subnet: ipaddress.IPv4Network
     domain: str
+    versions: tuple[int, ...] = (4,)  # IP versions on it (IPv6: the ULA /64 made of `subnet`)
 
 
 @dataclass(frozen=True)
@@ -39,12 +46,13 @@ class VMRecord:
     name: str  # libvirt domain
     role: str
     hostname: str
-    ip: ipaddress.IPv4Address
+    ip: "ipaddress.IPv4Address | ipaddress.IPv6Address"  # the address the plugin reaches it at
     mac: str
     image: Path  # the layer's qcow2 file
     overlay: Path
     console: Path
     host_key: str = ""  # the pinned SSH host key, an OpenSSH public key line
+    ip6: Optional[ipaddress.IPv6Address] = None
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,11 @@ class Environment:
             "version": VERSION, "run_id": self.run_id, "owner": self.owner.to_dict(),
             "workdir": str(self.workdir), "next_host": self.next_host,
             "network": {"name": net.name, "bridge": net.bridge, "subnet": str(net.subnet),
-                        "domain": net.domain},
+                        "domain": net.domain, "versions": list(net.versions)},
             "vms": [{"name": vm.name, "role": vm.role, "hostname": vm.hostname, "ip": str(vm.ip),
                      "mac": vm.mac, "image": str(vm.image), "overlay": str(vm.overlay),
-                     "console": str(vm.console), "host_key": vm.host_key} for vm in self.vms],
+                     "console": str(vm.console), "host_key": vm.host_key,
+                     "ip6": str(vm.ip6) if vm.ip6 else None} for vm in self.vms],
         }, indent=1)
 
     @classmethod
@@ -93,21 +102,29 @@ class Environment:
         if Path(data["workdir"]) != workdir:
             raise ValueError(f"work directory {data['workdir']!r} is not {workdir}")
         net = data["network"]
+        versions = tuple(net["versions"])
+        if not versions or not set(versions) <= {4, 6}:
+            raise ValueError(f"IP versions {versions!r} are not 4 and/or 6")
         network = NetworkRecord(_name(net["name"], f"ost-{run_id}"), _name(net["bridge"], f"ost-{run_id}"),
-                                ipaddress.IPv4Network(net["subnet"]), str(net["domain"]))
+                                ipaddress.IPv4Network(net["subnet"]), str(net["domain"]), versions)
+        subnet6 = ipv6_subnet(network.subnet)
         vms = []
         for v in data["vms"]:
             vm = VMRecord(_name(v["name"], f"ost-{run_id}-{v['role']}"), str(v["role"]), str(v["hostname"]),
-                          ipaddress.IPv4Address(v["ip"]), str(v["mac"]), Path(v["image"]),
+                          ipaddress.ip_address(v["ip"]), str(v["mac"]), Path(v["image"]),
                           _inside(Path(v["overlay"]), workdir), _inside(Path(v["console"]), workdir),
-                          _host_key(v.get("host_key", "")))
-            if vm.ip not in network.subnet:
-                raise ValueError(f"VM {vm.name} has address {vm.ip} outside {network.subnet}")
+                          _host_key(v.get("host_key", "")),
+                          ipaddress.IPv6Address(v["ip6"]) if v.get("ip6") else None)
+            for ip in (vm.ip, vm.ip6):
+                if ip is not None and ip not in (network.subnet if ip.version == 4 else subnet6):
+                    raise ValueError(f"VM {vm.name} has address {ip} outside the network's "
+                                     f"{network.subnet} / {subnet6}")
             vms.append(vm)
         if len({vm.role for vm in vms}) != len(vms):
             raise ValueError("two VMs have the same role")
         next_host = data["next_host"]
-        used = [int(vm.ip) - int(network.subnet.network_address) for vm in vms]
+        used = [int(vm.ip) - int((network.subnet if vm.ip.version == 4 else subnet6).network_address)
+                for vm in vms]
         if not isinstance(next_host, int) or not (max(used, default=FIRST_VM_HOST - 1) < next_host
                                                   <= LAST_VM_HOST + 1):
             raise ValueError(f"next host number {next_host!r} is taken or out of range")

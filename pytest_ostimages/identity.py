@@ -114,7 +114,8 @@ def write_ssh_files(folder: Path, run_id: str, private_key: Path, vms: Iterable[
     """`folder`/known_hosts (every pinned key) and `folder`/ssh_config: ``ssh -F it engine``."""
     pinned = [(vm, vm.host_key) for vm in vms if vm.host_key is not None]
     known = folder / "known_hosts"
-    write_atomic(known, "".join(known_hosts_line([str(vm.ip), vm.hostname, vm.role], key)
+    write_atomic(known, "".join(known_hosts_line(list(dict.fromkeys(
+        [str(vm.ip), *([str(vm.ip6)] if vm.ip6 else []), vm.hostname, vm.hostname.split(".")[0], vm.role])), key)
                                 for vm, key in pinned))
     hosts = "".join(f"Host {vm.role} {vm.hostname}\n    HostName {vm.ip}\n" for vm, _ in pinned)
     write_atomic(folder / "ssh_config", (

@@ -33,6 +33,29 @@ class VMSpec:
     vcpus: Optional[int] = None
     shares: tuple[tuple[Path, str, Path], ...] = ()  # (host folder, tag, virtiofsd) for the guest
     user_data: Optional[UserData] = None  # cloud-config (dict or text) for a layer with cloud-init
+    nics: tuple[str, ...] = ()  # network roles of eth0, eth1, ...; () = one NIC on the management network
+    disks: tuple["Disk", ...] = ()  # extra empty disks
+    deploy_scripts: tuple[Path, ...] = ()  # run as root over SSH after boot, in order
+
+
+@dataclass(frozen=True)
+class Disk:
+    """An extra empty disk: a sparse raw file of `size` bytes; the guest sees `serial`."""
+
+    name: str  # e.g. sda (the init-config's key)
+    size: int
+    serial: str
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A network of the session; VMs reach each other by name on the management one."""
+
+    role: str
+    management: bool = False
+
+
+MANAGEMENT = NetworkSpec("management", management=True)  # the only network outside init-configs
 
 
 def is_path(image: str) -> bool:

@@ -24,14 +24,15 @@ from . import reaper, virt
 from .booter import Booter, BootPlan
 from .catalog import Catalog, Image
 from .config import OstConfig
-from .environment import FIRST_VM_HOST, LAST_VM_HOST, Environment, NetworkRecord, VMRecord
+from .environment import FIRST_VM_HOST, LAST_VM_HOST, Environment, NetworkRecord, VMRecord, ipv6_subnet
 from .errors import OstError
 from .identity import HostKey, openssh_line, public_key, write_ssh_files
-from .inputs import Inputs, VMSpec
+from .inventory import write_inventory
+from .inputs import MANAGEMENT, Inputs, NetworkSpec, VMSpec
 from .overlay import WorkDir
 from .owner import Label
 from .reaper import Owned
-from .render import HostEntry, domain_xml, network_xml
+from .render import HostEntry, OstMetadata, domain_xml, network_xml
 from .slots import BootSlots
 from .reuse import kept_runs
 from .seed import write_seed
@@ -47,17 +48,48 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Network:
-    """The session's management network."""
+    """A network of the session: the management one (DNS, SSH) or another of an init-config."""
 
     name: str
     bridge: str
-    subnet: ipaddress.IPv4Network
+    subnet: ipaddress.IPv4Network  # taken from the pool even IPv6-only: it makes the IPv6 prefix unique
     domain: str
     handle: "libvirt.virNetwork"
+    role: str = MANAGEMENT.role
+    versions: tuple[int, ...] = (4, 6)
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
         return self.subnet.network_address + 1
+
+    @property
+    def subnet6(self) -> Optional[ipaddress.IPv6Network]:
+        return ipv6_subnet(self.subnet) if 6 in self.versions else None
+
+    @property
+    def management(self) -> bool:
+        return self.role == MANAGEMENT.role
+
+    def entry(self, name: str, host: int) -> HostEntry:
+        return _entry(self.subnet, self.versions, name, host)
+
+
+def _entry(subnet: ipaddress.IPv4Network, versions: tuple[int, ...], name: str, host: int) -> HostEntry:
+    """The reservation of host number `host`: a MAC made of its IPv4 address (unique on the
+    host and easy to match in logs), the IPv4 and IPv6 addresses of that number."""
+    ip = subnet.network_address + host
+    o = ip.packed
+    return HostEntry(name, f"52:54:00:{o[1]:02x}:{o[2]:02x}:{o[3]:02x}", ip if 4 in versions else None,
+                     ipv6_subnet(subnet).network_address + host if 6 in versions else None)
+
+
+@dataclass(frozen=True)
+class OstDeployment:
+    """An OST suite's session (--ost-init-config): OST's names, and its deployment directory."""
+
+    suite: str
+    root: Path  # OST_REPO_ROOT
+    networks: tuple[NetworkSpec, ...]
 
 
 class Lab:
@@ -70,9 +102,10 @@ class Lab:
         self.workdir = WorkDir(config.workdir, self.run_id)
         self.owner = Label.current(self.run_id, self.workdir.path, owner_pid)
         self.vms: dict[str, VM] = {}
-        self.network: Optional[Network] = None
+        self.networks: dict[str, Network] = {}  # by role, the management network first
+        self.ost: Optional[OstDeployment] = None  # set for an OST suite (--ost-init-config)
         self.ssh_key: Optional[Path] = None  # the distro's key as a 0600 file, once started
-        self._next_host = FIRST_VM_HOST
+        self._next_host: dict[str, int] = {}  # per network role
         self._made: list[Owned] = []  # what close() removes, recorded before it exists
         self._conn: Optional["libvirt.virConnect"] = None
         self._booter: Optional[Booter] = None
@@ -125,41 +158,83 @@ class Lab:
         self.ssh_key = self.workdir.private_key(self.inputs.key_path)
         self.progress(f"work directory {self.workdir.path}")
 
-    def _create_network(self, roles: list[str]) -> list[HostEntry]:
-        """Create the management network with DHCP/DNS entries for `roles`."""
-        name = f"ost-{self.run_id}"
+    @property
+    def network(self) -> Optional[Network]:
+        """The management network (DNS names, SSH), once created."""
+        return self.networks.get(MANAGEMENT.role)
+
+    @property
+    def topology(self) -> tuple[NetworkSpec, ...]:
+        return self.ost.networks if self.ost is not None else (MANAGEMENT,)
+
+    def names(self, role: str) -> tuple[str, str]:
+        """The libvirt domain name and the short host name of VM `role`."""
+        if self.ost is not None:  # what OST's ost_utils expects: <run8>-ost-<suite>-<vm>
+            return f"{self.run_id}-ost-{self.ost.suite}-{role}", f"ost-{self.ost.suite}-{role}"
+        return f"ost-{self.run_id}-{role}", role
+
+    def _create_network(self, spec: NetworkSpec, hosts: list[tuple[str, int]]) -> None:
+        """Create network `spec` with DHCP (and DNS) entries for `hosts` (name, host number)."""
+        index = [n.role for n in self.topology].index(spec.role)
+        # bridge names have at most 15 characters
+        name = f"ost-{self.run_id}" if spec.management else f"ost-{self.run_id}-{index}"
+        versions = self.config.ip_versions()
         templates = self.inputs.templates
 
-        def create(subnet: ipaddress.IPv4Network) -> tuple[Network, list[HostEntry]]:
-            entries = [_entry(role, subnet.network_address + FIRST_VM_HOST + i)
-                       for i, role in enumerate(roles)]
+        def create(subnet: ipaddress.IPv4Network) -> Network:
+            ost = OstMetadata(self.workdir.path, spec.role) if self.ost is not None else None
             xml = network_xml(templates.load("network.xml"), name=name, bridge=name,
-                              subnet=subnet, domain=self.config.dns_domain, hosts=entries,
-                              label=self.owner)
+                              subnet=subnet if 4 in versions else None,
+                              subnet6=ipv6_subnet(subnet) if 6 in versions else None,
+                              domain=self.config.dns_domain, dns=spec.management, label=self.owner, ost=ost,
+                              hosts=[_entry(subnet, versions, host_name, host) for host_name, host in hosts])
             # recorded first: an interrupt right after creation still removes it
             self._made.append(Owned("network", name, self.owner))
             handle = virt.create_network(self.conn, xml)
-            return Network(name, name, subnet, self.config.dns_domain, handle), entries
+            return Network(name, name, subnet, self.config.dns_domain, handle, spec.role, versions)
 
-        self.network, entries = virt.with_free_subnet(self.conn, self.config.subnet_pool, create)
-        self._next_host = FIRST_VM_HOST + len(entries)
-        self.progress(f"network {name}: {self.network.subnet}, bridge {name}")
-        return entries
+        network = self.networks[spec.role] = virt.with_free_subnet(self.conn, self.config.subnet_pool, create)
+        addresses = [str(network.subnet)] * (4 in versions) + [str(network.subnet6)] * (6 in versions)
+        self.progress(f"network {name} ({spec.role}): {', '.join(addresses)}, bridge {name}")
 
-    def _reserve(self, role: str) -> HostEntry:
-        """A DHCP/DNS entry for a VM added to the running network."""
-        assert self.network is not None
-        if self._next_host > LAST_VM_HOST:
-            raise OstError(f"A session can have at most {LAST_VM_HOST - FIRST_VM_HOST + 1} VMs.")
-        entry = _entry(role, self.network.subnet.network_address + self._next_host)
-        virt.add_network_host(self.network.handle, entry, self.network.domain)
-        self._next_host += 1
-        return entry
+    def _connect(self, specs: list[VMSpec]) -> list[tuple[tuple[str, HostEntry], ...]]:
+        """Each spec's NICs (network role, reservation), eth0 first; networks are created on
+        first use, with their entries; running ones get the new entries added."""
+        numbered = []
+        for spec in specs:
+            nics = []
+            short = self.names(spec.role)[1]
+            roles = spec.nics or (MANAGEMENT.role,)
+            for index, net_role in enumerate(roles):
+                host = self._next_host.get(net_role, FIRST_VM_HOST)
+                if host > LAST_VM_HOST:
+                    raise OstError(f"A network of a session can have at most "
+                                   f"{LAST_VM_HOST - FIRST_VM_HOST + 1} NICs; {net_role} is full.")
+                self._next_host[net_role] = host + 1
+                # the first NIC on the management network has the VM's name (DNS)
+                first = net_role == MANAGEMENT.role and roles.index(net_role) == index
+                nics.append((net_role, short if first else f"{short}-eth{index}", host))
+            numbered.append(nics)
+        created = set()
+        for net_spec in self.topology:
+            if net_spec.role not in self.networks:
+                self._create_network(net_spec, [(name, host) for nics in numbered
+                                                for role, name, host in nics if role == net_spec.role])
+                created.add(net_spec.role)
+        result = []
+        for nics in numbered:
+            entries = tuple((role, self.networks[role].entry(name, host)) for role, name, host in nics)
+            for role, entry in entries:
+                if role not in created:
+                    network = self.networks[role]
+                    virt.add_network_host(network.handle, entry, network.domain if network.management else None)
+            result.append(entries)
+        return result
 
     def ensure_network(self) -> Network:
         if self.network is None:
             self._start()
-            self._create_network([])
+            self._connect([])
         assert self.network is not None
         return self.network
 
@@ -170,47 +245,68 @@ class Lab:
             raise OstError(f"VM roles must be unique in a session; got {[s.role for s in specs]}"
                            + (f", and {taken} already run" if taken else ""))
         images = self.inputs.check(specs)  # every input checked before anything is made
+        for spec in specs:
+            if spec.nics and MANAGEMENT.role not in spec.nics:
+                raise OstError(f"VM {spec.role} has no NIC on the management network (its NICs: "
+                               f"{', '.join(spec.nics)}); the plugin reaches VMs over it.")
+            unknown = sorted(set(spec.nics) - {n.role for n in self.topology})
+            if unknown:
+                raise OstError(f"VM {spec.role} has NICs on {unknown}, which this session does not "
+                               f"have (its networks: {[n.role for n in self.topology]}).")
         self._start()
-        if self.network is None:
-            entries = self._create_network([s.role for s in specs])
-        else:
-            entries = [self._reserve(s.role) for s in specs]
-        plans = [self._plan(spec, entry, images[spec.role]) for spec, entry in zip(specs, entries)]
+        nics = self._connect(specs)
+        plans = [self._plan(spec, spec_nics, images[spec.role]) for spec, spec_nics in zip(specs, nics)]
         try:
             return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
         finally:
             assert self.ssh_key is not None  # made by _start
             write_ssh_files(self.workdir.path, self.run_id, self.ssh_key, self.vms.values())
+            write_inventory(self.inventory, self.vms.values(), self.ssh_key, self.workdir.path / "known_hosts")
 
-    def _plan(self, spec: VMSpec, entry: HostEntry, image: Image) -> BootPlan:
-        """Overlay, identity (host key, NoCloud seed) and domain XML of one VM of a batch."""
+    @property
+    def inventory(self) -> Path:
+        """The ansible inventory of the session's VMs (inventory.write_inventory)."""
+        return self.workdir.path / "inventory"
+
+    def _plan(self, spec: VMSpec, nics: tuple[tuple[str, HostEntry], ...], image: Image) -> BootPlan:
+        """Overlay, disks, identity (host key, NoCloud seed) and domain XML of one VM of a batch."""
         assert self.network is not None
         memory, vcpus = self.inputs.size(spec)
-        name = f"ost-{self.run_id}-{spec.role}"
+        name, short = self.names(spec.role)
+        entry = next(e for role, e in nics if role == MANAGEMENT.role)
         overlay = self.workdir.overlay(image, name)
+        disks = [(self.workdir.raw_disk(f"{name}-{disk.name}", disk.size), disk.name, disk.serial)
+                 for disk in spec.disks]
         console = self.workdir.path / f"{name}.console.log"
-        hostname = f"{spec.role}.{self.network.domain}"
+        hostname = f"{short}.{self.network.domain}"
         host_key = HostKey.generate() if self.config.identity == "auto" else None
         seed = None
         if self.inputs.cloud_init(image):
             host_key = host_key or HostKey.generate()  # cloud-init installs it either way
             seed = self.workdir.path / f"{name}.seed.iso"
-            write_seed(seed, spec.role, hostname, str(entry.ip), openssh_line(self.inputs.key), host_key,
-                       spec.user_data)
+            write_seed(seed, spec.role, hostname, str(entry.ip or entry.ip6), openssh_line(self.inputs.key),
+                       host_key, spec.user_data)
+        ost = None
+        if self.ost is not None:
+            ost = OstMetadata(self.workdir.path, deploy_scripts=tuple(
+                str(p.relative_to(self.ost.root)) if p.is_relative_to(self.ost.root) else str(p)
+                for p in spec.deploy_scripts))
         xml = domain_xml(self.inputs.templates.load("domain.xml"), name=name, virt_type=self.virt_type,
                          cpu_mode=self.cpu_mode, memory_mib=memory, vcpus=vcpus, disk=overlay,
-                         backing=list(zip(image.chain, image.chain_formats)), network=self.network.name,
-                         mac=entry.mac, console_log=console, label=self.owner.with_role(spec.role),
-                         shares=spec.shares, seed=seed)
+                         backing=list(zip(image.chain, image.chain_formats)),
+                         nics=[(self.networks[role].name, e.mac) for role, e in nics],
+                         console_log=console, label=self.owner.with_role(spec.role),
+                         shares=spec.shares, seed=seed, disks=disks, ost=ost)
         # recorded before it exists: an interrupt at any point still removes it
         self._made.append(Owned("domain", name, self.owner))
         warm_key = None
-        if self.warm_cache is not None and seed is None and not spec.shares:
+        if (self.warm_cache is not None and seed is None and not spec.shares and len(nics) == 1
+                and not disks and not spec.deploy_scripts):
             warm_key = recipe_key([WARM_RECIPE, image.identity(), memory, vcpus, self.virt_type,
                                    self.cpu_mode, self.inputs.templates.text("domain.xml"),
-                                   self.config.identity])
+                                   self.config.identity, self.config.ip_version])
         return BootPlan(spec.role, name, hostname, image, memory, vcpus, entry, overlay, console, xml,
-                        host_key, seed is not None, warm_key)
+                        host_key, seed is not None, warm_key, nics)
 
     def _started(self, vm: VM) -> None:
         self.vms[vm.role] = vm
@@ -220,14 +316,17 @@ class Lab:
     def environment(self) -> Environment:
         """The record another process needs to attach to this lab's VMs."""
         assert self.network is not None
+        if self.ost is not None:
+            raise OstError("An OST suite's environment (--ost-init-config) cannot be shared with "
+                           "--ost-share or kept with --ost-reuse yet; run it without them.")
         net = self.network
         return Environment(
             self.run_id, self.owner, self.workdir.path,
-            NetworkRecord(net.name, net.bridge, net.subnet, net.domain),
+            NetworkRecord(net.name, net.bridge, net.subnet, net.domain, net.versions),
             tuple(VMRecord(vm.name, vm.role, vm.hostname, vm.ip, vm.mac, vm.image.path, vm.overlay,
-                           vm.console_path, openssh_line(vm.host_key) if vm.host_key else "")
+                           vm.console_path, openssh_line(vm.host_key) if vm.host_key else "", vm.ip6)
                   for vm in self.vms.values()),
-            self._next_host)
+            self._next_host.get(net.role, FIRST_VM_HOST))
 
     def attach(self, env: Environment, adopt: bool = False) -> None:
         """Use the VMs of `env`; close() then removes them as if ours.
@@ -243,15 +342,18 @@ class Lab:
         if adopt:
             Label.current(env.run_id, env.workdir).write(env.workdir)
         net = env.network
-        self.network = Network(net.name, net.bridge, net.subnet, net.domain,
-                               self.conn.networkLookupByName(net.name))
-        self._next_host = env.next_host
+        network = Network(net.name, net.bridge, net.subnet, net.domain,
+                          self.conn.networkLookupByName(net.name), versions=net.versions)
+        self.networks = {network.role: network}
+        self._next_host = {network.role: env.next_host}
         key = self.inputs.key
         for v in env.vms:
             domain = self.conn.lookupByName(v.name)
+            entry = HostEntry(v.name, v.mac, v.ip if v.ip.version == 4 else None, v.ip6)
             vm = VM(v.name, v.role, v.hostname, v.ip, v.mac, self.inputs.image(str(v.image)),
                     v.overlay, v.console, domain,
-                    SSH(str(v.ip), key, host_key=public_key(v.host_key) if v.host_key else None))
+                    SSH(str(v.ip), key, host_key=public_key(v.host_key) if v.host_key else None),
+                    ip6=v.ip6, nics=((network.role, entry),))
             # a clean_vm snapshot taken by the earlier session: revert before first use
             vm.dirty = True if CLEAN_SNAPSHOT in domain.snapshotListNames() else None
             self.vms[vm.role] = vm
@@ -272,7 +374,7 @@ class Lab:
         """
         self._save_warm_states()
         if self._made:
-            self.progress(f"removing the VMs, network and work directory of run {self.run_id}")
+            self.progress(f"removing the VMs, networks and work directory of run {self.run_id}")
         for vm in self.vms.values():
             vm.close()
             if vm.warm_lock is not None:
@@ -295,7 +397,7 @@ class Lab:
                         reaper.remove(self._conn, self.config.workdir, item)
         finally:
             self.vms.clear()
-            self.network = None
+            self.networks = {}
             self._close_connection()
 
     def _save_warm_states(self) -> None:
@@ -313,8 +415,3 @@ class Lab:
             self._conn.close()
             self._conn = None
 
-
-def _entry(role: str, ip: ipaddress.IPv4Address) -> HostEntry:
-    # A MAC made of the address: unique on the network and easy to match in logs.
-    o = ip.packed
-    return HostEntry(role, f"52:54:00:{o[1]:02x}:{o[2]:02x}:{o[3]:02x}", ip)

@@ -56,6 +56,16 @@ class WorkDir:
                              f"{result.stderr.strip()}")
         return path
 
+    def raw_disk(self, name: str, size: int) -> Path:
+        """A new sparse raw file of `size` bytes (an extra, empty disk)."""
+        path = self.path / f"{name}.raw"
+        try:
+            with open(path, "xb") as disk:
+                disk.truncate(size)
+        except OSError as exc:
+            raise OstError(f"Cannot create the disk {path} ({size} bytes): {exc.strerror}.") from None
+        return path
+
     def private_key(self, key: Path) -> Path:
         """`key` itself if only its owner can read it, else a 0600 copy (OpenSSH-style)."""
         try:

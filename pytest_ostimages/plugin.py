@@ -15,6 +15,7 @@ How ``pytest --ost-image=engine-installed`` becomes a booted VM:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import pytest
 
 from . import config as ostconfig
-from . import diagnostics, reaper, reuse, virt
+from . import diagnostics, initconfig, reaper, reuse, virt
 from .catalog import Catalog
 from .config import OstConfig
 from .errors import BootError, OstError, SSHCommandError, VMError
@@ -34,6 +35,7 @@ from .inputs import VMSpec
 from .inside import InsideRun
 from .lab import Lab, Network
 from .layers import LayerRecipe, build_layer
+from .ost import OstSuite
 from .plan import Plan, vm_fixture_specs
 from .seed import UserData
 from .share import Share
@@ -95,10 +97,37 @@ def pytest_configure(config: pytest.Config) -> None:
         value_options = {s.option for s in ostconfig.SETTINGS if not s.flag}
         config.pluginmanager.register(InsideRun(config, settings, _progress(config), value_options),
                                       "ostimages-inside")
+    if settings.init_config is not None:
+        config.pluginmanager.register(_ost_suite(config, settings), "ostimages-ost")
     # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so fixtures tear down.
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # not in the main thread
             signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _ost_suite(config: pytest.Config, settings: OstConfig) -> OstSuite:
+    """--ost-init-config: the topology, checked now; booted once the tests are collected."""
+    assert settings.init_config is not None
+    for given, option in ((settings.share, "--ost-share"), (settings.reuse, "--ost-reuse"),
+                          (settings.run_inside, "--ost-run-inside")):
+        if given:
+            raise pytest.UsageError(f"--ost-init-config cannot be combined with {option} (yet): "
+                                    f"run the OST suite without it.")
+    root = settings.root or config.rootpath
+    try:
+        topology = initconfig.load(settings.init_config, root, settings.images_dir, os.environ, settings.suite)
+    except OstError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    # --ost-memory/--ost-vcpus given explicitly win over the file (small VMs in CI)
+    topology = dataclasses.replace(topology, vms=tuple(
+        dataclasses.replace(vm, memory=None if "memory" in settings.given else vm.memory,
+                            vcpus=None if "vcpus" in settings.given else vm.vcpus) for vm in topology.vms))
+
+    def make_lab() -> Lab:
+        lab = config.stash[LAB_KEY] = Lab(settings, _progress(config), catalog=config.stash.get(CATALOG_KEY, None))
+        return lab
+
+    return OstSuite(config, topology, root, make_lab)
 
 
 def _interrupt(signum: int, _frame: Any) -> None:
@@ -126,8 +155,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     lab = item.config.stash.get(LAB_KEY, None)
     # Only for a failing test body: a failed boot already says what the console showed.
+    # An OST suite's tests use every VM, through fixtures of their own.
     if (report.when == "call" and report.failed and lab is not None and lab.vms
-            and "ost_lab" in getattr(item, "fixturenames", ())):
+            and ("ost_lab" in getattr(item, "fixturenames", ()) or lab.ost is not None)):
         for title, text in diagnostics.vm_sections(lab.vms.values()):
             report.sections.append((title, text))
     return report
@@ -209,6 +239,10 @@ def ost_config(pytestconfig: pytest.Config) -> OstConfig:
 def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config, ost_config: OstConfig,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The session's lab; everything it makes is removed when the session ends."""
+    booted = pytestconfig.stash.get(LAB_KEY, None)
+    if booted is not None:  # an OST suite's, booted after collection and removed at the end
+        yield booted
+        return
     worker = getattr(pytestconfig, "workerinput", None)  # set by pytest-xdist in its workers
     share = None
     if ost_config.share and worker is not None:
@@ -274,6 +308,15 @@ def ost_vms(request: pytest.FixtureRequest, ost_lab: Lab) -> dict[str, VM]:
             reuse.drop(ost_lab)  # kept VMs nobody reuses now
             ost_lab.boot(unique)
     return ost_lab.vms
+
+
+@pytest.fixture(scope="session")
+def ost_ansible_inventory(ost_vms: dict[str, VM], ost_lab: Lab) -> Path:
+    """An ansible inventory of the session's VMs (session scope, its path): a group per role
+    family (``engine``, ``hosts``, ...), root with the session key, pinned host keys; kept up
+    to date as VMs are added. E.g. ``ansible_runner.run(inventory=str(it), host_pattern="hosts",
+    module="ping")``."""
+    return ost_lab.inventory
 
 
 class VMFactory:

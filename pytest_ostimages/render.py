@@ -19,13 +19,47 @@ from lxml import etree
 from .errors import OstError
 from .owner import METADATA_NS, Label
 
+OST_NS = "OST:metadata"  # what OST's ost_utils/backend/virsh reads (see docs/ost.md)
+
+
 @dataclass(frozen=True)
 class HostEntry:
-    """A VM's place on the network: fixed MAC -> IP, and a DNS name."""
+    """A NIC's place on a network: fixed MAC -> IPv4 and/or IPv6 address, and a DNS name."""
 
     name: str
     mac: str
-    ip: ipaddress.IPv4Address
+    ip: Optional[ipaddress.IPv4Address]
+    ip6: Optional[ipaddress.IPv6Address] = None
+
+    @property
+    def duid(self) -> str:
+        """The DHCPv6 client id of the NIC: DUID-LL (type 3, Ethernet) of its MAC, as OST writes it."""
+        return "0:3:0:1:" + self.mac
+
+    @property
+    def addresses(self) -> "list[ipaddress.IPv4Address | ipaddress.IPv6Address]":
+        return [ip for ip in (self.ip, self.ip6) if ip is not None]
+
+
+@dataclass(frozen=True)
+class OstMetadata:
+    """OST's own metadata element, so that OST's ost_utils finds the session's objects."""
+
+    working_dir: Path  # the deployment directory ($OST_DEPLOYMENT)
+    network_role: Optional[str] = None  # networks
+    deploy_scripts: tuple[str, ...] = ()  # domains
+
+    def element(self) -> etree._Element:
+        # OST's templates: the children carry no namespace (ost_utils looks them up so)
+        root = etree.Element(f"{{{OST_NS}}}ost", nsmap={"ost": OST_NS})
+        if self.network_role is not None:
+            etree.SubElement(root, "ost-network-role", comment=self.network_role)
+        etree.SubElement(root, "ost-working-dir", comment=str(self.working_dir))
+        if self.network_role is None:
+            scripts = etree.SubElement(root, "ost-deploy-scripts")
+            for script in self.deploy_scripts:
+                etree.SubElement(scripts, "script", name=script)
+        return root
 
 
 class Templates:
@@ -67,11 +101,13 @@ def _child(parent: etree._Element, path: str) -> etree._Element:
     return node
 
 
-def _set_metadata(root: etree._Element, label: Label) -> None:
+def _set_metadata(root: etree._Element, label: Label, ost: Optional[OstMetadata] = None) -> None:
     metadata = _child(root, "metadata")
-    for old in metadata.findall(f"{{{METADATA_NS}}}owner"):
+    for old in [*metadata.findall(f"{{{METADATA_NS}}}owner"), *metadata.findall(f"{{{OST_NS}}}ost")]:
         metadata.remove(old)
     metadata.append(label.element())
+    if ost is not None:
+        metadata.append(ost.element())
     # libvirt wants <metadata> right after <name>/<uuid>/<title>/<description>.
     root.remove(metadata)
     root.insert(1, metadata)
@@ -87,48 +123,92 @@ def network_xml(
     *,
     name: str,
     bridge: str,
-    subnet: ipaddress.IPv4Network,
+    subnet: Optional[ipaddress.IPv4Network],
     domain: str,
     hosts: Iterable[HostEntry],
     label: Label,
+    subnet6: Optional[ipaddress.IPv6Network] = None,
+    dns: bool = True,
+    ost: Optional[OstMetadata] = None,
 ) -> str:
+    """`subnet` and/or `subnet6` (a /64): the network's IPv4 and IPv6 address ranges.
+
+    Each host gets a DHCP reservation per family (DHCPv6 keyed on the DUID-LL of
+    its MAC); with `dns` (the management network) also A and AAAA records.
+    """
     root = copy.deepcopy(template)
     _child(root, "name").text = name
     _child(root, "bridge").set("name", bridge)
-    _set_metadata(root, label)
+    _set_metadata(root, label, ost)
     _child(root, "domain").set("name", domain)
-    ip = _child(root, "ip")
-    for attr in ("netmask", "prefix", "address"):
-        if attr in ip.attrib:
-            del ip.attrib[attr]
-    ip.set("address", str(subnet.network_address + 1))
-    ip.set("prefix", str(subnet.prefixlen))
-    dhcp = _child(ip, "dhcp")
-    rng = _child(dhcp, "range")
-    # Reserved addresses are below the dynamic range: .10 - .99 for VMs.
-    rng.set("start", str(subnet.network_address + 100))
-    rng.set("end", str(subnet.broadcast_address - 1))
-    dns = _child(root, "dns")
+    template_ip = _child(root, "ip")
+    for old in root.findall("ip"):
+        root.remove(old)
+    dns_node = _child(root, "dns")
+    if not dns:
+        dns_node.clear()
+        dns_node.set("enable", "no")
+    hosts = list(hosts)
+    dhcp4 = dhcp6 = None
+    if subnet is not None:
+        dhcp4 = _ip(root, template_ip, subnet, rng=(subnet.network_address + 100, subnet.broadcast_address - 1))
+    if subnet6 is not None:
+        dhcp6 = _ip(root, template_ip, subnet6, rng=(subnet6.network_address + 0x100, subnet6.network_address + 0x1FF))
     for entry in hosts:
-        etree.SubElement(dhcp, "host", mac=entry.mac, ip=str(entry.ip), name=entry.name)
-        host = etree.SubElement(dns, "host", ip=str(entry.ip))
-        etree.SubElement(host, "hostname").text = f"{entry.name}.{domain}"
-        etree.SubElement(host, "hostname").text = entry.name
+        # Reserved addresses are below the dynamic range: host numbers 10 - 99.
+        if dhcp4 is not None and entry.ip is not None:
+            etree.SubElement(dhcp4, "host", mac=entry.mac, ip=str(entry.ip), name=entry.name)
+        if dhcp6 is not None and entry.ip6 is not None:
+            etree.SubElement(dhcp6, "host", id=entry.duid, ip=str(entry.ip6), name=entry.name)
+        if dns:
+            for ip in entry.addresses:
+                dns_node.append(_dns_host(entry.name, domain, ip))
     return _tostring(root)
 
 
-def dhcp_host_xml(entry: HostEntry) -> str:
-    """A <host> for virNetworkUpdate of the DHCP section (VMs added later)."""
-    return etree.tostring(etree.Element("host", mac=entry.mac, ip=str(entry.ip), name=entry.name),
-                          encoding="unicode")
+def _ip(root: etree._Element, template: etree._Element, subnet: ipaddress._BaseNetwork,
+        rng: tuple[ipaddress._BaseAddress, ipaddress._BaseAddress]) -> etree._Element:
+    """An <ip> (from the template's first one) for `subnet`; returns its <dhcp>."""
+    ip = copy.deepcopy(template)
+    for attr in ("netmask", "prefix", "address", "family"):
+        if attr in ip.attrib:
+            del ip.attrib[attr]
+    if subnet.version == 6:
+        ip.set("family", "ipv6")
+    ip.set("address", str(subnet.network_address + 1))
+    ip.set("prefix", str(subnet.prefixlen))
+    root.append(ip)
+    dhcp = _child(ip, "dhcp")
+    for host in dhcp.findall("host"):
+        dhcp.remove(host)
+    dynamic = _child(dhcp, "range")
+    dynamic.set("start", str(rng[0]))
+    dynamic.set("end", str(rng[1]))
+    return dhcp
 
 
-def dns_host_xml(entry: HostEntry, domain: str) -> str:
-    """A <host> for virNetworkUpdate of the DNS section (VMs added later)."""
-    host = etree.Element("host", ip=str(entry.ip))
-    etree.SubElement(host, "hostname").text = f"{entry.name}.{domain}"
-    etree.SubElement(host, "hostname").text = entry.name
+def _dns_host(name: str, domain: str, ip: ipaddress._BaseAddress) -> etree._Element:
+    host = etree.Element("host", ip=str(ip))
+    etree.SubElement(host, "hostname").text = f"{name}.{domain}"
+    etree.SubElement(host, "hostname").text = name
+    return host
+
+
+def dhcp_host_xml(entry: HostEntry, version: int) -> str:
+    """A <host> for virNetworkUpdate of a DHCP section (VMs added later)."""
+    host = etree.Element("host")
+    if version == 4:
+        host.set("mac", entry.mac)
+    else:
+        host.set("id", entry.duid)
+    host.set("ip", str(entry.ip if version == 4 else entry.ip6))
+    host.set("name", entry.name)
     return etree.tostring(host, encoding="unicode")
+
+
+def dns_host_xml(entry: HostEntry, domain: str, ip: ipaddress._BaseAddress) -> str:
+    """A <host> for virNetworkUpdate of the DNS section (VMs added later)."""
+    return etree.tostring(_dns_host(entry.name, domain, ip), encoding="unicode")
 
 
 def domain_xml(
@@ -141,14 +221,19 @@ def domain_xml(
     vcpus: int,
     disk: Path,
     backing: Sequence[tuple[Path, str]],
-    network: str,
-    mac: str,
+    nics: Sequence[tuple[str, str]],
     console_log: Path,
     label: Label,
     shares: Sequence[tuple[Path, str, Path]] = (),
     seed: Optional[Path] = None,
+    disks: Sequence[tuple[Path, str, str]] = (),
+    ost: Optional[OstMetadata] = None,
 ) -> str:
     """`backing` is the overlay's chain below it: (file, format), top first.
+
+    `nics`: (network, MAC) of eth0, eth1, ..., each a copy of the template's
+    first <interface>. `disks`: extra raw disks (file, target dev, serial) on
+    virtio-scsi, as OST attaches them.
 
     `cpu_mode` "default" removes <cpu> and lets libvirt choose. `shares`: host
     folders for the guest as (folder, mount tag, virtiofsd binary), over virtiofs.
@@ -157,7 +242,7 @@ def domain_xml(
     root = copy.deepcopy(template)
     root.set("type", virt_type)
     _child(root, "name").text = name
-    _set_metadata(root, label)
+    _set_metadata(root, label, ost)
     memory = _child(root, "memory")
     memory.set("unit", "MiB")
     memory.text = str(memory_mib)
@@ -197,20 +282,15 @@ def domain_xml(
                          model="dac", relabel="no")
         parent = store
     etree.SubElement(parent, "backingStore")
-    iface = devices.find("interface")
-    if iface is None:
-        iface = etree.SubElement(devices, "interface")
-    iface.set("type", "network")
-    iface_source = _child(iface, "source")
-    iface_source.attrib.clear()
-    iface_source.set("network", network)
-    _child(iface, "mac").set("address", mac)
+    _set_nics(devices, nics)
     serial = devices.find("serial")
     if serial is None:
         serial = etree.SubElement(devices, "serial")
         _child(serial, "target").set("port", "0")
     serial.set("type", "file")
     _child(serial, "source").set("path", str(console_log))
+    if disks:
+        _add_scsi_disks(devices, disks)
     if shares:
         _add_virtiofs(root, devices, shares)
     if seed is not None:
@@ -221,6 +301,34 @@ def domain_xml(
         etree.SubElement(seed_disk, "target", dev="vdz", bus="virtio")
         etree.SubElement(seed_disk, "readonly")
     return _tostring(root)
+
+
+def _set_nics(devices: etree._Element, nics: Sequence[tuple[str, str]]) -> None:
+    template = devices.find("interface")
+    if template is None:
+        template = etree.SubElement(devices, "interface")
+    place = list(devices).index(template)
+    for old in devices.findall("interface"):
+        devices.remove(old)
+    for offset, (network, mac) in enumerate(nics):
+        iface = copy.deepcopy(template)
+        iface.set("type", "network")
+        source = _child(iface, "source")
+        source.attrib.clear()
+        source.set("network", network)
+        _child(iface, "mac").set("address", mac)
+        devices.insert(place + offset, iface)
+
+
+def _add_scsi_disks(devices: etree._Element, disks: Sequence[tuple[Path, str, str]]) -> None:
+    if devices.find("controller[@type='scsi']") is None:
+        etree.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
+    for path, target, serial in disks:
+        disk = etree.SubElement(devices, "disk", type="file", device="disk")
+        etree.SubElement(disk, "driver", name="qemu", type="raw", cache="unsafe", discard="unmap")
+        etree.SubElement(disk, "source", file=str(path))
+        etree.SubElement(disk, "target", dev=target, bus="scsi")
+        etree.SubElement(disk, "serial").text = serial
 
 
 def _add_virtiofs(root: etree._Element, devices: etree._Element,

@@ -149,18 +149,21 @@ def create_network(conn: "libvirt.virConnect", xml: str) -> "libvirt.virNetwork"
     return _define_and_start(conn, xml, conn.networkDefineXML, remove_network, "network")
 
 
-def add_network_host(net: "libvirt.virNetwork", entry: HostEntry, domain: str) -> None:
-    """Reserve `entry` on a running network (DHCP and DNS), live and in its config."""
+def add_network_host(net: "libvirt.virNetwork", entry: HostEntry, domain: Optional[str]) -> None:
+    """Reserve `entry` on a running network (DHCP per family and, given a `domain`, DNS),
+    live and in its config."""
     libvirt = libvirt_module()
     flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+    add = libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST
     try:
-        net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-                   libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, dhcp_host_xml(entry), flags)
-        net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-                   libvirt.VIR_NETWORK_SECTION_DNS_HOST, -1, dns_host_xml(entry, domain), flags)
+        # the <ip> elements in order: IPv4 (when the network has it), then IPv6
+        for index, (version, ip) in enumerate((v, ip) for v, ip in ((4, entry.ip), (6, entry.ip6)) if ip):
+            net.update(add, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, index, dhcp_host_xml(entry, version), flags)
+            if domain is not None:
+                net.update(add, libvirt.VIR_NETWORK_SECTION_DNS_HOST, -1, dns_host_xml(entry, domain, ip), flags)
     except libvirt.libvirtError as exc:
-        raise VirtError(f"Cannot add {entry.name} ({entry.mac} -> {entry.ip}) to network "
-                        f"{net.name()}: {exc.get_error_message()}") from None
+        raise VirtError(f"Cannot add {entry.name} ({entry.mac} -> {', '.join(map(str, entry.addresses))}) "
+                        f"to network {net.name()}: {exc.get_error_message()}") from None
 
 
 def remove_network(net: "libvirt.virNetwork") -> None:

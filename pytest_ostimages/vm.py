@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import threading
 import time
@@ -14,6 +15,8 @@ import paramiko
 from .catalog import Image
 from .errors import BootError, OstError, VMError
 from .identity import HostKey, fixup_script
+from . import testinfra_host
+from .render import HostEntry
 from .ssh import SSH, CommandResult, HostKeyMismatch, NotReady
 from .virt import domain_state, libvirt_module
 
@@ -21,6 +24,7 @@ CLEAN_SNAPSHOT = "ost-clean"
 
 if TYPE_CHECKING:
     import libvirt
+    from testinfra.host import Host as TestinfraHost
 
 
 @dataclass(eq=False)
@@ -34,7 +38,7 @@ class VM:
     name: str
     role: str
     hostname: str
-    ip: ipaddress.IPv4Address
+    ip: "ipaddress.IPv4Address | ipaddress.IPv6Address"  # where the plugin reaches it (IPv4 unless IPv6-only)
     mac: str
     image: Image
     overlay: Path
@@ -46,6 +50,18 @@ class VM:
     origin: str = "booted"  # or "restored from saved state <key>" (warm start)
     warm_key: Optional[str] = None  # its recipe, when its ready state is to be saved
     warm_lock: Optional[int] = None  # held while its disk is backed by a saved state
+    ip6: Optional[ipaddress.IPv6Address] = None  # on the management network
+    nics: tuple[tuple[str, HostEntry], ...] = ()  # (network role, reservation) of eth0, eth1, ...
+
+    @functools.cached_property
+    def testinfra(self) -> "TestinfraHost":
+        """A testinfra Host for this VM (``vm.testinfra.package("lvm2").is_installed``),
+        over its pinned SSH connection; needs ``pytest-ostimages[testinfra]``."""
+        return testinfra_host.host(self._ssh)
+
+    def addresses(self, network: str = "management") -> list["ipaddress.IPv4Address | ipaddress.IPv6Address"]:
+        """The VM's reserved addresses on `network` (a network role), IPv4 first."""
+        return [ip for role, entry in self.nics if role == network for ip in entry.addresses]
 
     def ssh(self, command: str, check: bool = False, timeout: Optional[float] = 600) -> CommandResult:
         """Run `command` as root; with ``check=True`` a non-zero exit raises."""

@@ -58,7 +58,7 @@ HEADER = struct.Struct("<16s19I")  # magic, version, data_len, was_running, form
 # A new DHCP lease on the new NIC: NetworkManager (ost-images), else ifupdown; the old
 # client's lease belonged to a NIC that is gone, no need to release it (1.5 s saved).
 GUEST_NETWORK = ("if command -v nmcli >/dev/null; then nmcli device connect eth0; "
-                 "else pkill -x dhclient; ip -4 addr flush dev eth0; ifup --force eth0; fi")
+                 "else pkill -x dhclient; ip addr flush dev eth0 scope global; ifup --force eth0; fi")
 
 
 class WarmStartError(OstError):

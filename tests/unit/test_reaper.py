@@ -35,7 +35,7 @@ def define(conn, label: Label | None, name: str, octet: int) -> None:
                           subnet=subnet, domain="ost.test", hosts=[], label=some)
     dom_xml = domain_xml(tmpl.load("domain.xml"), name=f"{name}-vm", virt_type="test",
                          cpu_mode="default", memory_mib=128, vcpus=1, disk=Path("/w/d.qcow2"),
-                         backing=[], network=f"{name}-net", mac="52:54:00:00:00:01",
+                         backing=[], nics=[(f"{name}-net", "52:54:00:00:00:01")],
                          console_log=Path("/w/c.log"), label=some)
     if label is None:  # a foreign object: same XML without our metadata
         net_xml = net_xml.replace(net_xml[net_xml.index("<metadata>"):net_xml.index("</metadata>") + 11], "")

@@ -10,7 +10,7 @@ from lxml import etree
 
 from pytest_ostimages.errors import OstError
 from pytest_ostimages.owner import Label
-from pytest_ostimages.render import HostEntry, Templates, domain_xml, network_xml
+from pytest_ostimages.render import HostEntry, OstMetadata, Templates, domain_xml, network_xml
 
 LABEL = Label("0a1b2c3d", 4242, "testhost", "/var/tmp/pytest-ostimages/0a1b2c3d", "engine")
 SUBNET = ipaddress.IPv4Network("192.168.140.0/24")
@@ -20,8 +20,7 @@ def render_domain(templates: Templates, **overrides) -> etree._Element:
     args = dict(name="ost-0a1b2c3d-engine", virt_type="qemu", cpu_mode="maximum", memory_mib=768,
                 vcpus=3, disk=Path("/w/engine.qcow2"),
                 backing=[(Path("/i/l-engine.qcow2"), "qcow2"), (Path("/i/l-base.qcow2"), "qcow2")],
-                network="ost-0a1b2c3d",
-                mac="52:54:00:a8:8c:0a", console_log=Path("/w/engine.console.log"), label=LABEL)
+                nics=[("ost-0a1b2c3d", "52:54:00:a8:8c:0a")], console_log=Path("/w/engine.console.log"), label=LABEL)
     args.update(overrides)
     return etree.fromstring(domain_xml(templates.load("domain.xml"), **args))
 
@@ -76,6 +75,55 @@ def test_network_reserves_mac_ip_and_dns_names() -> None:
     # reserved addresses stay out of the dynamic range
     assert ip.find("dhcp/range").get("start") == "192.168.140.100"
     assert Label.from_xml(etree.tostring(root, encoding="unicode")) == LABEL
+    assert root.find("ip[@family='ipv6']") is None
+
+
+def test_dual_stack_network_reserves_both_families_by_mac_and_duid() -> None:
+    subnet6 = ipaddress.IPv6Network("fd6f:7374:c0a8:8c00::/64")
+    hosts = [HostEntry("engine", "52:54:00:a8:8c:0a", SUBNET.network_address + 10, subnet6.network_address + 10)]
+    root = etree.fromstring(network_xml(Templates().load("network.xml"), name="n", bridge="n", subnet=SUBNET,
+                                        subnet6=subnet6, domain="lab.test", hosts=hosts, label=LABEL))
+    ip4, ip6 = root.findall("ip")
+    assert ip4.get("family") is None and ip4.find("dhcp/host").get("mac") == "52:54:00:a8:8c:0a"
+    assert (ip6.get("family"), ip6.get("address"), ip6.get("prefix")) == ("ipv6", "fd6f:7374:c0a8:8c00::1", "64")
+    # DHCPv6 is keyed on the DUID-LL of the MAC, as OST writes it
+    assert ip6.find("dhcp/host").attrib == {"id": "0:3:0:1:52:54:00:a8:8c:0a", "ip": "fd6f:7374:c0a8:8c00::a",
+                                            "name": "engine"}
+    assert ip6.find("dhcp/range").get("start") == "fd6f:7374:c0a8:8c00::100"
+    assert [h.get("ip") for h in root.findall("dns/host")] == ["192.168.140.10", "fd6f:7374:c0a8:8c00::a"]
+    only6 = etree.fromstring(network_xml(Templates().load("network.xml"), name="n", bridge="n", subnet=None,
+                                         subnet6=subnet6, domain="d", hosts=[], label=LABEL))
+    assert [ip.get("family") for ip in only6.findall("ip")] == ["ipv6"]
+
+
+def test_other_networks_have_no_dns_and_carry_ost_metadata() -> None:
+    ost = OstMetadata(Path("/deploy"), network_role="storage")
+    root = etree.fromstring(network_xml(Templates().load("network.xml"), name="n", bridge="n", subnet=SUBNET,
+                                        domain="d", hosts=[HostEntry("s", "52:54:00:a8:8c:0a", SUBNET[10])],
+                                        label=LABEL, dns=False, ost=ost))
+    assert root.find("dns").attrib == {"enable": "no"} and not list(root.find("dns"))
+    # where ost_utils/backend/virsh/networking.py looks
+    meta = root.find("metadata/{OST:metadata}ost")
+    assert meta.find("ost-network-role").get("comment") == "storage"
+    assert meta.find("ost-working-dir").get("comment") == "/deploy"
+
+
+def test_several_nics_extra_disks_and_ost_metadata_of_a_domain() -> None:
+    root = render_domain(Templates(), nics=[("net-a", "52:54:00:00:00:01"), ("net-b", "52:54:00:00:00:02")],
+                         disks=[(Path("/w/sda.raw"), "sda", "2"), (Path("/w/sdb.raw"), "sdb", "3")],
+                         ost=OstMetadata(Path("/deploy"), deploy_scripts=("common/a.sh", "common/b.sh")))
+    nics = root.findall("devices/interface")
+    assert [(n.find("source").get("network"), n.find("mac").get("address")) for n in nics] == [
+        ("net-a", "52:54:00:00:00:01"), ("net-b", "52:54:00:00:00:02")]
+    assert all(n.find("model").get("type") == "virtio" for n in nics)  # copies of the template's
+    disks = root.findall("devices/disk[target]")
+    assert [(d.find("source").get("file"), d.find("target").get("dev"), d.find("target").get("bus"),
+             d.findtext("serial")) for d in disks[1:]] == [("/w/sda.raw", "sda", "scsi", "2"),
+                                                          ("/w/sdb.raw", "sdb", "scsi", "3")]
+    assert root.find("devices/controller[@type='scsi']").get("model") == "virtio-scsi"
+    meta = root.find("metadata/{OST:metadata}ost")
+    assert meta.find("ost-working-dir").get("comment") == "/deploy"
+    assert [s.get("name") for s in meta.findall("ost-deploy-scripts/script")] == ["common/a.sh", "common/b.sh"]
 
 
 def test_suite_template_overrides_the_packaged_one(tmp_path: Path) -> None:

@@ -65,10 +65,10 @@ def foreign_network(conn, name: str, octet: int) -> None:
 
 def kept_state(run: str, root: Path, **changes) -> str:
     run_id = run
-    env = {"version": 1, "run_id": run_id, "workdir": str(root / run_id), "next_host": 11,
+    env = {"version": 2, "run_id": run_id, "workdir": str(root / run_id), "next_host": 11,
            "owner": Label(run_id, 1, socket.gethostname(), str(root / run_id)).to_dict(),
            "network": {"name": f"ost-{run_id}", "bridge": f"ost-{run_id}", "subnet": "192.168.140.0/24",
-                       "domain": "ost.test"},
+                       "domain": "ost.test", "versions": [4, 6]},
            "vms": [{"name": f"ost-{run_id}-vm", "role": "vm", "hostname": "vm.ost.test",
                     "ip": "192.168.140.10", "mac": "52:54:00:a8:8c:0a", "image": "/i/x-base.qcow2",
                     "overlay": str(root / run_id / "o.qcow2"), "console": str(root / run_id / "c.log")}]}
@@ -136,7 +136,7 @@ def test_environment_record_round_trip_and_validation(root: Path) -> None:
         "work directory": {"workdir": "/etc"},
         "next host": {"next_host": 10},  # .10 is taken by the VM
         "network name": {"network": {"name": "default", "bridge": "virbr0", "subnet": "192.168.140.0/24",
-                                     "domain": "d"}},
+                                     "domain": "d", "versions": [4]}},
     }
     for what, change in bad.items():
         with pytest.raises(ValueError):
@@ -146,6 +146,12 @@ def test_environment_record_round_trip_and_validation(root: Path) -> None:
     outside["vms"][0]["overlay"] = "/var/lib/precious.qcow2"
     with pytest.raises(ValueError, match="not in the run's work directory"):
         Environment.from_json(json.dumps(outside), root)
+    dual = json.loads(json.loads(kept_state(RUN, root))["environment"])
+    dual["vms"][0]["ip6"] = "fd6f:7374:c0a8:8c00::a"  # the /64 made of 192.168.140.0/24
+    assert Environment.from_json(json.dumps(dual), root).vms[0].ip6 == ipaddress.IPv6Address("fd6f:7374:c0a8:8c00::a")
+    dual["vms"][0]["ip6"] = "fd6f:7374:c0a8:8d00::a"  # another network's
+    with pytest.raises(ValueError, match="outside the network"):
+        Environment.from_json(json.dumps(dual), root)
 
 
 # --- defect 4: host-wide locks ---------------------------------------------------------

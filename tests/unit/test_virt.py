@@ -87,7 +87,7 @@ def test_domain_lifecycle(conn) -> None:
     make_network(conn, ipaddress.IPv4Network("192.168.151.0/24"))
     xml = domain_xml(Templates().load("domain.xml"), name="ost-feedbeef-engine", virt_type="test",
                      cpu_mode="default", memory_mib=256, vcpus=1, disk=Path("/w/d.qcow2"), backing=[],
-                     network="ost-feedbeef", mac="52:54:00:00:00:0a", console_log=Path("/w/c.log"),
+                     nics=[("ost-feedbeef", "52:54:00:00:00:0a")], console_log=Path("/w/c.log"),
                      label=LABEL)
     dom = virt.create_domain(conn, xml)
     assert virt.domain_state(dom) == "running"
@@ -106,7 +106,7 @@ def test_rejected_definition_is_a_clear_error(conn) -> None:
 def test_a_start_that_fails_leaves_nothing_defined(conn) -> None:
     xml = domain_xml(Templates().load("domain.xml"), name="ost-feedbeef-twice", virt_type="test",
                      cpu_mode="default", memory_mib=256, vcpus=1, disk=Path("/w/d.qcow2"), backing=[],
-                     network="default", mac="52:54:00:00:00:0b", console_log=Path("/w/c.log"),
+                     nics=[("default", "52:54:00:00:00:0b")], console_log=Path("/w/c.log"),
                      label=LABEL)
     running = virt.create_domain(conn, xml)
     # defined again (same uuid), it is accepted; starting it fails (it runs): it is removed

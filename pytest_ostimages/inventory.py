@@ -1,0 +1,53 @@
+"""Ansible inventories of a session's VMs: ours (any suite) and OST's ``hosts`` file.
+
+Both log in as root with the distro's key and check host keys against the
+session's pinned ``known_hosts`` (identity.write_ssh_files), so ansible never
+prompts and never accepts a VM answering in another's place.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from .files import write_atomic
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+
+def ssh_args(known_hosts: Path) -> str:
+    return (f"-o UserKnownHostsFile={known_hosts} -o GlobalKnownHostsFile=/dev/null "
+            f"-o StrictHostKeyChecking=yes")
+
+
+def address(vm: "VM") -> str:
+    """Where ansible reaches a VM: its IPv6 address on a dual-stack network, as OST does."""
+    return str(vm.ip6 or vm.ip)
+
+
+def group(role: str) -> str:
+    """A role's family: host0 and host-1 are hosts, engine is engine."""
+    kind = role.rstrip("0123456789-_") or role
+    return "hosts" if kind == "host" else kind
+
+
+def write_inventory(path: Path, vms: Iterable["VM"], key: Path, known_hosts: Path) -> Path:
+    """An INI inventory: one group per role family (engine, hosts, ...), the hosts named by role."""
+    groups: dict[str, list[str]] = {}
+    for vm in vms:
+        groups.setdefault(group(vm.role), []).append(
+            f"{vm.role} ansible_host={address(vm)} ansible_user=root "
+            f"ansible_ssh_private_key_file={key} ansible_python_interpreter=/usr/bin/python3 "
+            f"ansible_ssh_common_args={shlex.quote(ssh_args(known_hosts))}")
+    write_atomic(path, "".join(f"[{name}]\n" + "\n".join(lines) + "\n\n" for name, lines in groups.items()))
+    return path
+
+
+def write_ost_hosts(path: Path, vms: Iterable["VM"], key: Path, known_hosts: Path) -> Path:
+    """OST's ``$OST_DEPLOYMENT/hosts``: the line lagofy.sh writes per VM, named by its host name."""
+    write_atomic(path, "".join(
+        f"{vm.hostname.split('.')[0]} ansible_host={address(vm)} ansible_ssh_private_key_file={key} "
+        f"ansible_ssh_extra_args={shlex.quote(ssh_args(known_hosts))}\n" for vm in vms))
+    return path

@@ -1,0 +1,139 @@
+"""OST suites as they are (--ost-init-config): what ``ost.sh``/``lagofy.sh`` provisioned.
+
+An OST suite reaches its VMs through OST's own ``ost_utils``, whose fixtures depend
+on none of ours: ``backend`` lists libvirt domains named ``<run8>-ost-<suite>-<vm>``
+whose ``OST:metadata`` names ``$OST_DEPLOYMENT``, networks starting with ``ost``
+with their roles, and the ``hosts`` inventory in that directory. So in this mode
+the whole topology is booted once the tests are collected (before any fixture),
+its deploy scripts run, and OST's variables are set in the session.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+import pytest
+
+from . import diagnostics
+from .errors import OstError
+from .initconfig import Topology
+from .inventory import write_ost_hosts
+from .lab import Lab, OstDeployment
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+TAIL_LINES = 20
+
+
+class DeployError(OstError):
+    """A deploy script failed in a VM."""
+
+
+def run_deploy_scripts(vm: "VM", scripts: tuple[Path, ...], root: Path, logs: Path,
+                       progress: Callable[[str], None]) -> None:
+    """Copy each script into `vm` and run it as root, in order; the output goes to `logs`."""
+    for number, script in enumerate(scripts, 1):
+        name = str(script.relative_to(root)) if script.is_relative_to(root) else str(script)
+        log = logs / f"{vm.role}.{number}.{script.name}.log"
+        remote = f"/var/tmp/ost-deploy-{number}-{script.name}"
+        start = time.monotonic()
+        progress(f"{vm.role}: running deploy script {name}")
+        vm.put(script, remote)
+        with open(log, "w") as out:
+            result = vm.stream(f"bash {remote} 2>&1", lambda line: print(line, file=out, flush=True))
+        if result.returncode != 0:
+            tail = "\n".join(result.stdout.splitlines()[-TAIL_LINES:])
+            raise DeployError(f"Deploy script {name} failed on VM {vm.role} ({vm.name}) with exit code "
+                              f"{result.returncode}. Its last {TAIL_LINES} lines of output:\n{tail}\n"
+                              f"All of it: {log}")
+        progress(f"{vm.role}: deploy script {name} done in {time.monotonic() - start:.1f} s")
+
+
+class OstSuite:
+    """The plugin object of an OST session: boots the topology after collection, removes it at the end."""
+
+    def __init__(self, config: pytest.Config, topology: Topology, root: Path,
+                 make_lab: Callable[[], Lab]) -> None:
+        self.config = config
+        self.topology = topology
+        self.root = root
+        self.make_lab = make_lab
+        self.lab: Optional[Lab] = None
+        self.failed = False  # provisioning failed: collect the artifacts
+        self._saved_environ: dict[str, Optional[str]] = {}
+
+    def _export(self, **variables: str) -> None:
+        for name, value in variables.items():
+            self._saved_environ.setdefault(name, os.environ.get(name))
+            os.environ[name] = value
+
+    @pytest.hookimpl(trylast=True)  # after the report header found the images
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.lab = lab = self.make_lab()
+        lab.ost = OstDeployment(self.topology.suite, self.root, self.topology.networks)
+        try:
+            distro = lab.inputs.choose_distro(vm.image for vm in self.topology.vms)
+        except OstError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        # what OST's fixtures read (ost_utils/pytest/fixtures/env.py), before any conftest runs them
+        self._export(OST_DEPLOYMENT=str(lab.workdir.path), SUITE=self.topology.suite,
+                     OST_REPO_ROOT=str(self.root), OST_IMAGES_DISTRO=distro)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if not session.items or self.config.option.collectonly:
+            return  # nothing will run here (an xdist controller, --collect-only, all deselected)
+        assert self.lab is not None
+        lab = self.lab
+        try:
+            lab.progress(f"OST suite {self.topology.suite}: {len(self.topology.networks)} networks, "
+                         f"{len(self.topology.vms)} VMs from {self.topology.path}")
+            lab.boot(list(self.topology.vms))
+            assert lab.ssh_key is not None
+            write_ost_hosts(lab.workdir.path / "hosts", lab.vms.values(), lab.ssh_key,
+                            lab.workdir.path / "known_hosts")
+            self._export(OST_IMAGES_SSH_KEY=str(lab.ssh_key))
+            self._deploy()
+        except OstError as exc:
+            self.failed = True
+            pytest.exit(f"pytest-ostimages could not provision OST suite {self.topology.suite}: {exc}",
+                        returncode=pytest.ExitCode.TESTS_FAILED)
+
+    def _deploy(self) -> None:
+        assert self.lab is not None
+        lab = self.lab
+        jobs = [(lab.vms[spec.role], spec.deploy_scripts) for spec in self.topology.vms if spec.deploy_scripts]
+        if not jobs:
+            return
+        logs = lab.workdir.path / "deploy"
+        logs.mkdir(exist_ok=True)
+        start = time.monotonic()
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            futures = [pool.submit(run_deploy_scripts, vm, scripts, self.root, logs, lab.progress)
+                       for vm, scripts in jobs]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        lab.progress(f"deploy scripts of {len(jobs)} VMs done in {time.monotonic() - start:.1f} s")
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        lab, self.lab = self.lab, None
+        try:
+            if lab is not None:
+                artifacts = lab.config.artifacts
+                try:
+                    if artifacts is not None and (session.testsfailed or self.failed) and lab.network:
+                        lab.progress(f"artifacts in {diagnostics.collect_artifacts(lab, artifacts)}")
+                finally:
+                    lab.close()
+        finally:
+            for name, value in self._saved_environ.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
