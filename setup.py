@@ -20,7 +20,9 @@ setup(
     ],
     extras_require={
         "cloud-init": ["pycdlib"],  # NoCloud seeds for layers with cloud-init
-        "test": ["pytest-timeout", "pycdlib"],
+        "ansible": ["ansible-core", "ansible-runner"],  # ost_ansible_inventory, OST's ost_utils
+        "testinfra": ["pytest-testinfra"],  # vm.testinfra
+        "test": ["pytest-timeout", "pycdlib", "ansible-core", "ansible-runner", "pytest-testinfra"],
     },
     entry_points={"pytest11": ["ostimages = pytest_ostimages.plugin"]},
     classifiers=[
