@@ -113,6 +113,10 @@ class Booter:
             else:
                 vm.pin_offered_key()
                 identity = ", image's identity kept"
+            if plan.entry.ip6 is not None and plan.ip != plan.entry.ip6 and not vm.wait_for_address(plan.entry.ip6):
+                # not fatal: an image without DHCPv6 by DUID-LL works over IPv4
+                self.progress(f"{plan.role}: no IPv6 address {plan.entry.ip6} within 30 s: does the image ask "
+                              f"for it by DHCPv6 with a DUID-LL (NetworkManager: dhcp-duid=ll)?")
             if plan.warm_key is not None and vm.origin == "booted":
                 vm.snapshot(SNAPSHOT)  # this ready state is saved for warm starts at the end
                 vm.warm_key = plan.warm_key

@@ -174,6 +174,13 @@ class VM:
         self.ssh("true", check=True)  # sshd offers the key cloud-init installed
         return time.monotonic() - start
 
+    def wait_for_address(self, ip: "ipaddress.IPv4Address | ipaddress.IPv6Address", timeout: float = 30) -> bool:
+        """Whether the guest holds `ip` (e.g. its DHCPv6 lease, which comes after IPv4) within `timeout` s."""
+        tries = max(1, int(timeout * 5))
+        result = self.ssh(f"for i in $(seq {tries}); do ip -o addr show to {ip} | grep -q . && exit 0; "
+                          f"sleep 0.2; done; exit 1", timeout=timeout + 30)
+        return result.returncode == 0
+
     def pin_offered_key(self) -> None:
         """Keep the guest as it is; accept only the host key it offered at first contact."""
         self._ssh.pin(self._ssh.offered_key())

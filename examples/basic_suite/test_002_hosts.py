@@ -19,7 +19,7 @@ def test_hosts_see_engine(hosts, engine):
 
 def test_engine_resolves_hosts(engine, hosts):
     for h in hosts:
-        assert engine.ssh(f"getent hosts {h.hostname}").stdout.split()[0] == str(h.ip)
+        assert engine.ssh(f"getent ahostsv4 {h.hostname}").stdout.split()[0] == str(h.ip)
 
 
 def test_copy_file_in_and_out(host0, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pytest_ostimages import VM, Catalog, Network, SSHCommandError, VMError
+from pytest_ostimages.ssh import SSH
 
 from .helpers import IMAGES
 
@@ -40,7 +41,7 @@ def test_layers_carry_their_packages(engine: VM, host0: VM, ost_images: Catalog)
 def test_hosts_reach_the_engine_by_name(hosts: list[VM], engine: VM) -> None:
     for host in hosts:
         assert host.ssh(f"ping -c1 -W5 {engine.hostname}").returncode == 0
-        resolved = host.ssh("getent hosts engine").stdout.split()
+        resolved = host.ssh("getent ahostsv4 engine").stdout.split()
         assert resolved[0] == str(engine.ip)
 
 
@@ -49,6 +50,49 @@ def test_addresses_are_the_reserved_ones(engine: VM, hosts: list[VM], ost_networ
         assert vm.ip in ost_network.subnet
         assert f"inet {vm.ip}/" in vm.ssh("ip -4 addr show eth0").stdout
         assert vm.mac in vm.ssh("cat /sys/class/net/eth0/address").stdout
+
+
+def test_dual_stack_addresses_names_and_ssh_over_ipv6(engine: VM, host0: VM, ost_network: Network,
+                                                    ost_lab) -> None:
+    assert engine.ip6 in ost_network.subnet6 and engine.addresses() == [engine.ip, engine.ip6]
+    # the guest's DHCPv6 lease is its reservation, keyed on the DUID-LL of its MAC
+    assert f"inet6 {engine.ip6}/" in engine.ssh("ip -6 addr show eth0").stdout
+    # A and AAAA records on the management network
+    assert ipaddress.ip_address(host0.ssh("getent ahostsv6 engine").stdout.split()[0]) == engine.ip6
+    assert ipaddress.ip_address(host0.ssh("getent ahostsv4 engine").stdout.split()[0]) == engine.ip
+    assert host0.ssh(f"ping -6 -c1 -W5 {engine.hostname}").returncode == 0
+    # SSH over IPv6, still with the host key pinned at first contact
+    over6 = SSH(str(engine.ip6), ost_lab.inputs.key, host_key=engine.host_key)
+    try:
+        assert over6.run("hostname").stdout.strip() == "engine"
+    finally:
+        over6.close()
+
+
+def test_testinfra_modules_on_a_vm(host0: VM) -> None:
+    host = host0.testinfra
+    assert host.package("lvm2").is_installed and not host.package("no-such-package").is_installed
+    assert host.service("ssh").is_running
+    assert host.file("/etc/ost-layer").content_string.strip() == "host-installed"
+    assert host.run("hostname -f").stdout.strip() == host0.hostname
+    assert host.check_output("id -un") == "root"
+
+
+def test_ansible_runner_through_the_session_inventory(ost_ansible_inventory: Path, engine: VM,
+                                                      hosts: list[VM], tmp_path: Path) -> None:
+    import ansible_runner
+
+    def run(pattern: str, module: str, args: str = "") -> dict[str, dict]:
+        result = ansible_runner.run(private_data_dir=str(tmp_path), inventory=str(ost_ansible_inventory),
+                                    host_pattern=pattern, module=module, module_args=args, quiet=True)
+        assert result.status == "successful", result.stdout.read()
+        return {e["event_data"]["host"]: e["event_data"]["res"] for e in result.events
+                if e.get("event") == "runner_on_ok"}
+
+    assert set(run("all", "ping")) >= {"engine", "host0", "host1"}
+    uptime = run("hosts", "shell", "cat /etc/ost-layer")  # a group per role family
+    assert {host: res["stdout"] for host, res in uptime.items()} == {
+        "host0": "host-installed", "host1": "host-installed"}
 
 
 def test_copy_a_file_in_and_out(engine: VM, tmp_path: Path) -> None:
@@ -96,8 +140,11 @@ def test_factory_boots_any_layer_later(ost_vm_factory, engine: VM) -> None:
     late = ost_vm_factory("base", role="late")
     assert late.ssh("cat /etc/ost-layer").stdout.strip() == "base"
     # added to the running network: reserved address and DNS name both work
-    assert ipaddress.IPv4Address(late.ssh("getent hosts late").stdout.split()[0]) == late.ip
-    assert late.ssh(f"getent hosts {engine.hostname}").stdout.split()[0] == str(engine.ip)
+    assert ipaddress.IPv4Address(late.ssh("getent ahostsv4 late").stdout.split()[0]) == late.ip
+    assert late.ssh(f"getent ahostsv4 {engine.hostname}").stdout.split()[0] == str(engine.ip)
+    # both families: the DHCPv6 reservation and the AAAA record were added too
+    assert ipaddress.IPv6Address(engine.ssh("getent ahostsv6 late").stdout.split()[0]) == late.ip6
+    assert f"inet6 {late.ip6}/" in late.ssh("ip -6 addr show eth0").stdout
     # a VM that dies is reported as dead, with its console, not as an SSH timeout
     late.domain.destroy()
     with pytest.raises(VMError, match=r"(?s)VM late .* is not running any more \(state: shut off\).*serial console"):

@@ -33,7 +33,7 @@ TESTS = """
         if os.environ.get("OST_E2E_MORE_VMS"):
             late = ost_vm_factory("base", role="late")
             assert late.ip != ost_vm.ip
-            assert late.ssh("getent hosts vm").stdout.split()[0] == str(ost_vm.ip)
+            assert late.ssh("getent ahostsv4 vm").stdout.split()[0] == str(ost_vm.ip)
 """
 
 

@@ -17,9 +17,11 @@ SESSION = """
         for vm, other in ((engine, host0), (host0, engine)):
             assert vm.ssh("hostname", check=True).stdout.strip() == vm.role
             assert f"inet {vm.ip}/" in vm.ssh("ip -4 addr show eth0", check=True).stdout
+            addresses6 = vm.ssh("ip -6 addr show eth0 scope global", check=True).stdout
+            assert f"inet6 {vm.ip6}/" in addresses6 and addresses6.count("inet6 ") == 1  # the old lease is gone
             assert vm.mac in vm.ssh("cat /sys/class/net/eth0/address", check=True).stdout
             # reach each other by name, at this session's addresses
-            assert vm.ssh(f"getent hosts {other.hostname}", check=True).stdout.split()[0] == str(other.ip)
+            assert vm.ssh(f"getent ahostsv4 {other.hostname}", check=True).stdout.split()[0] == str(other.ip)
             assert vm.ssh(f"ping -c1 -W5 {other.role}").returncode == 0
         print("BOOT_ID", engine.role, engine.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip(),
               engine.ip)
