@@ -113,7 +113,7 @@ def _ost_suite(config: pytest.Config, settings: OstConfig) -> OstSuite:
         if given:
             raise pytest.UsageError(f"--ost-init-config cannot be combined with {option} (yet): "
                                     f"run the OST suite without it.")
-    root = settings.root or config.rootpath
+    root = (settings.root or config.rootpath).resolve()  # exported as $OST_REPO_ROOT
     try:
         topology = initconfig.load(settings.init_config, root, settings.images_dir, os.environ, settings.suite)
     except OstError as exc:

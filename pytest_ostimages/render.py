@@ -176,7 +176,10 @@ def _ip(root: etree._Element, template: etree._Element, subnet: ipaddress._BaseN
     if subnet.version == 6:
         ip.set("family", "ipv6")
     ip.set("address", str(subnet.network_address + 1))
-    ip.set("prefix", str(subnet.prefixlen))
+    if subnet.version == 4:  # OST's ost_utils reads an IPv4 <ip>'s netmask, not a prefix
+        ip.set("netmask", str(subnet.netmask))
+    else:
+        ip.set("prefix", str(subnet.prefixlen))
     root.append(ip)
     dhcp = _child(ip, "dhcp")
     for host in dhcp.findall("host"):

@@ -67,7 +67,7 @@ def test_network_reserves_mac_ip_and_dns_names() -> None:
     assert root.find("bridge").get("name") == "ost-0a1b2c3d"
     assert root.find("domain").get("name") == "lab.test"
     ip = root.find("ip")
-    assert (ip.get("address"), ip.get("prefix")) == ("192.168.140.1", "24")
+    assert (ip.get("address"), ip.get("netmask")) == ("192.168.140.1", "255.255.255.0")
     assert [(h.get("mac"), h.get("ip"), h.get("name")) for h in ip.findall("dhcp/host")] == [
         ("52:54:00:a8:8c:0a", "192.168.140.10", "engine"),
         ("52:54:00:a8:8c:0b", "192.168.140.11", "host0")]
