@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -154,3 +155,25 @@ def test_size_suffixes_are_qemu_img_s(suite: Path, tmp_path: Path) -> None:
         made = tmp_path / f"{dev}.raw"
         subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(made), size], check=True)
         assert made.stat().st_size == disks[dev]
+
+
+def test_ost_variables_are_set_for_the_session_only(pytester: pytest.Pytester, suite: Path, images_dir: Path,
+                                                    workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(suite, broken(vms__engine__root_disk_var="OST_IMAGES_BASE", **{"vms__engine__deploy-scripts": []}))
+    monkeypatch.delenv("OST_DEPLOYMENT", raising=False)
+    pytester.makeconftest("""
+        import os
+        def pytest_collection_finish(session):
+            for name in ("OST_DEPLOYMENT", "SUITE", "OST_REPO_ROOT", "OST_IMAGES_DISTRO"):
+                print(name, os.environ[name])
+    """)
+    relative_root = os.path.relpath(suite.parent.parent, pytester.path)
+    result = pytester.runpytest_inprocess(f"--ost-init-config={suite}", f"--ost-root={relative_root}",
+                                          "--collect-only", "-s",
+                                          f"--ost-images-dir={images_dir}", f"--ost-workdir={workdir}",
+                                          "--ost-libvirt-uri=test:///default")
+    result.stdout.fnmatch_lines([f"OST_DEPLOYMENT {workdir}/*", "SUITE basic-suite-master",
+                                 f"OST_REPO_ROOT {suite.parent.parent}",  # absolute, whatever was given
+                                 "OST_IMAGES_DISTRO testos"])
+    assert "OST_DEPLOYMENT" not in os.environ
+    assert not workdir.exists()  # --collect-only boots nothing
