@@ -25,11 +25,15 @@ Figures:
              suite in a cold session after a first run  vs  that first run
   inside     --ost-run-inside on examples/inside: command -> first inner result,
              tree shared over virtiofs  vs  copied
+  ost        the OST example topology (engine, 2 hosts, storage with 2 disks; 2
+             networks) booted and deployed  vs  the same VMs booted without
+             their deploy scripts
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import os
@@ -49,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pytest_ostimages.config import from_environment  # noqa: E402
-from pytest_ostimages import Lab, VMSpec  # noqa: E402
+from pytest_ostimages import Lab, VMSpec, initconfig, ost  # noqa: E402
+from pytest_ostimages.lab import OstDeployment  # noqa: E402
 from pytest_ostimages.ssh import SSH  # noqa: E402
 
 MEMORY, VCPUS = 512, 1
@@ -336,6 +341,30 @@ def measure_warm(repeat: int, results: dict) -> None:
     print(f"  example suite: first run {runs[0]:.1f} s (boots, saves), next cold run {runs[1]:.1f} s", flush=True)
 
 
+def measure_ost(repeat: int, results: dict) -> None:
+    """The example OST topology: boot + deploy scripts vs the same boot without them."""
+    example = ROOT / "examples" / "ost_suite"
+    topology = initconfig.load(example / "basic-suite" / "ost.json", example, config().images_dir, {})
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeat):
+        for with_scripts in runs:
+            specs = [dataclasses.replace(vm, memory=None, vcpus=None,
+                                         deploy_scripts=vm.deploy_scripts if with_scripts else ())
+                     for vm in topology.vms]
+            lab = Lab(config())
+            lab.ost = OstDeployment(topology.suite, example, topology.networks)
+            start = time.monotonic()
+            try:
+                lab.boot(specs)
+                ost.deploy(lab, specs, example)
+                runs[with_scripts].append(time.monotonic() - start)
+            finally:
+                lab.close()
+    results["ost: example topology boot + deploy"] = {"plugin": stats(runs[True]), "baseline": stats(runs[False])}
+    print(f"  OST example topology: booted and deployed {min(runs[True]):.1f} s, booted only "
+          f"{min(runs[False]):.1f} s", flush=True)
+
+
 def measure_inside(repeat: int, results: dict) -> None:
     """--ost-run-inside on examples/inside: command start -> first inner test result, per share mode."""
     times: dict[str, list[float]] = {"virtiofs": [], "copy": []}
@@ -361,7 +390,7 @@ def measure_inside(repeat: int, results: dict) -> None:
 
 # --- report -------------------------------------------------------------------------------
 
-FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity", "warm")
+FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity", "warm", "ost")
 
 GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "boot": ("ratio <= 1.05 and overhead <= 0.5 s",
@@ -429,6 +458,8 @@ def main() -> None:
         measure_identity(args.repeat, results)
     if "warm" in wanted:
         measure_warm(args.repeat, results)
+    if "ost" in wanted:
+        measure_ost(args.repeat, results)
     report(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

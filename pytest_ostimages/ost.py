@@ -14,13 +14,14 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import pytest
 
 from . import diagnostics
 from .errors import OstError
 from .initconfig import Topology
+from .inputs import VMSpec
 from .inventory import write_ost_hosts
 from .lab import Lab, OstDeployment
 
@@ -52,6 +53,22 @@ def run_deploy_scripts(vm: "VM", scripts: tuple[Path, ...], root: Path, logs: Pa
                               f"{result.returncode}. Its last {TAIL_LINES} lines of output:\n{tail}\n"
                               f"All of it: {log}")
         progress(f"{vm.role}: deploy script {name} done in {time.monotonic() - start:.1f} s")
+
+
+def deploy(lab: Lab, specs: Iterable[VMSpec], root: Path) -> None:
+    """Run the deploy scripts of `specs` (booted VMs of `lab`): the VMs in parallel, each one's in order."""
+    jobs = [(lab.vms[spec.role], spec.deploy_scripts) for spec in specs if spec.deploy_scripts]
+    if not jobs:
+        return
+    logs = lab.workdir.path / "deploy"
+    logs.mkdir(exist_ok=True)
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = [pool.submit(run_deploy_scripts, vm, scripts, root, logs, lab.progress) for vm, scripts in jobs]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]  # type: ignore[misc]
+    lab.progress(f"deploy scripts of {len(jobs)} VMs done in {time.monotonic() - start:.1f} s")
 
 
 class OstSuite:
@@ -98,28 +115,11 @@ class OstSuite:
             write_ost_hosts(lab.workdir.path / "hosts", lab.vms.values(), lab.ssh_key,
                             lab.workdir.path / "known_hosts")
             self._export(OST_IMAGES_SSH_KEY=str(lab.ssh_key))
-            self._deploy()
+            deploy(lab, self.topology.vms, self.root)
         except OstError as exc:
             self.failed = True
             pytest.exit(f"pytest-ostimages could not provision OST suite {self.topology.suite}: {exc}",
                         returncode=pytest.ExitCode.TESTS_FAILED)
-
-    def _deploy(self) -> None:
-        assert self.lab is not None
-        lab = self.lab
-        jobs = [(lab.vms[spec.role], spec.deploy_scripts) for spec in self.topology.vms if spec.deploy_scripts]
-        if not jobs:
-            return
-        logs = lab.workdir.path / "deploy"
-        logs.mkdir(exist_ok=True)
-        start = time.monotonic()
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            futures = [pool.submit(run_deploy_scripts, vm, scripts, self.root, logs, lab.progress)
-                       for vm, scripts in jobs]
-            errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            raise errors[0]  # type: ignore[misc]
-        lab.progress(f"deploy scripts of {len(jobs)} VMs done in {time.monotonic() - start:.1f} s")
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         lab, self.lab = self.lab, None
