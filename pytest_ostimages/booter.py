@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import virt, warm
 from .catalog import Image
-from .identity import HostKey, fingerprint, public_key
+from .identity import HostKey, fingerprint, fixup_script, public_key
 from .render import HostEntry
 from .slots import BootSlots
 from .ssh import SSH
@@ -108,6 +108,8 @@ class Booter:
             if plan.cloud_init and plan.host_key is not None:
                 left = max(1.0, self.boot_timeout - seconds)
                 identity = f", cloud-init done in {vm.finish_cloud_init(plan.host_key, left):.1f} s"
+            elif plan.host_key is not None and vm.origin != "booted":
+                identity = ", own identity given through the guest agent"
             elif plan.host_key is not None:
                 identity = f", own identity in {vm.take_identity(plan.host_key):.1f} s"
             else:
@@ -137,12 +139,16 @@ class Booter:
         try:
             in_use = self.warm.use(state)
             overlay = plan.overlay.with_name(f"{plan.name}.warm.qcow2")
+            # its own identity in the same agent command: one SSH login, with the new host key
+            identity = (fixup_script(plan.hostname.split(".")[0], plan.hostname, str(plan.ip), plan.host_key,
+                                     sshd="restart") if plan.host_key is not None else "")
             domain, steps = warm.restore(conn, state, plan.xml, overlay,
-                                         plan.overlay.with_name(f"{plan.name}.save"))
+                                         plan.overlay.with_name(f"{plan.name}.save"), identity)
         except (WarmStartError, OSError) as exc:
             self.progress(f"{plan.role}: warm start from saved state {state.key} failed ({exc}): booting")
             return None
-        vm = plan.vm(domain, SSH(str(plan.ip), key, host_key=public_key(state.host_key())), overlay,
+        host_key = plan.host_key.pkey() if plan.host_key is not None else public_key(state.host_key())
+        vm = plan.vm(domain, SSH(str(plan.ip), key, host_key=host_key), overlay,
                      origin=f"restored from saved state {state.key}", warm_lock=in_use)
         started(vm)
         self.progress(f"{plan.role}: restored {plan.image.label} from saved state {state.key} as "

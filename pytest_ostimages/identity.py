@@ -75,8 +75,10 @@ def openssh_line(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.get_base64()}"
 
 
-def fixup_script(short: str, fqdn: str, ip: str, key: HostKey) -> str:
-    """The guest side, one command: new machine-id, host key `key`, the hostname, sshd restarted."""
+def fixup_script(short: str, fqdn: str, ip: str, key: HostKey, sshd: str = "reload") -> str:
+    """The guest side, one command: new machine-id, host key `key`, the hostname, then sshd
+    `reload`ed (over SSH: the session that runs it survives) or `restart`ed (through the guest
+    agent: it returns once only the new sshd listens, so no login can meet the old key)."""
     s = shlex.quote(short)
     return "\n".join([
         "set -e",
@@ -93,8 +95,8 @@ def fixup_script(short: str, fqdn: str, ip: str, key: HostKey) -> str:
         f"echo {s} >/etc/hostname",
         f"hostname {s}",
         hosts_line(ip, short, fqdn),
-        # SIGHUP: sshd re-executes itself with only the new key, on the same socket
-        "systemctl reload sshd 2>/dev/null || systemctl reload ssh",
+        # reload = SIGHUP: sshd re-executes itself with only the new key, on the same socket
+        f"systemctl {sshd} sshd 2>/dev/null || systemctl {sshd} ssh",
     ]) + "\n"
 
 

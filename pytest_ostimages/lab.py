@@ -349,7 +349,7 @@ class Lab:
         key = self.inputs.key
         for v in env.vms:
             domain = self.conn.lookupByName(v.name)
-            entry = HostEntry(v.name, v.mac, v.ip if v.ip.version == 4 else None, v.ip6)
+            entry = HostEntry(v.hostname.split(".")[0], v.mac, v.ip if v.ip.version == 4 else None, v.ip6)
             vm = VM(v.name, v.role, v.hostname, v.ip, v.mac, self.inputs.image(str(v.image)),
                     v.overlay, v.console, domain,
                     SSH(str(v.ip), key, host_key=public_key(v.host_key) if v.host_key else None),

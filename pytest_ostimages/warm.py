@@ -15,8 +15,10 @@ any number of them at once, restores it in seconds:
 2. the NIC is replaced by one with this session's MAC (a restored guest keeps the
    old MAC from its device state), and through the guest agent (no network
    needed) the clock is set and the interface brought up again for a new lease;
-3. SSH answers on the new address with the saved host key; then the VM takes its
-   own identity (identity.py) as a booted one would.
+3. in the same guest-agent command, the VM takes its own identity (identity.py:
+   machine-id, host key, hostname, sshd reloaded), so that the first SSH login,
+   on the new address, already checks the new host key (the saved one with
+   ``--ost-identity=keep``).
 
 Anything that does not work (no agent, a restore error, an unknown save format)
 falls back to a normal boot, with one progress line saying why. The cache is
@@ -292,8 +294,10 @@ def guest_exec(dom: "libvirt.virDomain", command: str, timeout: float = 60) -> N
 
 
 def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overlay: Path,
-            memory_copy: Path) -> tuple["libvirt.virDomain", dict[str, float]]:
+            memory_copy: Path, guest_setup: str = "") -> tuple["libvirt.virDomain", dict[str, float]]:
     """Restore `state` as the domain of `fresh_xml` (this session's), on the network with its MAC.
+
+    `guest_setup`: shell commands run in the guest (through its agent) after its new lease.
 
     Returns the domain and the seconds each step took.
     """
@@ -333,8 +337,8 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overl
         step("new NIC")
         now = time.time()
         dom.setTime({"seconds": int(now), "nseconds": int(now % 1 * 1e9)}, 0)
-        guest_exec(dom, GUEST_NETWORK)
-        step("clock and lease")
+        guest_exec(dom, f"{GUEST_NETWORK}\n{guest_setup}")
+        step("clock, lease and identity" if guest_setup else "clock and lease")
     except (libvirt.libvirtError, KeyError, ValueError, WarmStartError) as exc:
         message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
         remove_domain(dom)  # the one just restored: the fallback boot takes its name
