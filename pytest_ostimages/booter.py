@@ -120,8 +120,12 @@ class Booter:
                 self.progress(f"{plan.role}: no IPv6 address {plan.entry.ip6} within 30 s: does the image ask "
                               f"for it by DHCPv6 with a DUID-LL (NetworkManager: dhcp-duid=ll)?")
             if plan.warm_key is not None and vm.origin == "booted":
-                vm.snapshot(SNAPSHOT)  # this ready state is saved for warm starts at the end
-                vm.warm_key = plan.warm_key
+                # a restore needs the agent (its new lease and identity come through it)
+                if warm.wait_for_agent(vm.domain, 30):
+                    vm.snapshot(SNAPSHOT)  # this ready state is saved for warm starts at the end
+                    vm.warm_key = plan.warm_key
+                else:
+                    self.progress(f"{plan.role}: its guest agent does not answer: no warm start from it")
         assert vm.host_key is not None
         self.progress(f"{plan.role}: ssh ready in {seconds:.1f} s{identity}, host key "
                       f"{fingerprint(vm.host_key)}")

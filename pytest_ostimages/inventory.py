@@ -28,13 +28,14 @@ def address(vm: "VM") -> str:
 
 
 def group(role: str) -> str:
-    """A role's family: host0 and host-1 are hosts, engine is engine."""
-    kind = role.rstrip("0123456789-_") or role
-    return "hosts" if kind == "host" else kind
+    """The group of a numbered role (host0, host-1: hosts); others are reached by name (ungrouped)."""
+    kind = role.rstrip("0123456789-_")
+    return f"{kind}s" if kind and kind != role else "ungrouped"
 
 
 def write_inventory(path: Path, vms: Iterable["VM"], key: Path, known_hosts: Path) -> Path:
-    """An INI inventory: one group per role family (engine, hosts, ...), the hosts named by role."""
+    """An INI inventory, hosts named by role: numbered roles grouped by family (hosts), the others
+    (engine, storage) by their own name."""
     groups: dict[str, list[str]] = {}
     for vm in vms:
         groups.setdefault(group(vm.role), []).append(

@@ -19,6 +19,7 @@ from lxml import etree
 from .errors import OstError
 from .owner import METADATA_NS, Label
 
+DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"  # libvirt's pass-through of dnsmasq options
 OST_NS = "OST:metadata"  # what OST's ost_utils/backend/virsh reads (see docs/ost.md)
 
 
@@ -141,6 +142,7 @@ def network_xml(
     _child(root, "bridge").set("name", bridge)
     _set_metadata(root, label, ost)
     _child(root, "domain").set("name", domain)
+    _dnsmasq_option(root, "no-hosts")  # the guests resolve the session's names, not the host's /etc/hosts
     template_ip = _child(root, "ip")
     for old in root.findall("ip"):
         root.remove(old)
@@ -164,6 +166,14 @@ def network_xml(
             for ip in entry.addresses:
                 dns_node.append(_dns_host(entry.name, domain, ip))
     return _tostring(root)
+
+
+def _dnsmasq_option(root: etree._Element, value: str) -> None:
+    options = root.find(f"{{{DNSMASQ_NS}}}options")
+    if options is None:
+        options = etree.SubElement(root, f"{{{DNSMASQ_NS}}}options", nsmap={"dnsmasq": DNSMASQ_NS})
+    if not any(o.get("value") == value for o in options):
+        etree.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=value)
 
 
 def _ip(root: etree._Element, template: etree._Element, subnet: ipaddress._BaseNetwork,

@@ -272,19 +272,35 @@ def _replace(parent: Any, old: Any, new: Any) -> None:
         parent.replace(old, copy.deepcopy(new))
 
 
-def guest_exec(dom: "libvirt.virDomain", command: str, timeout: float = 60) -> None:
-    """Run `command` in the guest through its agent, which needs no network."""
+def _agent(dom: "libvirt.virDomain", execute: str, arguments: dict[str, Any]) -> Any:
     import libvirt_qemu
 
-    def agent(execute: str, arguments: dict[str, Any]) -> Any:
-        reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": execute, "arguments": arguments}),
-                                              30, 0)
-        return json.loads(reply)["return"]
+    reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": execute, "arguments": arguments}), 30, 0)
+    return json.loads(reply)["return"]
 
-    pid = agent("guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})["pid"]
+
+def wait_for_agent(dom: "libvirt.virDomain", timeout: float) -> bool:
+    """Whether the guest agent answers within `timeout` s (it may start after sshd in a booting guest)."""
+    libvirt = libvirt_module()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _agent(dom, "guest-ping", {})
+            return True
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+
+def guest_exec(dom: "libvirt.virDomain", command: str, timeout: float = 60) -> None:
+    """Run `command` in the guest through its agent, which needs no network."""
+    if not wait_for_agent(dom, 10):
+        raise WarmStartError("its guest agent does not answer")
+    pid = _agent(dom, "guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})["pid"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = agent("guest-exec-status", {"pid": pid})
+        status = _agent(dom, "guest-exec-status", {"pid": pid})
         if status.get("exited"):
             if status.get("exitcode", 0) != 0:
                 raise WarmStartError(f"{command!r} in the guest exited with {status.get('exitcode')}")

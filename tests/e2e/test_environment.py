@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def test_hosts_reach_the_engine_by_name(hosts: list[VM], engine: VM) -> None:
         assert host.ssh(f"ping -c1 -W5 {engine.hostname}").returncode == 0
         resolved = host.ssh("getent ahostsv4 engine").stdout.split()
         assert resolved[0] == str(engine.ip)
+        # only the session's names: not those of the host's /etc/hosts (libvirt's dnsmasq reads it)
+        assert host.ssh(f"getent ahostsv4 {socket.gethostname()}").returncode == 2
 
 
 def test_addresses_are_the_reserved_ones(engine: VM, hosts: list[VM], ost_network: Network) -> None:

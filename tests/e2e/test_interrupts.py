@@ -35,7 +35,7 @@ def test_sigterm_while_booting_tears_down(pytester: pytest.Pytester, unchanged: 
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
-    assert "[ost] removing the VMs, network and work directory of run" in output
+    assert "[ost] removing the VMs, networks and work directory of run" in output
 
 
 @pytest.fixture

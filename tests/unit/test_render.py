@@ -152,3 +152,12 @@ def test_template_without_disk_is_explained(tmp_path: Path) -> None:
 def test_missing_template_directory(tmp_path: Path) -> None:
     with pytest.raises(OstError, match="does not exist"):
         Templates(tmp_path / "nope")
+
+
+def test_guests_never_resolve_the_hosts_etc_hosts() -> None:
+    # libvirt's dnsmasq reads the host's /etc/hosts unless told not to: a VM named like the
+    # host (e.g. "vm") resolved to 127.0.0.1 on a machine whose /etc/hosts maps its name so
+    root = etree.fromstring(network_xml(Templates().load("network.xml"), name="n", bridge="n", subnet=SUBNET,
+                                        domain="d", hosts=[], label=LABEL))
+    ns = "{http://libvirt.org/schemas/network/dnsmasq/1.0}"
+    assert [o.get("value") for o in root.findall(f"{ns}options/{ns}option")] == ["no-hosts"]
