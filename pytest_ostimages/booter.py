@@ -115,7 +115,9 @@ class Booter:
             else:
                 vm.pin_offered_key()
                 identity = ", image's identity kept"
-            if plan.entry.ip6 is not None and plan.ip != plan.entry.ip6 and not vm.wait_for_address(plan.entry.ip6):
+            # (a restored VM got its addresses through the agent, no need to wait for DHCPv6)
+            if (plan.entry.ip6 is not None and plan.ip != plan.entry.ip6 and vm.origin == "booted"
+                    and not vm.wait_for_address(plan.entry.ip6)):
                 # not fatal: an image without DHCPv6 by DUID-LL works over IPv4
                 self.progress(f"{plan.role}: no IPv6 address {plan.entry.ip6} within 30 s: does the image ask "
                               f"for it by DHCPv6 with a DUID-LL (NetworkManager: dhcp-duid=ll)?")
@@ -146,8 +148,9 @@ class Booter:
             # its own identity in the same agent command: one SSH login, with the new host key
             identity = (fixup_script(plan.hostname.split(".")[0], plan.hostname, str(plan.ip), plan.host_key,
                                      sshd="restart") if plan.host_key is not None else "")
-            domain, steps = warm.restore(conn, state, plan.xml, overlay,
-                                         plan.overlay.with_name(f"{plan.name}.save"), identity)
+            domain, steps = warm.restore(conn, state, plan.xml, overlay, plan.overlay.with_name(f"{plan.name}.save"),
+                                         f"{warm.guest_network(plan.entry, plan.hostname)}\n{identity}\n"
+                                         f"{warm.FRESH_LEASES}")
         except (WarmStartError, OSError) as exc:
             self.progress(f"{plan.role}: warm start from saved state {state.key} failed ({exc}): booting")
             return None

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
@@ -47,6 +48,7 @@ from lxml import etree
 from .errors import OstError
 from .files import host_lock, write_atomic
 from .identity import openssh_line
+from .render import HostEntry
 from .virt import libvirt_module, remove_domain
 
 if TYPE_CHECKING:
@@ -57,10 +59,36 @@ if TYPE_CHECKING:
 SNAPSHOT = "ost-warm"
 MAGIC = b"LibvirtQemudSave"
 HEADER = struct.Struct("<16s19I")  # magic, version, data_len, was_running, format, cookieOffset, unused[14]
-# A new DHCP lease on the new NIC: NetworkManager (ost-images), else ifupdown; the old
-# client's lease belonged to a NIC that is gone, no need to release it (1.5 s saved).
-GUEST_NETWORK = ("if command -v nmcli >/dev/null; then nmcli device connect eth0; "
-                 "else pkill -x dhclient; ip addr flush dev eth0 scope global; ifup --force eth0; fi")
+
+
+def guest_network(entry: HostEntry, fqdn: str) -> str:
+    """The guest side of moving to the new NIC, for the guest agent.
+
+    NetworkManager (ost-images): a new DHCP connection. ifupdown: the reserved
+    addresses (the session's networks are a /24 and its /64, gateway .1 and ::1)
+    are set at once, and FRESH_LEASES, run last, takes new leases in the
+    background. The old leases belonged to a NIC and a network that are gone:
+    they are forgotten (asking for them again costs a NAK and a round trip).
+    """
+    commands = ["pkill -x dhclient", "rm -f /var/lib/dhcp/dhclient.eth0.leases /var/lib/dhcp/dhclient6.eth0.leases",
+                "ip addr flush dev eth0 scope global"]
+    nameservers: "list[ipaddress.IPv4Address | ipaddress.IPv6Address]" = []
+    if entry.ip is not None:
+        gateway = ipaddress.IPv4Network(f"{entry.ip}/24", strict=False).network_address + 1
+        commands += [f"ip addr add {entry.ip}/24 brd + dev eth0", f"ip route replace default via {gateway} dev eth0"]
+        nameservers.append(gateway)
+    if entry.ip6 is not None:
+        # with a lifetime: dhclient -6 starts by flushing the permanent global addresses
+        commands.append(f"ip -6 addr add {entry.ip6}/64 dev eth0 nodad valid_lft 3600 preferred_lft 3600")
+        nameservers.append(ipaddress.IPv6Network(f"{entry.ip6}/64", strict=False).network_address + 1)
+    resolv = "\\n".join([f"search {fqdn.partition('.')[2]}", f"nameserver {nameservers[0]}"])
+    commands.append(f"printf '{resolv}\\n' >/etc/resolv.conf")
+    return f"if command -v nmcli >/dev/null; then nmcli device connect eth0; else {'; '.join(commands)}; fi"
+
+
+# New leases (IPv4 and DHCPv6) in the background, last: the guest has its addresses already, and
+# dhclient-script, with no old lease to drop, only confirms them.
+FRESH_LEASES = "command -v nmcli >/dev/null || (ifup --force eth0 </dev/null >/dev/null 2>&1 &)"
 
 
 class WarmStartError(OstError):
@@ -295,8 +323,6 @@ def wait_for_agent(dom: "libvirt.virDomain", timeout: float) -> bool:
 
 def guest_exec(dom: "libvirt.virDomain", command: str, timeout: float = 60) -> None:
     """Run `command` in the guest through its agent, which needs no network."""
-    if not wait_for_agent(dom, 10):
-        raise WarmStartError("its guest agent does not answer")
     pid = _agent(dom, "guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})["pid"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -310,10 +336,10 @@ def guest_exec(dom: "libvirt.virDomain", command: str, timeout: float = 60) -> N
 
 
 def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overlay: Path,
-            memory_copy: Path, guest_setup: str = "") -> tuple["libvirt.virDomain", dict[str, float]]:
+            memory_copy: Path, guest_setup: str) -> tuple["libvirt.virDomain", dict[str, float]]:
     """Restore `state` as the domain of `fresh_xml` (this session's), on the network with its MAC.
 
-    `guest_setup`: shell commands run in the guest (through its agent) after its new lease.
+    `guest_setup`: shell commands run in the guest through its agent (guest_network and its identity).
 
     Returns the domain and the seconds each step took.
     """
@@ -351,10 +377,13 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overl
             nic.remove(child)
         dom.attachDeviceFlags(etree.tostring(nic, encoding="unicode"), flags)
         step("new NIC")
+        if not wait_for_agent(dom, 10):
+            raise WarmStartError("its guest agent does not answer")
+        step("agent")
         now = time.time()
         dom.setTime({"seconds": int(now), "nseconds": int(now % 1 * 1e9)}, 0)
-        guest_exec(dom, f"{GUEST_NETWORK}\n{guest_setup}")
-        step("clock, lease and identity" if guest_setup else "clock and lease")
+        guest_exec(dom, guest_setup)
+        step("clock, addresses and identity")
     except (libvirt.libvirtError, KeyError, ValueError, WarmStartError) as exc:
         message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
         remove_domain(dom)  # the one just restored: the fallback boot takes its name
