@@ -92,10 +92,10 @@ def test_ansible_runner_through_the_session_inventory(ost_ansible_inventory: Pat
         return {e["event_data"]["host"]: e["event_data"]["res"] for e in result.events
                 if e.get("event") == "runner_on_ok"}
 
-    assert set(run("all", "ping")) >= {"engine", "host0", "host1"}
-    uptime = run("hosts", "shell", "cat /etc/ost-layer")  # a group per role family
-    assert {host: res["stdout"] for host, res in uptime.items()} == {
-        "host0": "host-installed", "host1": "host-installed"}
+    # (other test modules of the session may have added VMs, e.g. host2: the checks hold whatever they are)
+    assert set(run("engine:hosts", "ping")) >= {"engine", "host0", "host1"}
+    layers = {host: res["stdout"] for host, res in run("hosts", "shell", "cat /etc/ost-layer").items()}
+    assert {"host0", "host1"} <= set(layers) and set(layers.values()) == {"host-installed"}  # numbered roles
 
 
 def test_copy_a_file_in_and_out(engine: VM, tmp_path: Path) -> None:
