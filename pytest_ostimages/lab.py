@@ -57,6 +57,7 @@ class Network:
     handle: "libvirt.virNetwork"
     role: str = MANAGEMENT.role
     versions: tuple[int, ...] = (4, 6)
+    management: bool = True  # DNS names, the plugin's SSH
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -65,10 +66,6 @@ class Network:
     @property
     def subnet6(self) -> Optional[ipaddress.IPv6Network]:
         return ipv6_subnet(self.subnet) if 6 in self.versions else None
-
-    @property
-    def management(self) -> bool:
-        return self.role == MANAGEMENT.role
 
     def entry(self, name: str, host: int) -> HostEntry:
         return _entry(self.subnet, self.versions, name, host)
@@ -161,7 +158,12 @@ class Lab:
     @property
     def network(self) -> Optional[Network]:
         """The management network (DNS names, SSH), once created."""
-        return self.networks.get(MANAGEMENT.role)
+        return self.networks.get(self.management_role)
+
+    @property
+    def management_role(self) -> str:
+        """The management network's role: an init-config's may have any name ("is_management")."""
+        return next(n.role for n in self.topology if n.management)
 
     @property
     def topology(self) -> tuple[NetworkSpec, ...]:
@@ -191,7 +193,8 @@ class Lab:
             # recorded first: an interrupt right after creation still removes it
             self._made.append(Owned("network", name, self.owner))
             handle = virt.create_network(self.conn, xml)
-            return Network(name, name, subnet, self.config.dns_domain, handle, spec.role, versions)
+            return Network(name, name, subnet, self.config.dns_domain, handle, spec.role, versions,
+                           spec.management)
 
         network = self.networks[spec.role] = virt.with_free_subnet(self.conn, self.config.subnet_pool, create)
         addresses = [str(network.subnet)] * (4 in versions) + [str(network.subnet6)] * (6 in versions)
@@ -204,7 +207,7 @@ class Lab:
         for spec in specs:
             nics = []
             short = self.names(spec.role)[1]
-            roles = spec.nics or (MANAGEMENT.role,)
+            roles = spec.nics or (self.management_role,)
             for index, net_role in enumerate(roles):
                 host = self._next_host.get(net_role, FIRST_VM_HOST)
                 if host > LAST_VM_HOST:
@@ -212,7 +215,7 @@ class Lab:
                                    f"{LAST_VM_HOST - FIRST_VM_HOST + 1} NICs; {net_role} is full.")
                 self._next_host[net_role] = host + 1
                 # the first NIC on the management network has the VM's name (DNS)
-                first = net_role == MANAGEMENT.role and roles.index(net_role) == index
+                first = net_role == self.management_role and roles.index(net_role) == index
                 nics.append((net_role, short if first else f"{short}-eth{index}", host))
             numbered.append(nics)
         created = set()
@@ -246,7 +249,7 @@ class Lab:
                            + (f", and {taken} already run" if taken else ""))
         images = self.inputs.check(specs)  # every input checked before anything is made
         for spec in specs:
-            if spec.nics and MANAGEMENT.role not in spec.nics:
+            if spec.nics and self.management_role not in spec.nics:
                 raise OstError(f"VM {spec.role} has no NIC on the management network (its NICs: "
                                f"{', '.join(spec.nics)}); the plugin reaches VMs over it.")
             unknown = sorted(set(spec.nics) - {n.role for n in self.topology})
@@ -273,7 +276,7 @@ class Lab:
         assert self.network is not None
         memory, vcpus = self.inputs.size(spec)
         name, short = self.names(spec.role)
-        entry = next(e for role, e in nics if role == MANAGEMENT.role)
+        entry = next(e for role, e in nics if role == self.management_role)
         overlay = self.workdir.overlay(image, name)
         disks = [(self.workdir.raw_disk(f"{name}-{disk.name}", disk.size), disk.name, disk.serial)
                  for disk in spec.disks]

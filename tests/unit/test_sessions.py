@@ -8,6 +8,7 @@ VMs a session boots.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import textwrap
@@ -140,3 +141,18 @@ def test_a_failed_shared_boot_reaches_every_worker_at_once(images: Path, tmp_pat
     with pytest.raises(OstError, match=textwrap.dedent("""\
             (?s)could not be booted by another worker:.*cannot traverse""")):
         share.join(Lab(config), [VMSpec("engine", "engine-installed")])
+
+
+def test_an_init_configs_management_network_may_have_any_name(pytester: pytest.Pytester, session,
+                                                              tmp_path: Path) -> None:
+    # ost_utils needs "management" in the role's name, not the name itself: "is_management" decides
+    config = tmp_path / "suite" / "ost.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({
+        "networks": {"ost-management": {"is_management": True, "nics": ["vm"]}, "storage": {"nics": ["vm-s"]}},
+        "vms": {"vm": {"nics": {"vm": {}, "vm-s": {}}, "root_disk_var": "OST_IMAGES_BASE"}}}))
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = session(f"--ost-init-config={config}", "--ost-subnet-pool=127.100.0.0/23")  # two networks
+    result.stdout.fnmatch_lines(["*network ost-* (ost-management): 127.100.0.0/24*",
+                                 "*network ost-*-1 (storage)*", "*vm: booting testos-base as *-ost-suite-vm *"])
+    result.stdout.no_fnmatch_line("*no NIC on the management network*")
