@@ -35,8 +35,12 @@ class PerRole:
     roles: Mapping[str, int] = field(default_factory=dict)
 
     def for_role(self, role: str) -> int:
-        kind = role.rstrip("0123456789-") or role
-        return self.roles.get(role, self.roles.get(kind, self.default))
+        return self.roles.get(role, self.roles.get(role_kind(role), self.default))
+
+
+def role_kind(role: str) -> str:
+    """A role's family: ``host0`` and ``host-1`` are ``host``; an unnumbered role is its own."""
+    return role.rstrip("0123456789-_") or role
 
 
 @dataclass(frozen=True)

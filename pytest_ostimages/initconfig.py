@@ -47,10 +47,6 @@ class Topology:
     networks: tuple[NetworkSpec, ...]  # the management network first
     vms: tuple[VMSpec, ...]
 
-    @property
-    def management(self) -> NetworkSpec:
-        return self.networks[0]
-
 
 def load(path: Path, root: Path, images_dir: Path, environ: Mapping[str, str],
          suite: Optional[str] = None) -> Topology:

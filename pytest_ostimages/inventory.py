@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from .config import role_kind
 from .files import write_atomic
 
 if TYPE_CHECKING:
@@ -29,8 +30,8 @@ def address(vm: "VM") -> str:
 
 def group(role: str) -> str:
     """The group of a numbered role (host0, host-1: hosts); others are reached by name (ungrouped)."""
-    kind = role.rstrip("0123456789-_")
-    return f"{kind}s" if kind and kind != role else "ungrouped"
+    kind = role_kind(role)
+    return f"{kind}s" if kind != role else "ungrouped"
 
 
 def write_inventory(path: Path, vms: Iterable["VM"], key: Path, known_hosts: Path) -> Path:

@@ -150,7 +150,6 @@ def network_xml(
     if not dns:
         dns_node.clear()
         dns_node.set("enable", "no")
-    hosts = list(hosts)
     dhcp4 = dhcp6 = None
     if subnet is not None:
         dhcp4 = _ip(root, template_ip, subnet, rng=(subnet.network_address + 100, subnet.broadcast_address - 1))

@@ -14,11 +14,12 @@ any number of them at once, restores it in seconds:
    two, so the copy is written with the new XML in its header's data);
 2. the NIC is replaced by one with this session's MAC (a restored guest keeps the
    old MAC from its device state), and through the guest agent (no network
-   needed) the clock is set and the interface brought up again for a new lease;
-3. in the same guest-agent command, the VM takes its own identity (identity.py:
-   machine-id, host key, hostname, sshd reloaded), so that the first SSH login,
-   on the new address, already checks the new host key (the saved one with
-   ``--ost-identity=keep``).
+   needed) the clock is set;
+3. in one guest-agent command, the VM gets its reserved addresses, takes its own
+   identity (identity.py: machine-id, host key, hostname, sshd restarted) and
+   starts taking fresh leases in the background (guest_network, FRESH_LEASES),
+   so that the first SSH login, on the new address, already checks the new host
+   key (the saved one with ``--ost-identity=keep``).
 
 Anything that does not work (no agent, a restore error, an unknown save format)
 falls back to a normal boot, with one progress line saying why. The cache is
