@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     import libvirt
     import paramiko
 
+    from .lab import Network
+
 
 @dataclass(frozen=True)
 class BootPlan:
@@ -48,6 +50,7 @@ class BootPlan:
     cloud_init: bool = False  # it gets its identity (host_key) from a NoCloud seed
     warm_key: Optional[str] = None  # its recipe, when warm start applies to it
     nics: tuple[tuple[str, HostEntry], ...] = ()  # (network role, reservation) of eth0, eth1, ...
+    network: Optional["Network"] = None  # the management network (a restore sets its addresses)
 
     @property
     def ip(self) -> "ipaddress.IPv4Address | ipaddress.IPv6Address":
@@ -149,7 +152,7 @@ class Booter:
             identity = (fixup_script(plan.hostname.split(".")[0], plan.hostname, str(plan.ip), plan.host_key,
                                      sshd="restart") if plan.host_key is not None else "")
             domain, steps = warm.restore(conn, state, plan.xml, overlay, plan.overlay.with_name(f"{plan.name}.save"),
-                                         f"{warm.guest_network(plan.entry, plan.hostname)}\n{identity}\n"
+                                         f"{warm.guest_network(plan.entry, plan.network)}\n{identity}\n"
                                          f"{warm.FRESH_LEASES}")
         except (WarmStartError, OSError) as exc:
             self.progress(f"{plan.role}: warm start from saved state {state.key} failed ({exc}): booting")

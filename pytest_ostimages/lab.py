@@ -64,6 +64,10 @@ class Network:
         return self.subnet.network_address + 1
 
     @property
+    def gateway6(self) -> Optional[ipaddress.IPv6Address]:
+        return self.subnet6.network_address + 1 if self.subnet6 is not None else None
+
+    @property
     def subnet6(self) -> Optional[ipaddress.IPv6Network]:
         return ipv6_subnet(self.subnet) if 6 in self.versions else None
 
@@ -309,7 +313,7 @@ class Lab:
                                    self.cpu_mode, self.inputs.templates.text("domain.xml"),
                                    self.config.identity, self.config.ip_version])
         return BootPlan(spec.role, name, hostname, image, memory, vcpus, entry, overlay, console, xml,
-                        host_key, seed is not None, warm_key, nics)
+                        host_key, seed is not None, warm_key, nics, self.network)
 
     def _started(self, vm: VM) -> None:
         self.vms[vm.role] = vm

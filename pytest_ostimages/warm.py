@@ -42,7 +42,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from lxml import etree
 
@@ -55,6 +55,7 @@ from .virt import libvirt_module, remove_domain
 if TYPE_CHECKING:
     import libvirt
 
+    from .lab import Network
     from .vm import VM
 
 SNAPSHOT = "ost-warm"
@@ -62,27 +63,29 @@ MAGIC = b"LibvirtQemudSave"
 HEADER = struct.Struct("<16s19I")  # magic, version, data_len, was_running, format, cookieOffset, unused[14]
 
 
-def guest_network(entry: HostEntry, fqdn: str) -> str:
-    """The guest side of moving to the new NIC, for the guest agent.
+def guest_network(entry: HostEntry, network: "Optional[Network]") -> str:
+    """The guest side of moving to the new NIC on `network` (the management one), for the guest agent.
 
     NetworkManager (ost-images): a new DHCP connection. ifupdown: the reserved
-    addresses (the session's networks are a /24 and its /64, gateway .1 and ::1)
-    are set at once, and FRESH_LEASES, run last, takes new leases in the
-    background. The old leases belonged to a NIC and a network that are gone:
-    they are forgotten (asking for them again costs a NAK and a round trip).
+    addresses, route and resolver are set at once, and FRESH_LEASES, run last,
+    takes new leases in the background. The old leases belonged to a NIC and a
+    network that are gone: they are forgotten (asking for them again costs a NAK
+    and a round trip).
     """
+    assert network is not None
     commands = ["pkill -x dhclient", "rm -f /var/lib/dhcp/dhclient.eth0.leases /var/lib/dhcp/dhclient6.eth0.leases",
                 "ip addr flush dev eth0 scope global"]
     nameservers: "list[ipaddress.IPv4Address | ipaddress.IPv6Address]" = []
     if entry.ip is not None:
-        gateway = ipaddress.IPv4Network(f"{entry.ip}/24", strict=False).network_address + 1
-        commands += [f"ip addr add {entry.ip}/24 brd + dev eth0", f"ip route replace default via {gateway} dev eth0"]
-        nameservers.append(gateway)
-    if entry.ip6 is not None:
+        commands += [f"ip addr add {entry.ip}/{network.subnet.prefixlen} brd + dev eth0",
+                     f"ip route replace default via {network.gateway} dev eth0"]
+        nameservers.append(network.gateway)
+    if entry.ip6 is not None and network.subnet6 is not None and network.gateway6 is not None:
         # with a lifetime: dhclient -6 starts by flushing the permanent global addresses
-        commands.append(f"ip -6 addr add {entry.ip6}/64 dev eth0 nodad valid_lft 3600 preferred_lft 3600")
-        nameservers.append(ipaddress.IPv6Network(f"{entry.ip6}/64", strict=False).network_address + 1)
-    resolv = "\\n".join([f"search {fqdn.partition('.')[2]}", f"nameserver {nameservers[0]}"])
+        commands.append(f"ip -6 addr add {entry.ip6}/{network.subnet6.prefixlen} dev eth0 nodad "
+                        f"valid_lft 3600 preferred_lft 3600")
+        nameservers.append(network.gateway6)
+    resolv = "\\n".join([f"search {network.domain}", f"nameserver {nameservers[0]}"])
     commands.append(f"printf '{resolv}\\n' >/etc/resolv.conf")
     return f"if command -v nmcli >/dev/null; then nmcli device connect eth0; else {'; '.join(commands)}; fi"
 
