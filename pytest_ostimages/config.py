@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import pytest
 
+from .environment import SUITE_NAME
+
 VIRT_TYPES = ("auto", "kvm", "qemu")
 INSIDE_SHARES = ("auto", "virtiofs", "copy")
 IDENTITIES = ("auto", "keep")
@@ -181,7 +183,7 @@ def _guest_paths(raw: str) -> tuple[str, ...]:
 
 
 def _suite(raw: str) -> str:
-    if not raw or not raw.replace("-", "").replace("_", "").isalnum():
+    if not SUITE_NAME.fullmatch(raw):
         raise ValueError("expected a suite name of letters, digits, '-' and '_', e.g. basic-suite-master")
     return raw
 

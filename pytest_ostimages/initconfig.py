@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .environment import SUITE_NAME
 from .errors import OstError
 from .inputs import Disk, NetworkSpec, VMSpec
 
@@ -65,6 +66,10 @@ def load(path: Path, root: Path, images_dir: Path, environ: Mapping[str, str],
                 raise reader.error(f"vms.{vm.role}.nics.{nic}",
                                    f"the NIC is also a NIC of VM {owners[nic]!r}; NIC names are unique")
             owners[nic] = vm.role
+    if suite is None and not SUITE_NAME.fullmatch(path.parent.name):
+        raise InitConfigError(f"init-config {path}: the suite is named after its directory, but "
+                              f"{path.parent.name!r} is not a suite name (letters, digits, '-' and '_'); "
+                              f"name it with --ost-suite.")
     return Topology(path, suite or path.parent.name, networks, vms)
 
 

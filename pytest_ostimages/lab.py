@@ -24,7 +24,8 @@ from . import reaper, virt
 from .booter import Booter, BootPlan
 from .catalog import Catalog, Image
 from .config import OstConfig
-from .environment import FIRST_VM_HOST, LAST_VM_HOST, Environment, NetworkRecord, VMRecord, ipv6_subnet
+from .environment import (FIRST_VM_HOST, LAST_VM_HOST, Environment, NetworkRecord, VMRecord, ipv6_subnet,
+                          network_name, vm_names)
 from .errors import OstError
 from .identity import HostKey, openssh_line, public_key, write_ssh_files
 from .inventory import write_inventory
@@ -175,15 +176,11 @@ class Lab:
 
     def names(self, role: str) -> tuple[str, str]:
         """The libvirt domain name and the short host name of VM `role`."""
-        if self.ost is not None:  # what OST's ost_utils expects: <run8>-ost-<suite>-<vm>
-            return f"{self.run_id}-ost-{self.ost.suite}-{role}", f"ost-{self.ost.suite}-{role}"
-        return f"ost-{self.run_id}-{role}", role
+        return vm_names(self.run_id, role, self.ost.suite if self.ost is not None else None)
 
     def _create_network(self, spec: NetworkSpec, hosts: list[tuple[str, int]]) -> None:
         """Create network `spec` with DHCP (and DNS) entries for `hosts` (name, host number)."""
-        index = [n.role for n in self.topology].index(spec.role)
-        # bridge names have at most 15 characters
-        name = f"ost-{self.run_id}" if spec.management else f"ost-{self.run_id}-{index}"
+        name = network_name(self.run_id, [n.role for n in self.topology].index(spec.role), spec.management)
         versions = self.config.ip_versions()
         templates = self.inputs.templates
 
@@ -322,18 +319,14 @@ class Lab:
 
     def environment(self) -> Environment:
         """The record another process needs to attach to this lab's VMs."""
-        assert self.network is not None
-        if self.ost is not None:
-            raise OstError("An OST suite's environment (--ost-init-config) cannot be shared with "
-                           "--ost-share or kept with --ost-reuse yet; run it without them.")
-        net = self.network
-        return Environment(
-            self.run_id, self.owner, self.workdir.path,
-            NetworkRecord(net.name, net.bridge, net.subnet, net.domain, net.versions),
-            tuple(VMRecord(vm.name, vm.role, vm.hostname, vm.ip, vm.mac, vm.image.path, vm.overlay,
-                           vm.console_path, openssh_line(vm.host_key) if vm.host_key else "", vm.ip6)
-                  for vm in self.vms.values()),
-            self._next_host.get(net.role, FIRST_VM_HOST))
+        networks = tuple(NetworkRecord(net.name, net.subnet, net.domain, net.versions, net.role, net.management,
+                                       self._next_host.get(net.role, FIRST_VM_HOST))
+                         for net in (self.networks[n.role] for n in self.topology if n.role in self.networks))
+        vms = tuple(VMRecord(vm.name, vm.role, vm.hostname, vm.ip, vm.image.path, vm.overlay, vm.console_path,
+                             vm.nics, openssh_line(vm.host_key) if vm.host_key else "")
+                    for vm in self.vms.values())
+        return Environment(self.run_id, self.owner, self.workdir.path, networks, vms,
+                           self.ost.suite if self.ost is not None else None)
 
     def attach(self, env: Environment, adopt: bool = False) -> None:
         """Use the VMs of `env`; close() then removes them as if ours.
@@ -341,26 +334,29 @@ class Lab:
         `adopt`: this session becomes the run's owner (its work directory's label),
         so that the reaper takes the VMs if this session dies.
         """
+        suite = self.ost.suite if self.ost is not None else None
+        if env.suite != suite or [n.role for n in env.networks] != [n.role for n in self.topology]:
+            raise OstError(f"Run {env.run_id} was booted for another topology (suite {env.suite}, networks "
+                           f"{[n.role for n in env.networks]}); this session cannot attach to it.")
         self.run_id, self.owner = env.run_id, env.owner
         self.workdir = WorkDir(self.config.workdir, env.run_id)
         self._made.append(Owned("workdir", str(env.workdir), env.owner))
-        self._made.append(Owned("network", env.network.name, env.owner))
+        self._made.extend(Owned("network", net.name, env.owner) for net in env.networks)
         self._made.extend(Owned("domain", vm.name, env.owner) for vm in env.vms)
         if adopt:
             Label.current(env.run_id, env.workdir).write(env.workdir)
-        net = env.network
-        network = Network(net.name, net.bridge, net.subnet, net.domain,
-                          self.conn.networkLookupByName(net.name), versions=net.versions)
-        self.networks = {network.role: network}
-        self._next_host = {network.role: env.next_host}
+        self.networks = {net.role: Network(net.name, net.name, net.subnet, net.domain,
+                                           self.conn.networkLookupByName(net.name), net.role, net.versions,
+                                           net.management) for net in env.networks}
+        self._next_host = {net.role: net.next_host for net in env.networks}
         key = self.inputs.key
         for v in env.vms:
             domain = self.conn.lookupByName(v.name)
-            entry = HostEntry(v.hostname.split(".")[0], v.mac, v.ip if v.ip.version == 4 else None, v.ip6)
-            vm = VM(v.name, v.role, v.hostname, v.ip, v.mac, self.inputs.image(str(v.image)),
+            entry = next(e for role, e in v.nics if role == self.management_role and v.ip in e.addresses)
+            vm = VM(v.name, v.role, v.hostname, v.ip, entry.mac, self.inputs.image(str(v.image)),
                     v.overlay, v.console, domain,
                     SSH(str(v.ip), key, host_key=public_key(v.host_key) if v.host_key else None),
-                    ip6=v.ip6, nics=((network.role, entry),))
+                    ip6=entry.ip6, nics=v.nics)
             # a clean_vm snapshot taken by the earlier session: revert before first use
             vm.dirty = True if CLEAN_SNAPSHOT in domain.snapshotListNames() else None
             self.vms[vm.role] = vm

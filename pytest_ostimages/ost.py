@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import pytest
 
-from . import diagnostics
 from .errors import OstError
 from .initconfig import Topology
 from .inputs import VMSpec
 from .inventory import write_ost_hosts
 from .lab import Lab, OstDeployment
+from .provision import finish, provision
 
 if TYPE_CHECKING:
+    from .share import Share
     from .vm import VM
 
 TAIL_LINES = 20
@@ -72,15 +73,19 @@ def deploy(lab: Lab, specs: Iterable[VMSpec], root: Path) -> None:
 
 
 class OstSuite:
-    """The plugin object of an OST session: boots the topology after collection, removes it at the end."""
+    """The plugin object of an OST session: provisions the topology after collection (boots it
+    and runs its deploy scripts, or attaches to a shared or kept one), ends it at the end."""
 
     def __init__(self, config: pytest.Config, topology: Topology, root: Path,
-                 make_lab: Callable[[], Lab]) -> None:
+                 make_lab: Callable[[], tuple[Lab, Optional["Share"]]], reusing: bool) -> None:
         self.config = config
         self.topology = topology
         self.root = root
         self.make_lab = make_lab
+        self.reusing = reusing  # --ost-reuse: attach to the kept VMs, keep them at the end
         self.lab: Optional[Lab] = None
+        self.share: Optional["Share"] = None
+        self.provisioned = False
         self.failed = False  # provisioning failed: collect the artifacts
         self._saved_environ: dict[str, Optional[str]] = {}
 
@@ -91,7 +96,8 @@ class OstSuite:
 
     @pytest.hookimpl(trylast=True)  # after the report header found the images
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        self.lab = lab = self.make_lab()
+        lab, self.share = self.make_lab()
+        self.lab = lab
         lab.ost = OstDeployment(self.topology.suite, self.root, self.topology.networks)
         try:
             distro = lab.inputs.choose_distro(vm.image for vm in self.topology.vms)
@@ -108,29 +114,32 @@ class OstSuite:
         assert self.lab is not None
         lab = self.lab
         try:
-            lab.progress(f"OST suite {self.topology.suite}: {len(self.topology.networks)} networks, "
-                         f"{len(self.topology.vms)} VMs from {self.topology.path}")
-            lab.boot(list(self.topology.vms))
-            assert lab.ssh_key is not None
-            write_ost_hosts(lab.workdir.path / "hosts", lab.vms.values(), lab.ssh_key,
-                            lab.workdir.path / "known_hosts")
-            self._export(OST_IMAGES_SSH_KEY=str(lab.ssh_key))
-            deploy(lab, self.topology.vms, self.root)
+            provision(lab, list(self.topology.vms), self._boot_and_deploy, self.share, self.reusing)
         except OstError as exc:
             self.failed = True
             pytest.exit(f"pytest-ostimages could not provision OST suite {self.topology.suite}: {exc}",
                         returncode=pytest.ExitCode.TESTS_FAILED)
+        self.provisioned = True
+        # an attached environment is another run's: its directory is the deployment
+        self._export(OST_DEPLOYMENT=str(lab.workdir.path), OST_IMAGES_SSH_KEY=str(lab.ssh_key))
+
+    def _boot_and_deploy(self) -> None:
+        assert self.lab is not None
+        lab = self.lab
+        lab.progress(f"OST suite {self.topology.suite}: {len(self.topology.networks)} networks, "
+                     f"{len(self.topology.vms)} VMs from {self.topology.path}")
+        lab.boot(list(self.topology.vms))
+        assert lab.ssh_key is not None
+        write_ost_hosts(lab.workdir.path / "hosts", lab.vms.values(), lab.ssh_key, lab.workdir.path / "known_hosts")
+        deploy(lab, self.topology.vms, self.root)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         lab, self.lab = self.lab, None
         try:
             if lab is not None:
-                artifacts = lab.config.artifacts
-                try:
-                    if artifacts is not None and (session.testsfailed or self.failed) and lab.network:
-                        lab.progress(f"artifacts in {diagnostics.collect_artifacts(lab, artifacts)}")
-                finally:
-                    lab.close()
+                # only a whole deployment is kept: the next session does not run its scripts
+                finish(lab, self.share, list(self.topology.vms) if self.reusing and self.provisioned else None,
+                       lab.config.artifacts if session.testsfailed or self.failed else None)
         finally:
             for name, value in self._saved_environ.items():
                 if value is None:

@@ -28,6 +28,7 @@ import pytest
 
 from . import config as ostconfig
 from . import diagnostics, initconfig, reaper, reuse, virt
+from .provision import finish, provision
 from .catalog import Catalog
 from .config import OstConfig
 from .errors import BootError, OstError, SSHCommandError, VMError
@@ -108,11 +109,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def _ost_suite(config: pytest.Config, settings: OstConfig) -> OstSuite:
     """--ost-init-config: the topology, checked now; booted once the tests are collected."""
     assert settings.init_config is not None
-    for given, option in ((settings.share, "--ost-share"), (settings.reuse, "--ost-reuse"),
-                          (settings.run_inside, "--ost-run-inside")):
-        if given:
-            raise pytest.UsageError(f"--ost-init-config cannot be combined with {option} (yet): "
-                                    f"run the OST suite without it.")
+    if settings.run_inside:
+        raise pytest.UsageError("--ost-init-config cannot be combined with --ost-run-inside (yet): "
+                                "run the OST suite without it.")
     root = (settings.root or config.rootpath).resolve()  # exported as $OST_REPO_ROOT
     try:
         topology = initconfig.load(settings.init_config, root, settings.images_dir, os.environ, settings.suite)
@@ -122,12 +121,7 @@ def _ost_suite(config: pytest.Config, settings: OstConfig) -> OstSuite:
     topology = dataclasses.replace(topology, vms=tuple(
         dataclasses.replace(vm, memory=None if "memory" in settings.given else vm.memory,
                             vcpus=None if "vcpus" in settings.given else vm.vcpus) for vm in topology.vms))
-
-    def make_lab() -> Lab:
-        lab = config.stash[LAB_KEY] = Lab(settings, _progress(config), catalog=config.stash.get(CATALOG_KEY, None))
-        return lab
-
-    return OstSuite(config, topology, root, make_lab)
+    return OstSuite(config, topology, root, lambda: _make_lab(config), _reusing(config))
 
 
 def _interrupt(signum: int, _frame: Any) -> None:
@@ -226,6 +220,29 @@ def _progress(config: pytest.Config) -> Callable[[str], None]:
     return report
 
 
+def _make_lab(config: pytest.Config) -> tuple[Lab, Optional[Share]]:
+    """The session's lab, and the environment it shares with the other xdist workers (--ost-share)."""
+    settings = config.stash[CONFIG_KEY]
+    worker = getattr(config, "workerinput", None)  # set by pytest-xdist in its workers
+    share = None
+    if settings.share and worker is not None:
+        # what the tmp_path_factory fixture returns (an OST suite's lab is made before fixtures);
+        # its parent is shared by the workers of this run
+        base = config._tmp_path_factory.getbasetemp().parent  # type: ignore[attr-defined]
+        share = Share(base / f"ost-share-{worker['testrunuid']}")
+    # A shared environment belongs to the xdist controller, which outlives every worker.
+    lab = Lab(settings, _progress(config), owner_pid=os.getppid() if share else None,
+              catalog=config.stash.get(CATALOG_KEY, None))
+    config.stash[LAB_KEY] = lab
+    config.stash[SHARE_KEY] = share
+    return lab, share
+
+
+def _reusing(config: pytest.Config) -> bool:
+    """--ost-reuse, which xdist workers ignore: they would take each other's kept VMs."""
+    return config.stash[CONFIG_KEY].reuse and not hasattr(config, "workerinput")
+
+
 # --- fixtures -------------------------------------------------------------------------
 
 
@@ -236,43 +253,19 @@ def ost_config(pytestconfig: pytest.Config) -> OstConfig:
 
 
 @pytest.fixture(scope="session")
-def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config, ost_config: OstConfig,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config, ost_config: OstConfig) -> Iterator[Lab]:
     """The session's lab; everything it makes is removed when the session ends."""
     booted = pytestconfig.stash.get(LAB_KEY, None)
     if booted is not None:  # an OST suite's, booted after collection and removed at the end
         yield booted
         return
-    worker = getattr(pytestconfig, "workerinput", None)  # set by pytest-xdist in its workers
-    share = None
-    if ost_config.share and worker is not None:
-        base = tmp_path_factory.getbasetemp().parent  # shared by the workers of this run
-        share = Share(base / f"ost-share-{worker['testrunuid']}")
-    # A shared environment belongs to the xdist controller, which outlives every worker.
-    lab = Lab(ost_config, _progress(pytestconfig), owner_pid=os.getppid() if share else None,
-              catalog=pytestconfig.stash.get(CATALOG_KEY, None))
-    pytestconfig.stash[LAB_KEY] = lab
-    pytestconfig.stash[SHARE_KEY] = share
+    lab, share = _make_lab(pytestconfig)
     try:
         yield lab
     finally:
-        try:
-            if ost_config.artifacts is not None and request.session.testsfailed and lab.network:
-                lab.progress(f"artifacts in {diagnostics.collect_artifacts(lab, ost_config.artifacts)}")
-        except Exception as exc:  # noqa: BLE001 - the teardown below must run whatever happens
-            lab.progress(f"could not collect the artifacts: {exc.__class__.__name__}: {exc}")
-        finally:
-            del pytestconfig.stash[LAB_KEY]
-            _tear_down(lab, share, pytestconfig.stash.get(REUSE_KEY, None))
-
-
-def _tear_down(lab: Lab, share: Optional[Share], kept_specs: Optional[list[VMSpec]]) -> None:
-    if share is not None and share.joined:
-        share.leave(lab)
-    elif kept_specs and lab.vms:
-        reuse.keep(lab, kept_specs)
-    else:
-        lab.close()
+        del pytestconfig.stash[LAB_KEY]
+        finish(lab, share, pytestconfig.stash.get(REUSE_KEY, None),
+               ost_config.artifacts if request.session.testsfailed else None)
 
 
 @pytest.fixture(scope="session")
@@ -298,15 +291,11 @@ def ost_vms(request: pytest.FixtureRequest, ost_lab: Lab) -> dict[str, VM]:
         if unique:
             ost_lab.inputs.check(unique)  # every input of the plan, before anything is made
         share = config.stash.get(SHARE_KEY, None)
-        if share is not None:
-            share.join(ost_lab, unique)
-        elif ost_lab.config.reuse and unique and not hasattr(config, "workerinput"):
-            config.stash[REUSE_KEY] = unique
-            if not reuse.attach_kept(ost_lab, unique):
-                ost_lab.boot(unique)
-        elif unique:
-            reuse.drop(ost_lab)  # kept VMs nobody reuses now
-            ost_lab.boot(unique)
+        if share is not None or unique:
+            reusing = _reusing(config)
+            if reusing:
+                config.stash[REUSE_KEY] = unique
+            provision(ost_lab, unique, lambda: ost_lab.boot(unique), share, reusing)
     return ost_lab.vms
 
 

@@ -32,11 +32,19 @@ KEPT_FILE = "kept.json"  # in the work directory root
 
 
 def fingerprint(lab: "Lab", specs: list["VMSpec"]) -> str:
+    """What shaped the VMs of `specs`: a kept environment is reused only if it is unchanged.
+
+    An OST suite's deploy scripts are in it by content: the kept VMs already ran them,
+    so a session that attaches does not run them again, and a changed script boots afresh.
+    """
     config = lab.config
     parts: list[Any] = [config.libvirt_uri, config.virt_type, config.cpu_mode, config.dns_domain,
-                        config.identity]
+                        config.identity, config.ip_version, lab.ost and lab.ost.suite,
+                        [(n.role, n.management) for n in lab.topology]]
     for spec in sorted(specs, key=lambda s: s.role):
-        parts.append([spec.role, lab.inputs.image(spec.image).identity(), *lab.inputs.size(spec)])
+        parts.append([spec.role, lab.inputs.image(spec.image).identity(), *lab.inputs.size(spec),
+                      spec.nics, spec.disks, spec.shares, spec.user_data,
+                      [hashlib.sha256(script.read_bytes()).hexdigest() for script in spec.deploy_scripts]])
     for name in ("domain.xml", "network.xml"):
         parts.append(lab.inputs.templates.text(name))
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
@@ -123,7 +131,8 @@ def _remove(lab: "Lab", env: Environment) -> None:
     root = lab.config.workdir
     for vm in env.vms:
         reaper.remove(lab.conn, root, Owned("domain", vm.name, env.owner))
-    reaper.remove(lab.conn, root, Owned("network", env.network.name, env.owner))
+    for network in env.networks:
+        reaper.remove(lab.conn, root, Owned("network", network.name, env.owner))
     reaper.remove(lab.conn, root, Owned("workdir", str(env.workdir), env.owner))
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .environment import Environment
 from .errors import OstError
 from .files import locked, write_atomic
 
 if TYPE_CHECKING:
-    from .inputs import VMSpec
     from .lab import Lab
 
 
@@ -33,8 +32,9 @@ class Share:
         self.users = directory / "users"
         self.joined = False
 
-    def join(self, lab: "Lab", specs: list["VMSpec"]) -> None:
-        """Boot `specs` if nobody has yet, else attach to the booted ones."""
+    def join(self, lab: "Lab", provision: Callable[[], object]) -> None:
+        """Provision the environment with `provision` (boot, and run an OST suite's deploy
+        scripts) if nobody has yet, else attach to the one provisioned."""
         self.directory.mkdir(parents=True, exist_ok=True)
         with locked(self.lock):
             if self.failure.exists():
@@ -49,7 +49,7 @@ class Share:
                 lab.attach(env)
             else:
                 try:
-                    lab.boot(specs)
+                    provision()
                 except OstError as exc:
                     write_atomic(self.failure, str(exc))
                     raise

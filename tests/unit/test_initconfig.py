@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from pytest_ostimages import reuse
+from pytest_ostimages.config import OstConfig
 from pytest_ostimages.initconfig import InitConfigError, load
 from pytest_ostimages.inputs import Disk
+from pytest_ostimages.lab import Lab, OstDeployment
 
 # The shape of ovirt-system-tests' common/init-configs/1_engine_2_hosts.json, with
 # OST's comment lines and template paths (which the plugin ignores).
@@ -139,12 +142,40 @@ def test_bad_init_config_is_one_usage_error_and_leaves_nothing(pytester: pytest.
     assert not workdir.exists()
 
 
-def test_ost_mode_refuses_share_and_reuse(pytester: pytest.Pytester, suite: Path, images_dir: Path) -> None:
+def test_ost_mode_refuses_run_inside(pytester: pytest.Pytester, suite: Path, images_dir: Path) -> None:
     write(suite, TOPOLOGY)
-    result = pytester.runpytest_inprocess(f"--ost-init-config={suite}", "--ost-reuse",
+    result = pytester.runpytest_inprocess(f"--ost-init-config={suite}", "--ost-run-inside=base",
                                           f"--ost-images-dir={images_dir}", f"--ost-root={suite.parent.parent}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: --ost-init-config cannot be combined with --ost-reuse*"])
+    result.stderr.fnmatch_lines(["ERROR: --ost-init-config cannot be combined with --ost-run-inside*"])
+
+
+def test_a_directory_that_is_no_suite_name_needs_ost_suite(suite: Path) -> None:
+    odd = suite.parent.parent / "my suite" / "ost.json"
+    odd.parent.mkdir()
+    with pytest.raises(InitConfigError, match="'my suite' is not a suite name.*--ost-suite"):
+        load(write(odd, TOPOLOGY), suite.parent.parent, Path("/x"), {})
+    assert load(odd, suite.parent.parent, Path("/x"), {}, suite="mine").suite == "mine"
+
+
+def test_reuse_fingerprint_covers_topology_deploy_scripts_and_ip_version(suite: Path, images_dir: Path,
+                                                                         workdir: Path) -> None:
+    def fingerprint(topology: dict, **settings: object) -> str:
+        topo = load(write(suite, topology), suite.parent.parent, images_dir, {})
+        lab = Lab(OstConfig(images_dir=images_dir, workdir=workdir, **settings))  # type: ignore[arg-type]
+        lab.ost = OstDeployment(topo.suite, suite.parent.parent, topo.networks)
+        return reuse.fingerprint(lab, list(topo.vms))
+
+    first = fingerprint(TOPOLOGY)
+    assert fingerprint(TOPOLOGY) == first
+    # the kept VMs ran the deploy scripts: a changed one must boot afresh
+    (suite.parent.parent / "common/deploy-scripts/setup_engine.sh").write_text("echo changed\n")
+    changed_script = fingerprint(TOPOLOGY)
+    assert changed_script != first
+    assert fingerprint(TOPOLOGY, ip_version="4") != changed_script
+    assert fingerprint(broken(vms__storage__disks__sda__size="1G")) != changed_script
+    assert fingerprint(broken(vms__engine__nics={"engine": {}})) != changed_script
+    assert not workdir.exists()  # a fingerprint makes nothing
 
 
 def test_size_suffixes_are_qemu_img_s(suite: Path, tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def test_keep_is_honoured_by_an_attached_lab(images: Path, workdir: Path) -> Non
         env = booter.environment()
         attached = Lab(OstConfig(**{**config.__dict__, "keep": True}))
         attached.attach(env)
-        assert attached.environment().next_host == env.next_host
+        assert attached.environment().networks == env.networks
         attached.close()
         assert (workdir / env.run_id).is_dir()  # kept, and no longer labelled for the reaper
         assert not (workdir / env.run_id / "owner.json").exists()
@@ -136,11 +136,12 @@ def test_a_failed_shared_boot_reaches_every_worker_at_once(images: Path, tmp_pat
     share = Share(tmp_path / "share")
     first = Lab(config)
     with pytest.raises(OstError, match="cannot traverse"):
-        share.join(first, [VMSpec("engine", "engine-installed")])
+        share.join(first, lambda: first.boot([VMSpec("engine", "engine-installed")]))
     first.close()
     with pytest.raises(OstError, match=textwrap.dedent("""\
             (?s)could not be booted by another worker:.*cannot traverse""")):
-        share.join(Lab(config), [VMSpec("engine", "engine-installed")])
+        second = Lab(config)
+        share.join(second, lambda: second.boot([VMSpec("engine", "engine-installed")]))
 
 
 def test_an_init_configs_management_network_may_have_any_name(pytester: pytest.Pytester, session,

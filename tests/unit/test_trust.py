@@ -63,17 +63,37 @@ def foreign_network(conn, name: str, octet: int) -> None:
     conn.networkCreateXML(xml[:xml.index("<metadata>")] + xml[xml.index("</metadata>") + 11:])
 
 
+def nic(network: str, name: str, ip: str, ip6: "str | None" = None) -> dict:
+    return {"network": network, "name": name, "mac": "52:54:00:a8:8c:0a", "ip": ip, "ip6": ip6}
+
+
 def kept_state(run: str, root: Path, **changes) -> str:
     run_id = run
-    env = {"version": 2, "run_id": run_id, "workdir": str(root / run_id), "next_host": 11,
+    env = {"version": 3, "run_id": run_id, "workdir": str(root / run_id), "suite": None,
            "owner": Label(run_id, 1, socket.gethostname(), str(root / run_id)).to_dict(),
-           "network": {"name": f"ost-{run_id}", "bridge": f"ost-{run_id}", "subnet": "192.168.140.0/24",
-                       "domain": "ost.test", "versions": [4, 6]},
-           "vms": [{"name": f"ost-{run_id}-vm", "role": "vm", "hostname": "vm.ost.test",
-                    "ip": "192.168.140.10", "mac": "52:54:00:a8:8c:0a", "image": "/i/x-base.qcow2",
+           "networks": [{"name": f"ost-{run_id}", "subnet": "192.168.140.0/24", "domain": "ost.test",
+                         "versions": [4, 6], "role": "management", "management": True, "next_host": 11}],
+           "vms": [{"name": f"ost-{run_id}-vm", "role": "vm", "hostname": "vm.ost.test", "host_key": "",
+                    "ip": "192.168.140.10", "nics": [nic("management", "vm", "192.168.140.10")],
+                    "image": "/i/x-base.qcow2",
                     "overlay": str(root / run_id / "o.qcow2"), "console": str(root / run_id / "c.log")}]}
     env.update(changes)
     return json.dumps({"fingerprint": "f", "environment": json.dumps(env)})
+
+
+def ost_state(run: str, root: Path) -> dict:
+    """The record of an OST suite: two networks, a VM with a NIC on each."""
+    env = json.loads(json.loads(kept_state(run, root))["environment"])
+    env["suite"] = "basic-suite-master"
+    env["networks"].append({"name": f"ost-{run}-1", "subnet": "192.168.141.0/24", "domain": "ost.test",
+                            "versions": [4, 6], "role": "storage", "management": False, "next_host": 11})
+    env["vms"][0].update(name=f"{run}-ost-basic-suite-master-engine", role="engine",
+                         hostname="ost-basic-suite-master-engine.ost.test",
+                         nics=[nic("management", "ost-basic-suite-master-engine", "192.168.140.10",
+                                   "fd6f:7374:c0a8:8c00::a"),
+                               nic("storage", "ost-basic-suite-master-engine-eth1", "192.168.141.10",
+                                   "fd6f:7374:c0a8:8d00::a")])
+    return env
 
 
 # --- defect 1: removal trusts nothing but the label ----------------------------------
@@ -129,14 +149,14 @@ def test_workdir_removal_needs_our_label_and_place(root: Path) -> None:
 
 def test_environment_record_round_trip_and_validation(root: Path) -> None:
     env = Environment.from_json(json.loads(kept_state(RUN, root))["environment"], root)
-    assert (env.next_host, env.vms[0].ip) == (11, ipaddress.IPv4Address("192.168.140.10"))
+    assert (env.networks[0].next_host, env.vms[0].ip) == (11, ipaddress.IPv4Address("192.168.140.10"))
     assert Environment.from_json(env.to_json(), root) == env
     bad = {
         "run id": {"run_id": "../victim"},
         "work directory": {"workdir": "/etc"},
-        "next host": {"next_host": 10},  # .10 is taken by the VM
-        "network name": {"network": {"name": "default", "bridge": "virbr0", "subnet": "192.168.140.0/24",
-                                     "domain": "d", "versions": [4]}},
+        "network name": {"networks": [{"name": "default", "subnet": "192.168.140.0/24", "domain": "d",
+                                       "versions": [4], "role": "management", "management": True,
+                                       "next_host": 11}]},
     }
     for what, change in bad.items():
         with pytest.raises(ValueError):
@@ -146,12 +166,47 @@ def test_environment_record_round_trip_and_validation(root: Path) -> None:
     outside["vms"][0]["overlay"] = "/var/lib/precious.qcow2"
     with pytest.raises(ValueError, match="not in the run's work directory"):
         Environment.from_json(json.dumps(outside), root)
+    taken = json.loads(json.loads(kept_state(RUN, root))["environment"])
+    taken["networks"][0]["next_host"] = 10  # .10 is taken by the VM
+    with pytest.raises(ValueError, match="next host number 10 of network"):
+        Environment.from_json(json.dumps(taken), root)
     dual = json.loads(json.loads(kept_state(RUN, root))["environment"])
-    dual["vms"][0]["ip6"] = "fd6f:7374:c0a8:8c00::a"  # the /64 made of 192.168.140.0/24
-    assert Environment.from_json(json.dumps(dual), root).vms[0].ip6 == ipaddress.IPv6Address("fd6f:7374:c0a8:8c00::a")
-    dual["vms"][0]["ip6"] = "fd6f:7374:c0a8:8d00::a"  # another network's
-    with pytest.raises(ValueError, match="outside the network"):
+    dual["vms"][0]["nics"][0]["ip6"] = "fd6f:7374:c0a8:8c00::a"  # the /64 made of 192.168.140.0/24
+    entry = Environment.from_json(json.dumps(dual), root).vms[0].nics[0][1]
+    assert entry.ip6 == ipaddress.IPv6Address("fd6f:7374:c0a8:8c00::a")
+    dual["vms"][0]["nics"][0]["ip6"] = "fd6f:7374:c0a8:8d00::a"  # another network's
+    with pytest.raises(ValueError, match="outside network"):
         Environment.from_json(json.dumps(dual), root)
+
+
+def test_an_ost_suites_record_holds_every_network_and_nic(root: Path) -> None:
+    env = Environment.from_json(json.dumps(ost_state(RUN, root)), root)
+    assert [(n.role, n.management) for n in env.networks] == [("management", True), ("storage", False)]
+    assert [(role, str(e.ip)) for role, e in env.vms[0].nics] == [("management", "192.168.140.10"),
+                                                                  ("storage", "192.168.141.10")]
+    assert Environment.from_json(env.to_json(), root) == env
+    bad = {  # what each change makes the record name, and why it is refused
+        "suite": ("../x", "not a plain name"),
+        "name": (f"ost-{RUN}-engine", "is not"),  # not the suite's naming
+        "networks": ([], "not exactly one management network"),
+    }
+    for key, (value, problem) in bad.items():
+        changed = ost_state(RUN, root)
+        (changed["vms"][0] if key == "name" else changed)[key] = value
+        with pytest.raises(ValueError, match=problem):
+            Environment.from_json(json.dumps(changed), root)
+    swapped = ost_state(RUN, root)
+    swapped["vms"][0]["nics"][1]["network"] = "management"  # the storage address on management
+    with pytest.raises(ValueError, match="outside network"):
+        Environment.from_json(json.dumps(swapped), root)
+    unknown = ost_state(RUN, root)
+    unknown["vms"][0]["nics"][1]["network"] = "bonding"
+    with pytest.raises(ValueError, match="missing or mistyped field"):
+        Environment.from_json(json.dumps(unknown), root)
+    renamed = ost_state(RUN, root)
+    renamed["networks"][1]["name"] = "default"  # only the run's own numbering
+    with pytest.raises(ValueError, match="is not 'ost-0badc0de-1'"):
+        Environment.from_json(json.dumps(renamed), root)
 
 
 # --- defect 4: host-wide locks ---------------------------------------------------------
