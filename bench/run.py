@@ -317,6 +317,18 @@ def measure_identity(repeat: int, results: dict) -> None:
     print(f"  identity through cloud-init: {min(cloud['on']):.1f} s, none {min(cloud['off']):.1f} s", flush=True)
 
 
+def measure_ip_versions(repeat: int, results: dict) -> None:
+    """Boot to ready on an IPv6-only and an IPv4-only network vs dual stack, same VM."""
+    runs: dict[str, list[float]] = {"both": [], "6": [], "4": []}
+    for _ in range(repeat):
+        for version in runs:
+            runs[version].append(plugin_boot([VMSpec("vm", LAYER)], ost_ip_version=version)["ready"])
+    for version in ("6", "4"):
+        results[f"IPv{version} only vs dual stack: boot to ready"] = {"plugin": stats(runs[version]),
+                                                                       "baseline": stats(runs["both"])}
+    print("  ip versions: " + ", ".join(f"{v} {min(r):.1f} s" for v, r in runs.items()), flush=True)
+
+
 def measure_warm(repeat: int, results: dict) -> None:
     """engine + 2 hosts restored from saved states vs booted; the example suite cold, twice."""
     specs = [VMSpec("engine", "engine-installed"), VMSpec("host0", "host-installed"),
@@ -390,7 +402,8 @@ def measure_inside(repeat: int, results: dict) -> None:
 
 # --- report -------------------------------------------------------------------------------
 
-FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity", "warm", "ost")
+FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity", "warm", "ost",
+           "ip")
 
 GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "boot": ("ratio <= 1.05 and overhead <= 0.5 s",
@@ -460,6 +473,8 @@ def main() -> None:
         measure_warm(args.repeat, results)
     if "ost" in wanted:
         measure_ost(args.repeat, results)
+    if "ip" in wanted:
+        measure_ip_versions(args.repeat, results)
     report(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
