@@ -137,5 +137,7 @@ def _remove(lab: "Lab", env: Environment) -> None:
 
 
 def _alive(lab: "Lab", env: Environment) -> bool:
-    names = {d.name() for d in lab.conn.listAllDomains() if d.isActive()}
-    return all(vm.name in names for vm in env.vms)
+    """Whether every VM and network of `env` still runs."""
+    running = {d.name() for d in lab.conn.listAllDomains() if d.isActive()}
+    running |= {n.name() for n in lab.conn.listAllNetworks() if n.isActive()}
+    return all(vm.name in running for vm in env.vms) and all(n.name in running for n in env.networks)

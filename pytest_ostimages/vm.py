@@ -59,8 +59,11 @@ class VM:
         over its pinned SSH connection; needs ``pytest-ostimages[testinfra]``."""
         return testinfra_host.host(self._ssh)
 
-    def addresses(self, network: str = "management") -> list["ipaddress.IPv4Address | ipaddress.IPv6Address"]:
-        """The VM's reserved addresses on `network` (a network role), IPv4 first."""
+    def addresses(self, network: Optional[str] = None) -> list["ipaddress.IPv4Address | ipaddress.IPv6Address"]:
+        """The VM's reserved addresses on `network` (a network role; default the management
+        network, whatever an init-config names it), IPv4 first."""
+        if network is None:
+            network = next(role for role, entry in self.nics if self.ip in entry.addresses)
         return [ip for role, entry in self.nics if role == network for ip in entry.addresses]
 
     def ssh(self, command: str, check: bool = False, timeout: Optional[float] = 600) -> CommandResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -14,6 +15,8 @@ from pytest_ostimages.config import OstConfig
 from pytest_ostimages.initconfig import InitConfigError, load
 from pytest_ostimages.inputs import Disk
 from pytest_ostimages.lab import Lab, OstDeployment
+from pytest_ostimages.render import HostEntry
+from pytest_ostimages.vm import VM
 
 # The shape of ovirt-system-tests' common/init-configs/1_engine_2_hosts.json, with
 # OST's comment lines and template paths (which the plugin ignores).
@@ -208,3 +211,13 @@ def test_ost_variables_are_set_for_the_session_only(pytester: pytest.Pytester, s
                                  "OST_IMAGES_DISTRO testos"])
     assert "OST_DEPLOYMENT" not in os.environ
     assert not workdir.exists()  # --collect-only boots nothing
+
+
+def test_vm_addresses_default_to_the_management_network_whatever_its_name() -> None:
+    mgmt = HostEntry("engine", "52:54:00:00:00:0a", ipaddress.IPv4Address("192.0.2.10"), ipaddress.IPv6Address("fd00::a"))
+    storage = HostEntry("engine-eth0", "52:54:00:00:01:0a", ipaddress.IPv4Address("198.51.100.10"))
+    # "engine-storage" sorts before "engine": eth0 is on storage, the management NIC is eth1
+    engine = VM("x-ost-s-engine", "engine", "ost-s-engine.ost.test", mgmt.ip, mgmt.mac, None, Path("/o"),  # type: ignore[arg-type]
+                Path("/c"), None, None, nics=(("storage", storage), ("ost-management", mgmt)))  # type: ignore[arg-type]
+    assert engine.addresses() == [mgmt.ip, mgmt.ip6]
+    assert engine.addresses("storage") == [storage.ip]

@@ -23,6 +23,7 @@ from pytest_ostimages import files, reaper, reuse, virt
 from pytest_ostimages.config import OstConfig
 from pytest_ostimages.environment import Environment
 from pytest_ostimages.errors import OstError
+from pytest_ostimages.inputs import VMSpec
 from pytest_ostimages.lab import Lab
 from pytest_ostimages.owner import Label
 from pytest_ostimages.reaper import Owned
@@ -298,3 +299,20 @@ def test_probe_does_not_retry_programming_errors() -> None:
     # what means "not ready yet" is retried until the deadline, then explained
     with pytest.raises(NotReady, match="nothing answers on 127.0.0.1:1"):
         probe.wait_ready(0.5, lambda: None)
+
+
+def test_a_kept_environment_whose_network_is_gone_is_not_attached(root: Path, conn, images_dir: Path) -> None:
+    lab = Lab(OstConfig(libvirt_uri="test:///default", workdir=root, images_dir=images_dir))
+    specs = [VMSpec("vm", "base")]
+    state = json.loads(kept_state(RUN, root))
+    state["fingerprint"] = reuse.fingerprint(lab, specs)
+    (root / reuse.KEPT_FILE).write_text(json.dumps(state))
+    domain = conn.createXML(f"<domain type='test'><name>ost-{RUN}-vm</name><memory>1024</memory>"
+                            f"<os><type>hvm</type></os></domain>")  # running, but its network is not
+    try:
+        assert not reuse.attach_kept(lab, specs)
+        assert not (root / reuse.KEPT_FILE).exists() and lab.vms == {}
+    finally:
+        if f"ost-{RUN}-vm" in [d.name() for d in conn.listAllDomains()]:
+            domain.destroy()
+        lab.close()
