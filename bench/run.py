@@ -377,6 +377,26 @@ def measure_ost(repeat: int, results: dict) -> None:
           f"{min(runs[False]):.1f} s", flush=True)
 
 
+def measure_ost_reuse(repeat: int, results: dict) -> None:
+    """A session of the example OST suite (one test) with --ost-reuse: the first boots and
+    deploys, the next ones attach to the kept deployment."""
+    example = ROOT / "examples" / "ost_suite"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ost-reuse",
+               f"--ost-init-config={example / 'basic-suite' / 'ost.json'}", f"--ost-root={example}",
+               f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", "-k", "test_backend_finds_every_vm",
+               str(example / "basic-suite")]
+    runs = []
+    try:
+        for _ in range(repeat + 1):
+            t0 = time.monotonic()
+            subprocess.run(command, check=True, capture_output=True)
+            runs.append(time.monotonic() - t0)
+    finally:
+        subprocess.run([sys.executable, "-m", "pytest", "--ost-cleanup"], check=True, capture_output=True)
+    results["ost: example suite session with --ost-reuse"] = {"plugin": stats(runs[1:]), "baseline": stats(runs[:1])}
+    print(f"  OST --ost-reuse: first session {runs[0]:.1f} s, next ones {min(runs[1:]):.1f} s", flush=True)
+
+
 def measure_inside(repeat: int, results: dict) -> None:
     """--ost-run-inside on examples/inside: command start -> first inner test result, per share mode."""
     times: dict[str, list[float]] = {"virtiofs": [], "copy": []}
@@ -473,6 +493,7 @@ def main() -> None:
         measure_warm(args.repeat, results)
     if "ost" in wanted:
         measure_ost(args.repeat, results)
+        measure_ost_reuse(args.repeat, results)
     if "ip" in wanted:
         measure_ip_versions(args.repeat, results)
     report(results)

@@ -28,7 +28,6 @@ import pytest
 
 from . import config as ostconfig
 from . import diagnostics, initconfig, reaper, reuse, virt
-from .provision import finish, provision
 from .catalog import Catalog
 from .config import OstConfig
 from .errors import BootError, OstError, SSHCommandError, VMError
@@ -38,6 +37,7 @@ from .lab import Lab, Network
 from .layers import LayerRecipe, build_layer
 from .ost import OstSuite
 from .plan import Plan, vm_fixture_specs
+from .provision import finish, provision
 from .seed import UserData
 from .share import Share
 from .vm import VM

@@ -1,7 +1,8 @@
 """One environment for every xdist worker of a run (``--ost-share``).
 
-The first worker to get the lock boots the VMs and writes the environment record
-that the others attach to; if its boot fails it writes the error instead, and
+The first worker to get the lock boots the VMs (and runs an OST suite's deploy
+scripts) and writes the environment record that the others attach to, every
+network and NIC in it; if its boot fails it writes the error instead, and
 every other worker fails with it at once rather than booting again. Each worker
 counts itself in and out, and the last one out removes everything, whichever
 worker booted it. The objects are labelled with the xdist controller's pid, which
