@@ -270,6 +270,20 @@ def measure_revert(repeat: int, results: dict) -> None:
           flush=True)
 
 
+def reuse_sessions(command: list[str], repeat: int) -> list[float]:
+    """Seconds of `command` (a session with --ost-reuse) run `repeat` + 1 times: the first boots,
+    the others attach; the kept VMs are removed at the end."""
+    runs = []
+    try:
+        for _ in range(repeat + 1):
+            t0 = time.monotonic()
+            subprocess.run(command, check=True, capture_output=True)
+            runs.append(time.monotonic() - t0)
+    finally:
+        subprocess.run([sys.executable, "-m", "pytest", "--ost-cleanup"], check=True, capture_output=True)
+    return runs
+
+
 def measure_reuse(repeat: int, results: dict) -> None:
     """A one-test session with --ost-reuse: the first boots, the next ones attach."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,12 +291,7 @@ def measure_reuse(repeat: int, results: dict) -> None:
         test.write_text("def test_one(ost_vm):\n    assert ost_vm.ssh('true').returncode == 0\n")
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test),
                    f"--ost-image={LAYER}", f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", "--ost-warm=off"]
-        runs = []
-        for _ in range(repeat + 1):
-            t0 = time.monotonic()
-            subprocess.run([*command, "--ost-reuse"], check=True, capture_output=True)
-            runs.append(time.monotonic() - t0)
-        subprocess.run([sys.executable, "-m", "pytest", "--ost-cleanup"], check=True, capture_output=True)
+        runs = reuse_sessions([*command, "--ost-reuse"], repeat)
     results["session with --ost-reuse"] = {"plugin": stats(runs[1:]), "baseline": stats(runs[:1])}
     print(f"  --ost-reuse: first session {runs[0]:.1f} s, next ones {min(runs[1:]):.1f} s", flush=True)
 
@@ -385,14 +394,7 @@ def measure_ost_reuse(repeat: int, results: dict) -> None:
                f"--ost-init-config={example / 'basic-suite' / 'ost.json'}", f"--ost-root={example}",
                f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", "-k", "test_backend_finds_every_vm",
                str(example / "basic-suite")]
-    runs = []
-    try:
-        for _ in range(repeat + 1):
-            t0 = time.monotonic()
-            subprocess.run(command, check=True, capture_output=True)
-            runs.append(time.monotonic() - t0)
-    finally:
-        subprocess.run([sys.executable, "-m", "pytest", "--ost-cleanup"], check=True, capture_output=True)
+    runs = reuse_sessions(command, repeat)
     results["ost: example suite session with --ost-reuse"] = {"plugin": stats(runs[1:]), "baseline": stats(runs[:1])}
     print(f"  OST --ost-reuse: first session {runs[0]:.1f} s, next ones {min(runs[1:]):.1f} s", flush=True)
 

@@ -58,11 +58,13 @@ class NetworkRecord:
     next_host: int = FIRST_VM_HOST  # the next free host number on it
 
     def holds(self, ip: "ipaddress.IPv4Address | ipaddress.IPv6Address") -> bool:
-        return ip in (self.subnet if ip.version == 4 else ipv6_subnet(self.subnet))
+        return ip in self._subnet(ip.version)
 
     def host_number(self, ip: "ipaddress.IPv4Address | ipaddress.IPv6Address") -> int:
-        net = self.subnet if ip.version == 4 else ipv6_subnet(self.subnet)
-        return int(ip) - int(net.network_address)
+        return int(ip) - int(self._subnet(ip.version).network_address)
+
+    def _subnet(self, version: int) -> "ipaddress.IPv4Network | ipaddress.IPv6Network":
+        return self.subnet if version == 4 else ipv6_subnet(self.subnet)
 
 
 @dataclass(frozen=True)
