@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="GPL-2.0-or-later",
     packages=find_packages(include=["pytest_ostimages", "pytest_ostimages.*"]),
-    package_data={"pytest_ostimages": ["templates/*.xml", "py.typed"]},
+    package_data={"pytest_ostimages": ["py.typed"], "pytest_ostimages.hypervisor": ["templates/*.xml"]},
     python_requires=">=3.9",
     install_requires=[
         "pytest>=8.0",
@@ -17,6 +17,8 @@ setup(
         "lxml",
         "tenacity>=8.3",
         "pytest-xdist",
+        "psutil>=5.9",  # owner liveness (state/owner.py)
+        "cryptography",  # host keys made in-process (guest/keys.py)
     ],
     extras_require={
         "cloud-init": ["pycdlib"],  # NoCloud seeds for layers with cloud-init

@@ -53,9 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pytest_ostimages.config import from_environment  # noqa: E402
-from pytest_ostimages import Lab, VMSpec, initconfig, ost  # noqa: E402
-from pytest_ostimages.lab import OstDeployment  # noqa: E402
-from pytest_ostimages.ssh import SSH  # noqa: E402
+from pytest_ostimages import Lab, VMSpec  # noqa: E402
+from pytest_ostimages.ost import deploy as ost  # noqa: E402
+from pytest_ostimages.ost import initconfig  # noqa: E402
+from pytest_ostimages.lab.lab import OstDeployment  # noqa: E402
+from pytest_ostimages.guest.ssh import SSH  # noqa: E402
 
 MEMORY, VCPUS = 512, 1
 LAYER = "engine-installed"
@@ -224,8 +226,8 @@ def measure_parallel(repeat: int, baseline: Baseline, results: dict) -> None:
 
 
 def measure_overlay(repeat: int, image, results: dict) -> None:
-    from pytest_ostimages.catalog import Image
-    from pytest_ostimages.overlay import WorkDir
+    from pytest_ostimages.images.catalog import Image
+    from pytest_ostimages.lab.workdir import WorkDir
 
     scratch = Path(tempfile.mkdtemp(prefix="ost-bench-", dir="/var/tmp"))
     big = scratch / "big.qcow2"

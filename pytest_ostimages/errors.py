@@ -28,3 +28,7 @@ class VMError(OstError):
 
 class SSHCommandError(OstError):
     """A command run with ``check=True`` exited non-zero."""
+
+
+class WarmStartError(OstError):
+    """A saved state could not be restored; the VM is booted instead."""

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .catalog import Image
 from .config import OstConfig, from_environment
 from .errors import OstError
-from .files import locked
-from .inputs import VMSpec
-from .lab import Lab
-from .vm import VM
+from .guest.vm import VM
+from .images.catalog import Image
+from .lab.inputs import VMSpec
+from .lab.lab import Lab
+from .state.files import locked
+from .waiting import poll
 
 INBOX = "/root/ost-layer"  # where the files and the script land in the guest
 
@@ -100,11 +101,8 @@ def build_layer(config: OstConfig, recipe: LayerRecipe,
 
 def _shut_down(vm: VM, timeout: float = 300) -> None:
     vm.ssh("systemctl poweroff", timeout=30)
-    deadline = time.monotonic() + timeout
-    while vm.state() not in ("shut off", "gone (undefined)"):
-        if time.monotonic() > deadline:
-            raise OstError(vm.describe_failure(f"did not power off within {timeout:.0f} s"))
-        time.sleep(0.5)
+    if not poll(lambda: vm.state() in ("shut off", "gone (undefined)"), timeout, 0.5):
+        raise OstError(vm.describe_failure(f"did not power off within {timeout:.0f} s"))
 
 
 def _store(overlay: Path, target: Path, depth: int, squash_above: Optional[int]) -> None:

@@ -30,7 +30,7 @@ def libvirt_objects(pid: Optional[int] = None) -> set[str]:
     """Libvirt domains and networks labelled by the plugin (by process `pid` if given)."""
     import libvirt
 
-    from pytest_ostimages.owner import Label
+    from pytest_ostimages.state.owner import Label
 
     conn = libvirt.open(os.environ.get("OST_LIBVIRT_URI", "qemu:///system"))
     try:

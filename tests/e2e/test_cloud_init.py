@@ -4,7 +4,7 @@ from a seed made by the plugin, before its SSH first answers."""
 from __future__ import annotations
 
 from pytest_ostimages import VMFactory, VMSpec
-from pytest_ostimages.identity import fingerprint
+from pytest_ostimages.guest.keys import fingerprint
 
 GUEST_KEY = "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub"
 ANSWERS = {  # as hosted-engine-setup injects engine-setup's answer file

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_ostimages import VM, Catalog, Network, SSHCommandError, VMError
-from pytest_ostimages.ssh import SSH
+from pytest_ostimages.guest.ssh import SSH
 
 from .helpers import IMAGES
 

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from pytest_ostimages import VM, Lab, VMError
-from pytest_ostimages.identity import fingerprint
+from pytest_ostimages.guest.keys import fingerprint
 
 GUEST_KEY = "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub"
 

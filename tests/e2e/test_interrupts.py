@@ -43,8 +43,8 @@ def foreign_networks() -> Iterator[list[str]]:
     """Two networks that are not the reaper's to take: one unlabelled, one whose owner lives."""
     import libvirt
 
-    from pytest_ostimages.owner import Label
-    from pytest_ostimages.render import Templates, network_xml
+    from pytest_ostimages.state.owner import Label
+    from pytest_ostimages.hypervisor.render import Templates, network_xml
 
     conn = libvirt.open("qemu:///system")
     names = ["foreign-nolabel", "foreign-alive"]

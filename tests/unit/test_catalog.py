@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ostimages.catalog import Catalog
+from pytest_ostimages.images.catalog import Catalog
 from pytest_ostimages.errors import ImageError
 
 DISTRO = "testos"

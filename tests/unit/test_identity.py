@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from pytest_ostimages.identity import HostKey, fingerprint, fixup_script, known_hosts_line, public_key
+from pytest_ostimages.guest.identity import fixup_script
+from pytest_ostimages.guest.keys import HostKey, fingerprint, known_hosts_line, public_key
 
 
 def test_generated_host_key_is_what_openssh_reads(tmp_path: Path) -> None:
@@ -46,7 +47,7 @@ def test_nocloud_seed_carries_identity_and_the_suites_user_data(tmp_path: Path) 
 
     import pycdlib
 
-    from pytest_ostimages.seed import write_seed
+    from pytest_ostimages.guest.seed import write_seed
 
     key = HostKey.generate()
     seed = tmp_path / "seed.iso"
@@ -70,7 +71,7 @@ def test_nocloud_seed_carries_identity_and_the_suites_user_data(tmp_path: Path) 
 
 
 def test_cloud_init_is_read_from_the_layers_package_list(tmp_path: Path) -> None:
-    from pytest_ostimages.catalog import Image
+    from pytest_ostimages.images.catalog import Image
 
     pkglist = tmp_path / "pkglist.txt"
     pkglist.write_text("cloud-init-22.4.2-1+deb12u1\ncloud-initramfs-growroot-0.18\n")

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ostimages import reuse
+from pytest_ostimages.lab import reuse
 from pytest_ostimages.config import OstConfig
-from pytest_ostimages.initconfig import InitConfigError, load
-from pytest_ostimages.inputs import Disk
-from pytest_ostimages.lab import Lab, OstDeployment
-from pytest_ostimages.render import HostEntry
-from pytest_ostimages.vm import VM
+from pytest_ostimages.ost.initconfig import InitConfigError, load
+from pytest_ostimages.lab.inputs import Disk
+from pytest_ostimages.lab.lab import Lab, OstDeployment
+from pytest_ostimages.hypervisor.render import HostEntry
+from pytest_ostimages.guest.vm import VM
 
 # The shape of ovirt-system-tests' common/init-configs/1_engine_2_hosts.json, with
 # OST's comment lines and template paths (which the plugin ignores).

@@ -8,7 +8,7 @@ import pytest
 
 from pytest_ostimages.config import SETTINGS
 from pytest_ostimages.errors import OstError
-from pytest_ostimages.inside import inner_args
+from pytest_ostimages.inside.run import inner_args
 
 VALUE_OPTIONS = {s.option for s in SETTINGS if not s.flag}
 

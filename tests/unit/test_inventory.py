@@ -7,7 +7,7 @@ import ipaddress
 from pathlib import Path
 from types import SimpleNamespace
 
-from pytest_ostimages.inventory import write_inventory, write_ost_hosts
+from pytest_ostimages.lab.access import write_inventory, write_ost_hosts
 
 
 def vm(role: str, n: int, dual: bool = True) -> SimpleNamespace:

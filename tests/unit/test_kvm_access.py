@@ -12,8 +12,8 @@ from typing import Callable
 
 import pytest
 
-from pytest_ostimages import kvm_access
-from pytest_ostimages.kvm_access import QemuUser, can_open
+from pytest_ostimages.hypervisor import kvm_access
+from pytest_ostimages.hypervisor.kvm_access import QemuUser, can_open
 
 
 def unused_id(lookup: Callable[[int], object]) -> int:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ostimages import reaper, virt
-from pytest_ostimages.owner import Label
-from pytest_ostimages.render import Templates, domain_xml, network_xml
+from pytest_ostimages.hypervisor import connection as virt
+from pytest_ostimages.state import ledger as reaper
+from pytest_ostimages.state.owner import Label
+from pytest_ostimages.hypervisor.render import Templates, domain_xml, network_xml
 
 
 def dead_pid() -> int:

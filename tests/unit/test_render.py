@@ -9,8 +9,8 @@ import pytest
 from lxml import etree
 
 from pytest_ostimages.errors import OstError
-from pytest_ostimages.owner import Label
-from pytest_ostimages.render import HostEntry, OstMetadata, Templates, domain_xml, network_xml
+from pytest_ostimages.state.owner import Label
+from pytest_ostimages.hypervisor.render import HostEntry, OstMetadata, Templates, domain_xml, network_xml
 
 LABEL = Label("0a1b2c3d", 4242, "testhost", "/var/tmp/pytest-ostimages/0a1b2c3d", "engine")
 SUBNET = ipaddress.IPv4Network("192.168.140.0/24")

@@ -18,9 +18,9 @@ import pytest
 
 from pytest_ostimages.config import OstConfig
 from pytest_ostimages.errors import OstError
-from pytest_ostimages.inputs import VMSpec
-from pytest_ostimages.lab import Lab
-from pytest_ostimages.share import Share
+from pytest_ostimages.lab.inputs import VMSpec
+from pytest_ostimages.lab.lab import Lab
+from pytest_ostimages.state.share import Share
 
 DISTRO = "testos"
 

@@ -19,16 +19,20 @@ from typing import Iterator
 import paramiko
 import pytest
 
-from pytest_ostimages import files, reaper, reuse, virt
+from pytest_ostimages.hypervisor import connection as virt
+from pytest_ostimages.lab import networks, reuse
+from pytest_ostimages.state import files
+from pytest_ostimages.state import ledger as reaper
+from pytest_ostimages.state.kept import KEPT_FILE
 from pytest_ostimages.config import OstConfig
-from pytest_ostimages.environment import Environment
+from pytest_ostimages.state.environment import Environment
 from pytest_ostimages.errors import OstError
-from pytest_ostimages.inputs import VMSpec
-from pytest_ostimages.lab import Lab
-from pytest_ostimages.owner import Label
-from pytest_ostimages.reaper import Owned
-from pytest_ostimages.render import Templates, network_xml
-from pytest_ostimages.ssh import SSH, NotReady
+from pytest_ostimages.lab.inputs import VMSpec
+from pytest_ostimages.lab.lab import Lab
+from pytest_ostimages.state.owner import Label
+from pytest_ostimages.state.ledger import Owned
+from pytest_ostimages.hypervisor.render import Templates, network_xml
+from pytest_ostimages.guest.ssh import SSH, NotReady
 
 RUN = "0badc0de"
 
@@ -101,16 +105,16 @@ def ost_state(run: str, root: Path) -> dict:
 
 
 def test_drop_never_leaves_the_work_root(root: Path, conn) -> None:
-    (root / reuse.KEPT_FILE).write_text(kept_state("../victim", root, workdir=str(root / "../victim")))
+    (root / KEPT_FILE).write_text(kept_state("../victim", root, workdir=str(root / "../victim")))
     reuse.drop(lab_for(root))
     assert (root.parent / "victim" / "precious").read_text() == "not yours\n"
-    assert not (root / reuse.KEPT_FILE).exists()  # an untrustworthy record is forgotten
+    assert not (root / KEPT_FILE).exists()  # an untrustworthy record is forgotten
 
 
 def test_drop_leaves_unlabelled_objects_named_in_the_record(root: Path, conn) -> None:
     foreign_network(conn, f"ost-{RUN}", 140)
     (root / RUN).mkdir()  # a directory of that name, but not labelled by us
-    (root / reuse.KEPT_FILE).write_text(kept_state(RUN, root))
+    (root / KEPT_FILE).write_text(kept_state(RUN, root))
     try:
         reuse.drop(lab_for(root))
         assert f"ost-{RUN}" in [n.name() for n in conn.listAllNetworks()]
@@ -126,7 +130,7 @@ def test_remove_checks_the_label_right_before_removing(root: Path, conn) -> None
                       label=Label("feedf00d", 1, "h", "/"))  # another run's network, same name
     conn.networkCreateXML(xml)
     try:
-        assert not reaper.remove(conn, root, Owned("network", "ost-x", ours))
+        assert not reaper.remove(conn, Owned("network", "ost-x", ours))
         assert "ost-x" in [n.name() for n in conn.listAllNetworks()]
     finally:
         conn.networkLookupByName("ost-x").destroy()
@@ -135,13 +139,13 @@ def test_remove_checks_the_label_right_before_removing(root: Path, conn) -> None
 def test_workdir_removal_needs_our_label_and_place(root: Path) -> None:
     label = Label.current(RUN, root / RUN)
     (root / RUN).mkdir()
-    assert not reaper.remove(None, root, Owned("workdir", str(root / RUN), label))  # no label yet
+    assert not reaper.remove(None, Owned("workdir", str(root / RUN), label))  # no label yet
     label.write(root / RUN)
     link = root / "0000beef"
     link.symlink_to(root.parent / "victim")
-    assert not reaper.remove(None, root, Owned("workdir", str(link), Label.current("0000beef", link)))
-    assert not reaper.remove(None, root, Owned("workdir", str(root.parent / "victim"), label))
-    assert reaper.remove(None, root, Owned("workdir", str(root / RUN), label))
+    assert not reaper.remove(None, Owned("workdir", str(link), Label.current("0000beef", link)))
+    assert not reaper.remove(None, Owned("workdir", str(root.parent / "victim"), label))
+    assert reaper.remove(None, Owned("workdir", str(root / RUN), label))
     assert not (root / RUN).exists() and (root.parent / "victim" / "precious").exists()
 
 
@@ -217,7 +221,7 @@ def test_subnet_lock_is_host_wide_whatever_the_work_directory(conn) -> None:
     done = threading.Event()
 
     def allocate() -> None:
-        virt.with_free_subnet(conn, ipaddress.IPv4Network("192.168.160.0/20"), lambda s: s, routes=lambda: [])
+        networks.with_free_subnet(conn, ipaddress.IPv4Network("192.168.160.0/20"), lambda s: s, routes=lambda: [])
         done.set()
 
     with files.host_lock("subnets"):  # as a session with another --ost-workdir would hold it
@@ -244,7 +248,7 @@ def test_second_user_gets_a_clear_error(root: Path) -> None:
     lock = root / "subnets.lock"
     lock.write_text("")
     lock.chmod(0o600)  # made by another user's old session
-    code = ("from pathlib import Path; from pytest_ostimages import files\n"
+    code = ("from pathlib import Path; from pytest_ostimages.state import files\n"
             f"with files.locked(Path({str(lock)!r})): pass\n")
     result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                              str(Path(os.sys.executable)), "-c", code], capture_output=True, text=True,
@@ -306,12 +310,12 @@ def test_a_kept_environment_whose_network_is_gone_is_not_attached(root: Path, co
     specs = [VMSpec("vm", "base")]
     state = json.loads(kept_state(RUN, root))
     state["fingerprint"] = reuse.fingerprint(lab, specs)
-    (root / reuse.KEPT_FILE).write_text(json.dumps(state))
+    (root / KEPT_FILE).write_text(json.dumps(state))
     domain = conn.createXML(f"<domain type='test'><name>ost-{RUN}-vm</name><memory>1024</memory>"
                             f"<os><type>hvm</type></os></domain>")  # running, but its network is not
     try:
         assert not reuse.attach_kept(lab, specs)
-        assert not (root / reuse.KEPT_FILE).exists() and lab.vms == {}
+        assert not (root / KEPT_FILE).exists() and lab.vms == {}
     finally:
         if f"ost-{RUN}-vm" in [d.name() for d in conn.listAllDomains()]:
             domain.destroy()

@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from pytest_ostimages import reaper, virt
+from pytest_ostimages.hypervisor import connection as virt
+from pytest_ostimages.hypervisor import subnets
+from pytest_ostimages.lab import networks
+from pytest_ostimages.state import ledger as reaper
 from pytest_ostimages.errors import VirtError
-from pytest_ostimages.owner import Label
-from pytest_ostimages.reaper import Owned
-from pytest_ostimages.render import HostEntry, Templates, domain_xml, network_xml
+from pytest_ostimages.state.owner import Label
+from pytest_ostimages.state.ledger import Owned
+from pytest_ostimages.hypervisor.render import HostEntry, Templates, domain_xml, network_xml
 
 LABEL = Label("feedbeef", 1, "testhost", "/w")
 
@@ -41,22 +44,22 @@ def test_subnet_skips_libvirt_networks_and_routes(conn) -> None:
     pool = ipaddress.IPv4Network("192.168.120.0/22")
     make_network(conn, ipaddress.IPv4Network("192.168.120.0/24"), "other")
     try:
-        assert virt.with_free_subnet(conn, pool, lambda s: s, routes=lambda: []) \
+        assert networks.with_free_subnet(conn, pool, lambda s: s, routes=lambda: []) \
             == ipaddress.IPv4Network("192.168.121.0/24")
         # a host route (whatever this machine's own routes are) is skipped too
-        assert virt.with_free_subnet(conn, pool, lambda s: s,
+        assert networks.with_free_subnet(conn, pool, lambda s: s,
                                      routes=lambda: [ipaddress.IPv4Network("192.168.121.0/25")]) \
             == ipaddress.IPv4Network("192.168.123.0/24")
     finally:
-        reaper.remove(conn, Path("/nonexistent"), Owned("network", "other", LABEL))
-    assert virt.free_subnet(pool, [ipaddress.IPv4Network("192.168.120.0/23"),
+        reaper.remove(conn, Owned("network", "other", LABEL))
+    assert subnets.free_subnet(pool, [ipaddress.IPv4Network("192.168.120.0/23"),
                                    ipaddress.IPv4Network("192.168.122.0/24")]) \
         == ipaddress.IPv4Network("192.168.123.0/24")
 
 
 def test_exhausted_pool_is_a_clear_error(conn, tmp_path: Path) -> None:
     with pytest.raises(VirtError, match="No free /24 left in the subnet pool 192.168.122.0/24"):
-        virt.with_free_subnet(conn, ipaddress.IPv4Network("192.168.122.0/24"), lambda s: s,
+        networks.with_free_subnet(conn, ipaddress.IPv4Network("192.168.122.0/24"), lambda s: s,
                               routes=lambda: [])
 
 
@@ -66,7 +69,7 @@ def test_host_routes_parses_proc_format(tmp_path: Path) -> None:
         "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
         "eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
         "eth0\t0002A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")
-    assert virt.host_routes(routes) == [ipaddress.IPv4Network("192.168.2.0/24")]
+    assert subnets.host_routes(routes) == [ipaddress.IPv4Network("192.168.2.0/24")]
 
 
 def test_network_lifecycle_and_live_host_update(conn) -> None:
@@ -77,9 +80,9 @@ def test_network_lifecycle_and_live_host_update(conn) -> None:
     root = etree.fromstring(net.XMLDesc())
     assert root.find("ip/dhcp/host").get("mac") == entry.mac
     assert root.find("dns/host/hostname").text == "late.ost.test"
-    assert reaper.remove(conn, Path("/nonexistent"), Owned("network", net.name(), LABEL))
+    assert reaper.remove(conn, Owned("network", net.name(), LABEL))
     # gone already: nothing to do
-    assert not reaper.remove(conn, Path("/nonexistent"), Owned("network", net.name(), LABEL))
+    assert not reaper.remove(conn, Owned("network", net.name(), LABEL))
     assert "ost-feedbeef" not in [n.name() for n in conn.listAllNetworks()]
 
 
@@ -92,7 +95,7 @@ def test_domain_lifecycle(conn) -> None:
     dom = virt.create_domain(conn, xml)
     assert virt.domain_state(dom) == "running"
     assert Label.from_xml(dom.XMLDesc()) == LABEL
-    reaper.remove(conn, Path("/nonexistent"), Owned("domain", dom.name(), LABEL))
+    reaper.remove(conn, Owned("domain", dom.name(), LABEL))
     assert "ost-feedbeef-engine" not in [d.name() for d in conn.listAllDomains()]
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from lxml import etree
 
-from pytest_ostimages.warm import HEADER, MAGIC, SavedState, WarmCache, WarmStartError, patch_save_image, restored_xml
+from pytest_ostimages.errors import WarmStartError
+from pytest_ostimages.hypervisor.saveimage import HEADER, MAGIC, patch_save_image, restored_xml
+from pytest_ostimages.state.owner import Label
+from pytest_ostimages.state.warmcache import SavedState, WarmCache
 
 SAVED = b"<domain type='qemu'><name>ost-aaaaaaaa-engine</name><uuid>0f6e3c6e-0000-4000-8000-000000000001</uuid>" \
         b"<devices><disk type='file' device='disk'><source file='/w/aaaaaaaa/old.qcow2'/><address type='pci'/>" \
@@ -64,7 +67,6 @@ def make_state(root: Path, key: str, size: int, age: float) -> SavedState:
     folder = root / key
     folder.mkdir(parents=True)
     (folder / "memory.save").write_bytes(b"\0" * size)
-    (folder / "in-use.lock").touch()
     (folder / "meta.json").write_text(json.dumps({"host_key": "ssh-ed25519 AAAA"}))
     os.utime(folder / "meta.json", (age, age))
     return SavedState(folder)
@@ -73,12 +75,14 @@ def make_state(root: Path, key: str, size: int, age: float) -> SavedState:
 def test_least_recently_used_states_go_first_but_never_one_in_use(tmp_path: Path) -> None:
     cache = WarmCache(tmp_path, limit=2500)
     oldest, old, new = (make_state(tmp_path, k, 1000, age) for k, age in (("a" * 16, 1), ("b" * 16, 2), ("c" * 16, 3)))
-    fd = os.open(oldest.folder / "in-use.lock", os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)  # a running VM's disk is backed by it
+    run = tmp_path.parent / f"{tmp_path.name}-runs" / "0123abcd"  # a run's work directory
+    run.mkdir(parents=True)
+    Label.current(run.name, run).write(run)
+    assert cache.use(oldest, run)  # a running VM's disk is backed by it
     try:
         cache.evict(keep=new.key, progress=lambda _: None)
     finally:
-        os.close(fd)
+        shutil.rmtree(run)  # the run ended
     assert oldest.exists() and not old.exists() and new.exists()
     assert cache.clear() == [oldest.key, new.key]
     assert list(tmp_path.iterdir()) == []

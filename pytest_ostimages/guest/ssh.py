@@ -1,0 +1,250 @@
+"""Step 5: SSH to the VMs with the images' baked-in root key (paramiko).
+
+Readiness is checked in two steps: a cheap TCP connect + banner read every
+100 ms (so a VM that is up is noticed within a fraction of a second), then a
+real login, retried with tenacity until the deadline.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import paramiko
+import tenacity
+
+from ..errors import ImageError, OstError, SSHCommandError
+from .keys import fingerprint
+
+PROBE_INTERVAL = 0.1
+AUTH_GRACE = 10.0  # seconds a guest may refuse the key while it finishes booting
+# What a booting guest's SSH raises until it is ready (socket.timeout is an OSError).
+NOT_READY_YET = (OSError, EOFError, paramiko.SSHException)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command run over SSH returned (like subprocess.CompletedProcess)."""
+
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def check(self, where: str = "") -> "CommandResult":
+        if self.returncode != 0:
+            raise SSHCommandError(
+                f"Command {self.command!r}{' on ' + where if where else ''} exited with "
+                f"{self.returncode}.\n--- stdout (tail) ---\n{_tail(self.stdout)}\n"
+                f"--- stderr (tail) ---\n{_tail(self.stderr)}"
+            )
+        return self
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def load_key(path: Path) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(str(path))
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise ImageError(f"Cannot use {path} as an SSH private key: {exc}. It should be the "
+                         f"images' <distro>_id_rsa; reinstall the base image package.") from None
+
+
+class NotReady(Exception):
+    """SSH did not come up; the reason is for the BootError the VM builds."""
+
+
+class HostKeyMismatch(OstError):
+    """The machine at a VM's address offered another host key than the one pinned."""
+
+
+class SSH:
+    """One reusable SSH connection to a VM as root.
+
+    Until a host key is pinned (first contact) any key is accepted; from then on
+    only the pinned one (paramiko's RejectPolicy).
+    """
+
+    def __init__(self, host: str, key: paramiko.PKey, user: str = "root", port: int = 22,
+                 host_key: Optional[paramiko.PKey] = None) -> None:
+        self.host, self.key, self.user, self.port = host, key, user, port
+        self.host_key = host_key
+        self._client: Optional[paramiko.SSHClient] = None
+        self._lock = threading.Lock()
+
+    def pin(self, host_key: paramiko.PKey) -> None:
+        """Accept only `host_key` from now on (the open connection is closed)."""
+        self.close()
+        self.host_key = host_key
+
+    def offered_key(self) -> paramiko.PKey:
+        """The host key of the open connection (the first contact's, before pinning)."""
+        transport = self.connect().get_transport()
+        assert transport is not None  # connect() succeeded
+        return transport.get_remote_server_key()
+
+    def connect(self, timeout: float = 10.0, sock: Optional[socket.socket] = None) -> paramiko.SSHClient:
+        """The open connection, reconnecting if it was closed or dropped.
+
+        `sock`: an already connected socket to log in over (the readiness probe's).
+        """
+        with self._lock:
+            transport = self._client.get_transport() if self._client else None
+            if transport is not None and transport.is_active():
+                return self._client  # type: ignore[return-value]
+            self.close_unlocked()
+            client = paramiko.SSHClient()
+            if self.host_key is None:  # first contact, inside the session's own new network
+                client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
+            else:
+                client.get_host_keys().add(self._known_name, self.host_key.get_name(), self.host_key)
+                client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            try:
+                client.connect(self.host, self.port, self.user, pkey=self.key, timeout=timeout,
+                               banner_timeout=timeout, auth_timeout=timeout, sock=sock,
+                               look_for_keys=False, allow_agent=False)
+            except paramiko.BadHostKeyException as exc:
+                client.close()
+                raise HostKeyMismatch(
+                    f"{self.host} offered host key {fingerprint(exc.key)} ({exc.key.get_name()}), but "
+                    f"{fingerprint(exc.expected_key)} ({exc.expected_key.get_name()}) was pinned when "
+                    f"the session set the VM up: another machine answers at its address, or its "
+                    f"host keys were changed behind the plugin's back.") from None
+            transport = client.get_transport()
+            assert transport is not None  # connect() succeeded
+            transport.set_keepalive(15)
+            self._client = client
+            return client
+
+    def run(self, command: str, timeout: Optional[float] = None) -> CommandResult:
+        """Run `command`; a connection that dropped is reopened once."""
+        return self.stream(command, None, timeout)
+
+    def stream(self, command: str, on_line: Optional[Callable[[str], None]],
+               timeout: Optional[float] = None) -> CommandResult:
+        """Run `command`, calling `on_line` with each stdout line as it arrives (if given)."""
+        try:
+            channel = self.connect().get_transport().open_session(timeout=30)  # type: ignore[union-attr]
+        except (paramiko.SSHException, EOFError, OSError):
+            self.close()
+            channel = self.connect().get_transport().open_session(timeout=30)  # type: ignore[union-attr]
+        channel.settimeout(timeout)
+        channel.exec_command(command)
+        stderr = bytearray()
+
+        def drain_stderr() -> None:
+            with channel.makefile_stderr("rb") as err:
+                stderr.extend(err.read())
+
+        reader = threading.Thread(target=drain_stderr, daemon=True)
+        reader.start()
+        stdout = bytearray()
+        try:
+            with channel.makefile("rb") as out:
+                for line in out if on_line is not None else [out.read()]:
+                    stdout.extend(line)
+                    if on_line is not None:
+                        on_line(line.decode(errors="replace").rstrip("\n"))
+            status = channel.recv_exit_status()
+        except socket.timeout:
+            channel.close()
+            raise OstError(f"Command {command!r} on {self.host} did not finish within "
+                           f"{timeout} s.") from None
+        reader.join()
+        return CommandResult(command, status, stdout.decode(errors="replace"),
+                             stderr.decode(errors="replace"))
+
+    @property
+    def _known_name(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    def sftp(self) -> paramiko.SFTPClient:
+        return self.connect().open_sftp()
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_unlocked()
+
+    def close_unlocked(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def wait_ready(self, timeout: float, alive: Callable[[], Optional[str]]) -> None:
+        """Wait until a login works; `alive()` returns why the VM died, or None.
+
+        Raises NotReady with the last reason after `timeout` seconds, at once if
+        the VM is no longer running.
+        """
+        deadline = time.monotonic() + timeout
+        last = ["no answer yet"]
+        first_refusal: list[float] = []
+
+        def attempt() -> None:
+            dead = alive()
+            if dead:
+                raise NotReady(dead)
+            sock = sshd_socket(self.host, self.port)
+            if sock is None:
+                last[0] = f"nothing answers on {self.host}:{self.port} (no address yet, or sshd not started)"
+                raise TimeoutError(last[0])
+            try:
+                try:
+                    # a loaded guest may need long for the key exchange: allow it up to 30 s
+                    self.connect(timeout=max(1.0, min(30.0, deadline - time.monotonic())), sock=sock)
+                except BaseException:
+                    sock.close()  # a failed login leaves the probe's socket to us
+                    raise
+            except paramiko.AuthenticationException as exc:
+                # The key is baked into the image: a refusal that lasts is final.
+                first_refusal[:] = first_refusal or [time.monotonic()]
+                if time.monotonic() - first_refusal[0] > AUTH_GRACE:
+                    raise NotReady(f"answers SSH but refuses the key for {self.user} ({exc}); "
+                                   f"is this image's key the distro's <distro>_id_rsa?") from None
+                last[0] = f"sshd answers but refuses the key ({exc})"
+                raise
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                last[0] = f"sshd answers but the login failed ({exc.__class__.__name__}: {exc})"
+                raise
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_before_delay(max(0.0, deadline - time.monotonic())),
+            wait=tenacity.wait_fixed(PROBE_INTERVAL),
+            # only what means "not ready yet"; anything else is a bug and surfaces at once
+            retry=tenacity.retry_if_exception_type(NOT_READY_YET),
+            reraise=True,
+        )
+        try:
+            retrying(attempt)
+        except NOT_READY_YET:
+            raise NotReady(f"not reachable over SSH within {timeout:.0f} s: {last[0]}") from None
+
+
+def sshd_socket(host: str, port: int = 22, connect_timeout: float = 0.25,
+                banner_timeout: float = 10.0) -> Optional[socket.socket]:
+    """A connection to host:port whose peer greets like sshd (the greeting left unread).
+
+    The login then uses this very connection: sshd forks for every connection,
+    which costs a booting, emulated guest a noticeable fraction of a second.
+    """
+    # Before the guest has its address a connect waits for ARP: give up soon and
+    # probe again. Once connected, sshd may need long to greet (it forks per client).
+    try:
+        sock = socket.create_connection((host, port), timeout=connect_timeout)
+    except OSError:
+        return None
+    try:
+        sock.settimeout(banner_timeout)
+        if sock.recv(4, socket.MSG_PEEK).startswith(b"SSH-"):
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None

@@ -1,0 +1,226 @@
+"""Step 6: the VM a test gets: a booted domain with SSH, SFTP and its console log."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Union
+
+import paramiko
+
+from ..errors import BootError, OstError, VMError
+from ..hypervisor.connection import domain_state, libvirt_module
+from ..hypervisor.render import HostEntry
+from ..images.catalog import Image
+from . import testinfra_host
+from .identity import fixup_script
+from .keys import HostKey
+from .ssh import SSH, CommandResult, HostKeyMismatch, NotReady
+
+CLEAN_SNAPSHOT = "ost-clean"
+
+if TYPE_CHECKING:
+    import libvirt
+    from testinfra.host import Host as TestinfraHost
+
+
+@dataclass(eq=False)
+class VM:
+    """A running VM of the session.
+
+    ``name`` is the libvirt domain name (unique per run), ``role`` the short name
+    tests use (``engine``, ``host0``), ``hostname`` the FQDN the other VMs resolve.
+    """
+
+    name: str
+    role: str
+    hostname: str
+    ip: "ipaddress.IPv4Address | ipaddress.IPv6Address"  # where the plugin reaches it (IPv4 unless IPv6-only)
+    mac: str
+    image: Image
+    overlay: Path
+    console_path: Path
+    domain: "libvirt.virDomain" = field(repr=False)
+    _ssh: SSH = field(repr=False)
+    boot_seconds: Optional[float] = None
+    dirty: Optional[bool] = None  # clean_vm: None until snapshotted, then used since revert?
+    origin: str = "booted"  # or "restored from saved state <key>" (warm start)
+    warm_key: Optional[str] = None  # its recipe, when its ready state is to be saved
+    ip6: Optional[ipaddress.IPv6Address] = None  # on the management network
+    nics: tuple[tuple[str, HostEntry], ...] = ()  # (network role, reservation) of eth0, eth1, ...
+    ready: bool = False  # answered SSH, has its identity, its host key pinned
+
+    @functools.cached_property
+    def testinfra(self) -> "TestinfraHost":
+        """A testinfra Host for this VM (``vm.testinfra.package("lvm2").is_installed``),
+        over its pinned SSH connection; needs ``pytest-ostimages[testinfra]``."""
+        return testinfra_host.host(self._ssh)
+
+    def addresses(self, network: Optional[str] = None) -> list["ipaddress.IPv4Address | ipaddress.IPv6Address"]:
+        """The VM's reserved addresses on `network` (a network role; default the management
+        network, whatever an init-config names it), IPv4 first."""
+        if network is None:
+            network = next(role for role, entry in self.nics if self.ip in entry.addresses)
+        return [ip for role, entry in self.nics if role == network for ip in entry.addresses]
+
+    def ssh(self, command: str, check: bool = False, timeout: Optional[float] = 600) -> CommandResult:
+        """Run `command` as root; with ``check=True`` a non-zero exit raises."""
+        result = self.stream(command, None, timeout)
+        return result.check(self.role) if check else result
+
+    def stream(self, command: str, on_line: Optional[Callable[[str], None]],
+               timeout: Optional[float] = None) -> CommandResult:
+        """Run `command` as root, calling `on_line` with each stdout line as it comes."""
+        dead = self._death()
+        if dead is not None:  # a dead VM is reported as such, at once
+            raise dead
+        try:
+            return self._ssh.stream(command, on_line, timeout=timeout)
+        except HostKeyMismatch as exc:
+            raise VMError(f"VM {self.role} ({self.name}) at {self.ip}: {exc}") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            # say that the VM died, not that SSH failed
+            raise self._death() or VMError(self.describe_failure(
+                f"did not answer SSH for {command!r}: {exc.__class__.__name__}: {exc}", hint=False)) from None
+
+    def _death(self) -> Optional[VMError]:
+        """The error for a VM that is not running any more, None while it runs."""
+        state = self.state()
+        if state == "running":
+            return None
+        return VMError(self.describe_failure(f"is not running any more (state: {state})", hint=False))
+
+    def diagnostic(self, command: str, timeout: float = 20) -> Optional[str]:
+        """stdout of `command`, or None when the VM cannot answer (for reports: never raises)."""
+        try:
+            return self.ssh(command, timeout=timeout).stdout
+        except Exception:  # noqa: BLE001 - a diagnostic must never mask the real failure
+            return None
+
+    def put(self, local: Union[str, Path], remote: str) -> None:
+        """Copy a local file into the VM over SFTP."""
+        with self._ssh.sftp() as sftp:
+            sftp.put(str(local), remote)
+
+    def get(self, remote: str, local: Union[str, Path]) -> None:
+        """Copy a file out of the VM over SFTP."""
+        with self._ssh.sftp() as sftp:
+            sftp.get(remote, str(local))
+
+    def console_log(self, lines: Optional[int] = None) -> str:
+        """The serial console output so far (the last `lines` lines if given)."""
+        try:
+            text = self.console_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:]) if lines else text
+
+    def state(self) -> str:
+        return domain_state(self.domain)
+
+    def wait_for_ssh(self, timeout: float, abort: Optional[threading.Event] = None) -> float:
+        """Block until root can log in; return the seconds it took.
+
+        Setting `abort` (the session is being interrupted) stops the wait at once.
+        """
+        start = time.monotonic()
+
+        def died() -> Optional[str]:
+            if abort is not None and abort.is_set():
+                return "was not waited for any more: the session was interrupted"
+            state = self.state()
+            return None if state == "running" else f"the VM stopped while booting (state: {state})"
+
+        try:
+            self._ssh.wait_ready(timeout, died)
+        except NotReady as exc:
+            raise BootError(self.describe_failure(str(exc))) from None
+        except HostKeyMismatch as exc:
+            raise BootError(self.describe_failure(f"is not the machine it should be: {exc}", hint=False)) from None
+        self.boot_seconds = time.monotonic() - start
+        return self.boot_seconds
+
+    @property
+    def host_key(self) -> Optional[paramiko.PKey]:
+        """The pinned SSH host key (None before first contact)."""
+        return self._ssh.host_key
+
+    def take_identity(self, key: HostKey) -> float:
+        """Give the guest its own machine-id, host key `key` and hostname; pin `key`. Seconds."""
+        start = time.monotonic()
+        self.ssh(fixup_script(self.hostname.split(".")[0], self.hostname, str(self.ip), key),
+                 check=True, timeout=120)
+        self._ssh.pin(key.pkey())
+        self._wait_for_new_sshd()
+        return time.monotonic() - start
+
+    def _wait_for_new_sshd(self, timeout: float = 60) -> None:
+        """sshd re-executes itself (SIGHUP) with the new key: log in again as soon as it listens."""
+        try:
+            self._ssh.wait_ready(timeout, lambda: None if self.state() == "running" else "stopped")
+        except NotReady as exc:
+            raise BootError(self.describe_failure(f"did not answer SSH after taking its identity: {exc}")) from None
+        except HostKeyMismatch as exc:
+            raise BootError(self.describe_failure(f"does not offer the host key it was given: {exc}",
+                                                  hint=False)) from None
+
+    def finish_cloud_init(self, key: HostKey, timeout: float) -> float:
+        """Wait until cloud-init has finished (it gave the guest `key`); pin `key`. Seconds."""
+        start = time.monotonic()
+        try:
+            done = self.ssh("cloud-init status --wait", timeout=timeout)
+        except OstError:
+            done = None
+        if done is None or done.returncode != 0:
+            log = self.ssh("cloud-init status --long; tail -n 30 /var/log/cloud-init-output.log", timeout=60)
+            raise BootError(self.describe_failure(
+                f"answers SSH, but cloud-init did not finish well within {timeout:.0f} s "
+                f"({'timed out' if done is None else f'exit status {done.returncode}'}):\n{log.stdout}",
+                hint=False))
+        self._ssh.pin(key.pkey())
+        self.ssh("true", check=True)  # sshd offers the key cloud-init installed
+        return time.monotonic() - start
+
+    def wait_for_address(self, ip: "ipaddress.IPv4Address | ipaddress.IPv6Address", timeout: float = 30) -> bool:
+        """Whether the guest holds `ip` (e.g. its DHCPv6 lease, which comes after IPv4) within `timeout` s."""
+        tries = max(1, int(timeout * 5))
+        result = self.ssh(f"for i in $(seq {tries}); do ip -o addr show to {ip} | grep -q . && exit 0; "
+                          f"sleep 0.2; done; exit 1", timeout=timeout + 30)
+        return result.returncode == 0
+
+    def pin_offered_key(self) -> None:
+        """Keep the guest as it is; accept only the host key it offered at first contact."""
+        self._ssh.pin(self._ssh.offered_key())
+
+    def describe_failure(self, reason: str, console_lines: int = 30, hint: bool = True) -> str:
+        tail = self.console_log(console_lines) or "(the console log is empty)"
+        return (
+            f"VM {self.role} ({self.name}, image {self.image.label}) {reason}.\n"
+            f"  state: {self.state()}\n  address: {self.ip} ({self.hostname}, MAC {self.mac})\n"
+            f"  console log: {self.console_path}\n"
+            f"--- last {console_lines} lines of the serial console ---\n{tail}\n---"
+            + ("\nCheck that the image boots and starts sshd (the console shows how far it got); "
+               "under TCG emulation (--ost-virt-type=qemu) give it more --ost-boot-timeout."
+               if hint else "")
+        )
+
+    def snapshot(self, name: str = CLEAN_SNAPSHOT) -> float:
+        """Save memory and disk as snapshot `name` (inside the overlay); return seconds."""
+        start = time.monotonic()
+        self.domain.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", 0)
+        return time.monotonic() - start
+
+    def revert(self, name: str = CLEAN_SNAPSHOT) -> float:
+        """Go back to snapshot `name`, running; SSH reconnects on next use. Return seconds."""
+        start = time.monotonic()
+        self._ssh.close()  # the guest forgot this connection: it predates the snapshot
+        self.domain.revertToSnapshot(self.domain.snapshotLookupByName(name),
+                                     libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        self._ssh.close()

@@ -1,0 +1,158 @@
+"""The libvirt connection: virt type, CPU mode, creating and removing networks and domains.
+
+``libvirt`` is imported here and only when a connection is made, so that
+``pytest --help`` and sessions without VMs work on hosts without the binding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from ..errors import VirtError
+from .render import HostEntry, dhcp_host_xml, dns_host_xml
+
+if TYPE_CHECKING:
+    import libvirt
+
+def libvirt_module() -> Any:
+    try:
+        import libvirt
+    except ImportError:
+        raise VirtError(
+            "The libvirt Python binding is not installed. Install it with "
+            "'pip install libvirt-python' (needs libvirt's headers: libvirt-dev and "
+            "pkg-config on Debian, libvirt-devel on Fedora/EL) or 'dnf install python3-libvirt'."
+        ) from None
+    # libvirt prints every error to stderr by default; we report them ourselves.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def connect(uri: str) -> "libvirt.virConnect":
+    libvirt = libvirt_module()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise VirtError(
+            f"Cannot connect to libvirt at {uri}: {exc.get_error_message()}\n"
+            f"Is the daemon running? Start it (systemctl start libvirtd, or 'libvirtd -d' "
+            f"on hosts without systemd), check that you may use it (root or the libvirt "
+            f"group), or choose another URI with --ost-libvirt-uri."
+        ) from None
+
+
+def libvirt_error() -> Any:
+    """libvirt.libvirtError (typed loosely: the binding is imported lazily)."""
+    return libvirt_module().libvirtError
+
+
+def resolve_virt_type(conn: "libvirt.virConnect", requested: str) -> str:
+    """`requested` ("auto", "kvm", "qemu") -> the domain type to use."""
+    if requested == "qemu":
+        return "qemu"
+    try:
+        conn.getDomainCapabilities(None, "x86_64", None, "kvm")
+        return "kvm"
+    except libvirt_error() as exc:
+        if requested == "kvm":
+            raise VirtError(
+                f"KVM was requested (--ost-virt-type=kvm) but libvirt at {conn.getURI()} "
+                f"cannot use it: {exc.get_error_message()}\nEnable KVM (kvm module, "
+                f"/dev/kvm access) or use --ost-virt-type=qemu to emulate (slow)."
+            ) from None
+        return "qemu"
+
+
+def resolve_cpu_mode(virt_type: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    # Under TCG "maximum" gives the guest every emulated feature; EL9 needs x86-64-v2.
+    return "host-passthrough" if virt_type == "kvm" else "maximum"
+
+
+# --- objects ----------------------------------------------------------------------
+
+
+def create_network(conn: "libvirt.virConnect", xml: str) -> "libvirt.virNetwork":
+    return _define_and_start(conn, xml, conn.networkDefineXML, "network")
+
+
+def add_network_host(net: "libvirt.virNetwork", entry: HostEntry, domain: Optional[str]) -> None:
+    """Reserve `entry` on a running network (DHCP per family and, given a `domain`, DNS),
+    live and in its config."""
+    libvirt = libvirt_module()
+    flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+    add = libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST
+    try:
+        # the <ip> elements in order: IPv4 (when the network has it), then IPv6
+        for index, (version, ip) in enumerate((v, ip) for v, ip in ((4, entry.ip), (6, entry.ip6)) if ip):
+            net.update(add, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, index, dhcp_host_xml(entry, version), flags)
+            if domain is not None:
+                net.update(add, libvirt.VIR_NETWORK_SECTION_DNS_HOST, -1, dns_host_xml(entry, domain, ip), flags)
+    except libvirt.libvirtError as exc:
+        raise VirtError(f"Cannot add {entry.name} ({entry.mac} -> {', '.join(map(str, entry.addresses))}) "
+                        f"to network {net.name()}: {exc.get_error_message()}") from None
+
+
+def create_domain(conn: "libvirt.virConnect", xml: str) -> "libvirt.virDomain":
+    return _define_and_start(conn, xml, conn.defineXML, "domain")
+
+
+def _define_and_start(conn: "libvirt.virConnect", xml: str, define: Callable[[str], Any], kind: str) -> Any:
+    """Define and start a network or domain; nothing is left defined if starting fails.
+
+    The object removed after a failed start is the very one just defined (its
+    handle, not a name looked up again).
+    """
+    libvirt = libvirt_module()
+    try:
+        obj = define(xml)
+    except libvirt.libvirtError as exc:
+        raise VirtError(f"libvirt refused the {kind} definition: {exc.get_error_message()}\n"
+                        f"Check your {kind}.xml template.") from None
+    try:
+        obj.create()
+    except libvirt.libvirtError as exc:
+        remove(obj)
+        message = exc.get_error_message()
+        hint = ("\nlibvirt's qemu user must be able to read every image of the chain and traverse "
+                "their directories (ost-images installs them 0444 under a 0755 directory)."
+                if "Permission denied" in message else "")
+        raise VirtError(f"Cannot start {kind} {obj.name()}: {message}{hint}") from None
+    except BaseException:  # interrupted: leave nothing behind
+        remove(obj)
+        raise
+    return obj
+
+
+def remove(obj: Union["libvirt.virDomain", "libvirt.virNetwork"]) -> None:
+    """Destroy and undefine a domain or network: the handle itself, never a name looked up again.
+
+    Only the ledger (state/ledger.py, which checks the owner label first) and a failed
+    start of the object just defined call this.
+    """
+    libvirt = libvirt_module()
+    with contextlib.suppress(libvirt.libvirtError):
+        if obj.isActive():
+            obj.destroy()
+    if isinstance(obj, libvirt.virDomain):
+        with contextlib.suppress(libvirt.libvirtError):
+            obj.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                              | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            return
+    with contextlib.suppress(libvirt.libvirtError):  # a network, or a driver without those flags
+        obj.undefine()
+
+
+STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
+          5: "shut off", 6: "crashed", 7: "suspended (PM)"}
+
+
+def domain_state(dom: "libvirt.virDomain") -> str:
+    try:
+        state, _reason = dom.state()
+    except libvirt_error():
+        return "gone (undefined)"
+    return STATES.get(state, f"state {state}")

@@ -1,0 +1,106 @@
+"""libvirt's save image (``virsh save``), and the domain XML inside it, changed for another domain.
+
+A warm start restores one saved state as many domains at once, each with its own
+name, UUID, disks, network and console: libvirt refuses another UUID through its
+API, so each restore gets a copy of the save image with its own domain XML.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from lxml import etree
+
+from ..errors import WarmStartError
+
+MAGIC = b"LibvirtQemudSave"
+HEADER = struct.Struct("<16s19I")  # magic, version, data_len, was_running, format, cookieOffset, unused[14]
+
+
+def patch_save_image(source: Path, target: Path, edit: Callable[[etree._Element], None]) -> None:
+    """Copy libvirt save image `source` to `target` with its domain XML changed by `edit`.
+
+    Layout (libvirt's qemu_saveimage.h): a 92-byte header (magic, version, data_len,
+    was_running, format, cookieOffset, 14 unused), then data_len bytes of data (the
+    domain XML, NUL-terminated, then at cookieOffset the cookie), then the memory
+    stream. The copy gets the new XML and a header that says how long it is; the
+    cookie and the stream are copied as they are.
+    """
+    with open(source, "rb") as src:
+        fields = list(HEADER.unpack(src.read(HEADER.size)))
+        magic, version, data_len, cookie_offset = fields[0], fields[1], fields[2], fields[5]
+        if magic != MAGIC or version != 2:
+            raise WarmStartError(f"{source} is not a libvirt save image this plugin knows "
+                                 f"(magic {magic!r}, version {version})")
+        data = src.read(data_len)
+        xml_end = cookie_offset or data_len
+        root = etree.fromstring(data[:xml_end].split(b"\0", 1)[0],
+                                etree.XMLParser(remove_blank_text=True))
+        edit(root)
+        xml = etree.tostring(root, encoding="unicode").encode() + b"\0"
+        cookie = data[xml_end:] if cookie_offset else b""
+        fields[2] = len(xml) + len(cookie)
+        fields[5] = len(xml) if cookie_offset else 0
+        with open(target, "wb") as out:
+            out.write(HEADER.pack(*fields) + xml + cookie)
+            shutil.copyfileobj(src, out, 16 << 20)  # the memory stream
+    target.chmod(0o644)
+
+
+def restored_xml(fresh: etree._Element) -> Callable[[etree._Element], None]:
+    """An edit that gives the saved domain XML the names and files of `fresh` (this session's)."""
+
+    def edit(root: etree._Element) -> None:
+        for tag in ("name", "metadata"):
+            _replace(root, root.find(tag), fresh.find(tag))
+        root.find("uuid").text = str(uuid.uuid4())  # type: ignore[union-attr]
+        disk, new_disk = root.find("devices/disk[@device='disk']"), fresh.find("devices/disk[@device='disk']")
+        for tag in ("source", "backingStore"):
+            _replace(disk, disk.find(tag), new_disk.find(tag))  # type: ignore[union-attr]
+        iface, new_iface = root.find("devices/interface"), fresh.find("devices/interface")
+        for tag in ("source", "mac"):
+            _replace(iface, iface.find(tag), new_iface.find(tag))  # type: ignore[union-attr]
+        console_log = found(fresh, "devices/serial/source").get("path", "")
+        for path in ("devices/serial/source", "devices/console/source"):
+            node = root.find(path)
+            if node is not None:
+                node.set("path", console_log)
+
+    return edit
+
+
+def on_saved_disk(disk: etree._Element, overlay: Path, saved: Path) -> None:
+    """Make `disk` (as rendered for a boot) the new `overlay` on the `saved` disk state."""
+    found(disk, "source").set("file", str(overlay))
+    chain = disk.find("backingStore")
+    store = etree.Element("backingStore", type="file")
+    etree.SubElement(store, "format", type="qcow2")
+    # read-only and shared by every restore: libvirt must not relabel it
+    etree.SubElement(etree.SubElement(store, "source", file=str(saved)), "seclabel", model="dac", relabel="no")
+    if chain is not None:
+        disk.replace(chain, store)
+        store.append(chain)
+    else:
+        disk.append(store)
+
+
+def found(root: etree._Element, path: str) -> etree._Element:
+    node = root.find(path)
+    if node is None:
+        raise WarmStartError(f"the domain XML has no {path}")
+    return node
+
+
+def _replace(parent: Any, old: Any, new: Any) -> None:
+    """`new` in place of `old` (or added, if the saved XML had none)."""
+    if new is None:
+        return
+    if old is None:
+        parent.append(copy.deepcopy(new))
+    else:
+        parent.replace(old, copy.deepcopy(new))

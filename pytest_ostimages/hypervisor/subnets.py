@@ -1,0 +1,55 @@
+"""Which /24 of the pool is free: not used by any libvirt network, route or address of this host."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from lxml import etree
+
+from .connection import libvirt_error
+
+if TYPE_CHECKING:
+    import libvirt
+
+
+def host_routes(route_file: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
+    """The IPv4 routes of this network namespace (connected subnets included)."""
+    routes: list[ipaddress.IPv4Network] = []
+    try:
+        lines = route_file.read_text().splitlines()[1:]
+    except OSError:
+        return routes
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        dest, mask = (socket.inet_ntoa(struct.pack("<I", int(f, 16))) for f in (fields[1], fields[7]))
+        if dest != "0.0.0.0":
+            routes.append(ipaddress.IPv4Network(f"{dest}/{mask}", strict=False))
+    return routes
+
+
+def network_subnets(conn: "libvirt.virConnect") -> list[ipaddress.IPv4Network]:
+    """The IPv4 subnets of every libvirt network, active or not."""
+    subnets = []
+    for net in conn.listAllNetworks():
+        with contextlib.suppress(libvirt_error()):  # removed meanwhile
+            for ip in etree.fromstring(net.XMLDesc().encode()).findall("ip"):
+                if ip.get("family", "ipv4") != "ipv4" or not ip.get("address"):
+                    continue
+                suffix = ip.get("prefix") or ip.get("netmask") or "24"
+                subnets.append(ipaddress.IPv4Network(f"{ip.get('address')}/{suffix}", strict=False))
+    return subnets
+
+
+def free_subnet(pool: ipaddress.IPv4Network,
+                used: list[ipaddress.IPv4Network]) -> Optional[ipaddress.IPv4Network]:
+    for candidate in pool.subnets(new_prefix=24):
+        if not any(candidate.overlaps(u) for u in used):
+            return candidate
+    return None

@@ -1,0 +1,163 @@
+"""Booting a batch of VMs together: host-wide slots, one thread per VM, abort on interrupt.
+
+The booter knows nothing of networks, overlays or XML: it gets plans whose every
+input exists, starts each domain once a boot slot is free and waits for its SSH.
+The first failure is raised after every thread has ended; an interrupt of the
+main thread stops all waits at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from ..errors import WarmStartError
+from ..guest.agent import wait_for_agent
+from ..guest.identity import fixup_script
+from ..guest.keys import HostKey, fingerprint, public_key
+from ..guest.network import FRESH_LEASES, Addressing, guest_network
+from ..guest.ssh import SSH
+from ..guest.vm import VM
+from ..hypervisor import connection as virt
+from ..hypervisor.render import HostEntry
+from ..images.catalog import Image
+from ..parallel import each
+from ..state.slots import BootSlots
+from ..state.warmcache import WarmCache
+from . import warm
+
+if TYPE_CHECKING:
+    import libvirt
+    import paramiko
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """A VM of a batch, ready to start: everything but the domain exists."""
+
+    role: str
+    name: str
+    hostname: str
+    image: Image
+    memory: int
+    vcpus: int
+    entry: HostEntry
+    overlay: Path
+    console: Path
+    xml: str
+    host_key: Optional[HostKey]  # the identity to give it; None: keep the image's
+    cloud_init: bool = False  # it gets its identity (host_key) from a NoCloud seed
+    warm_key: Optional[str] = None  # its recipe, when warm start applies to it
+    nics: tuple[tuple[str, HostEntry], ...] = ()  # (network role, reservation) of eth0, eth1, ...
+    addressing: Optional[Addressing] = None  # of the management network (a restore sets its addresses)
+
+    @property
+    def ip(self) -> "ipaddress.IPv4Address | ipaddress.IPv6Address":
+        """Where the plugin reaches it: IPv4 on the management network, unless IPv6-only."""
+        address = self.entry.ip or self.entry.ip6
+        assert address is not None
+        return address
+
+    def vm(self, domain: "libvirt.virDomain", ssh: SSH, overlay: Optional[Path] = None, **extra: Any) -> VM:
+        return VM(self.name, self.role, self.hostname, self.ip, self.entry.mac, self.image,
+                  overlay or self.overlay, self.console, domain, ssh, ip6=self.entry.ip6, nics=self.nics,
+                  **extra)
+
+
+class Booter:
+    def __init__(self, slots: BootSlots, boot_timeout: float, virt_type: str,
+                 progress: Callable[[str], None], warm: Optional[WarmCache] = None) -> None:
+        self.slots = slots
+        self.boot_timeout = boot_timeout
+        self.virt_type = virt_type
+        self.progress = progress
+        self.warm = warm
+        self.abort = threading.Event()  # set when the session is interrupted
+
+    def boot(self, conn: "libvirt.virConnect", plans: list[BootPlan], key: "paramiko.PKey",
+             started: Callable[[VM], None]) -> list[VM]:
+        """Boot every plan in its own thread; `started(vm)` as soon as its domain runs."""
+        start = time.monotonic()
+        # Ctrl-C or SIGTERM reaching the main thread stops the waits at once
+        vms = each(lambda plan: self._boot_one(conn, plan, key, started), plans, interrupted=self.abort.set)
+        if len(plans) > 1:
+            self.progress(f"{len(plans)} VMs ready in {time.monotonic() - start:.1f} s")
+        return vms
+
+    def _boot_one(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
+                  started: Callable[[VM], None]) -> VM:
+        """Restore or start one domain once a host-wide boot slot is free, and wait for its SSH."""
+        with self.slots.take(self.abort) as waited:
+            if waited >= 1:
+                self.progress(f"{plan.role}: waited {waited:.1f} s for a boot slot")
+            vm = self._restore(conn, plan, key, started)
+            if vm is None:
+                domain = virt.create_domain(conn, plan.xml)
+                vm = plan.vm(domain, SSH(str(plan.ip), key))
+                started(vm)
+                self.progress(f"{plan.role}: booting {plan.image.label} as {plan.name} ({plan.vcpus} vCPU, "
+                              f"{plan.memory} MiB, {self.virt_type}) at {plan.ip}")
+            seconds = vm.wait_for_ssh(self.boot_timeout, self.abort)
+            if plan.cloud_init and plan.host_key is not None:
+                left = max(1.0, self.boot_timeout - seconds)
+                identity = f", cloud-init done in {vm.finish_cloud_init(plan.host_key, left):.1f} s"
+            elif plan.host_key is not None and vm.origin != "booted":
+                identity = ", own identity given through the guest agent"
+            elif plan.host_key is not None:
+                identity = f", own identity in {vm.take_identity(plan.host_key):.1f} s"
+            else:
+                vm.pin_offered_key()
+                identity = ", image's identity kept"
+            # (a restored VM got its addresses through the agent, no need to wait for DHCPv6)
+            if (plan.entry.ip6 is not None and plan.ip != plan.entry.ip6 and vm.origin == "booted"
+                    and not vm.wait_for_address(plan.entry.ip6)):
+                # not fatal: an image without DHCPv6 by DUID-LL works over IPv4
+                self.progress(f"{plan.role}: no IPv6 address {plan.entry.ip6} within 30 s: does the image ask "
+                              f"for it by DHCPv6 with a DUID-LL (NetworkManager: dhcp-duid=ll)?")
+            if plan.warm_key is not None and vm.origin == "booted":
+                # a restore needs the agent (its new lease and identity come through it)
+                if wait_for_agent(vm.domain, 30):
+                    vm.snapshot(warm.SNAPSHOT)  # this ready state is saved for warm starts at the end
+                    vm.warm_key = plan.warm_key
+                else:
+                    self.progress(f"{plan.role}: its guest agent does not answer: no warm start from it")
+        assert vm.host_key is not None
+        vm.ready = True  # its identity taken and its host key pinned: it may be kept and attached to
+        self.progress(f"{plan.role}: ssh ready in {seconds:.1f} s{identity}, host key "
+                      f"{fingerprint(vm.host_key)}")
+        return vm
+
+    def _restore(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
+                 started: Callable[[VM], None]) -> Optional[VM]:
+        """The VM restored from its recipe's saved state, None if there is none or it failed."""
+        if self.warm is None or plan.warm_key is None or plan.addressing is None:
+            return None
+        state = self.warm.state(plan.warm_key)
+        if not state.exists():
+            return None
+        start = time.monotonic()
+        if not self.warm.use(state, plan.overlay.parent):  # evicted meanwhile
+            return None
+        try:
+            overlay = plan.overlay.with_name(f"{plan.name}.warm.qcow2")
+            # its own identity in the same agent command: one SSH login, with the new host key
+            identity = (fixup_script(plan.hostname.split(".")[0], plan.hostname, str(plan.ip), plan.host_key,
+                                     sshd="restart") if plan.host_key is not None else "")
+            domain, steps = warm.restore(conn, state, plan.xml, overlay, plan.overlay.with_name(f"{plan.name}.save"),
+                                         f"{guest_network(plan.entry, plan.addressing)}\n{identity}\n"
+                                         f"{FRESH_LEASES}")
+        except (WarmStartError, OSError) as exc:
+            self.progress(f"{plan.role}: warm start from saved state {state.key} failed ({exc}): booting")
+            return None
+        host_key = plan.host_key.pkey() if plan.host_key is not None else public_key(state.host_key())
+        vm = plan.vm(domain, SSH(str(plan.ip), key, host_key=host_key), overlay,
+                     origin=f"restored from saved state {state.key}")
+        started(vm)
+        self.progress(f"{plan.role}: restored {plan.image.label} from saved state {state.key} as "
+                      f"{plan.name} at {plan.ip} in {time.monotonic() - start:.1f} s ("
+                      + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items()) + ")")
+        return vm

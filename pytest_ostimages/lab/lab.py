@@ -1,0 +1,446 @@
+"""The session's lab: checked inputs -> work directory -> networks -> VMs, and teardown.
+
+One :class:`Lab` per pytest session (per xdist worker). It creates nothing until
+the first VM is asked for and checks every input (inputs.py) before creating
+anything. Each object it makes is recorded in its ledger before it exists, so that
+closing the lab removes them all through the one ownership-checked path
+(state/ledger.py), also after a failure half-way. What it holds is one
+:class:`~pytest_ostimages.state.environment.Environment` record, which is all that
+``--ost-share`` and ``--ost-reuse`` exchange; a lab that attaches to another run's
+environment is built from that record before it makes anything itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+from ..config import OstConfig
+from ..errors import OstError, VMError
+from ..guest.keys import HostKey, openssh_line, public_key
+from ..guest.network import Addressing
+from ..guest.seed import write_seed
+from ..guest.ssh import SSH
+from ..guest.vm import CLEAN_SNAPSHOT, VM
+from ..hypervisor import connection as virt
+from ..hypervisor.render import HostEntry, OstMetadata, domain_xml, network_xml
+from ..images.catalog import Catalog, Image
+from ..parallel import each
+from ..state import ledger
+from ..state.environment import (FIRST_VM_HOST, LAST_VM_HOST, Environment, NetworkRecord, VMRecord, ipv6_subnet,
+                                 network_name, vm_names)
+from ..state.ledger import Ledger
+from ..state.owner import Label, RunRecord
+from ..state.slots import BootSlots
+from ..state.warmcache import WarmCache, recipe_key
+from . import warm
+from .access import write_inventory, write_ssh_files
+from .booter import Booter, BootPlan
+from .inputs import MANAGEMENT, Inputs, NetworkSpec, VMSpec
+from .networks import Network, entry, with_free_subnet
+from .workdir import WorkDir
+
+WARM_RECIPE = 1  # bump when what a saved state holds changes
+
+if TYPE_CHECKING:
+    import libvirt
+
+
+@dataclass(frozen=True)
+class OstDeployment:
+    """An OST suite's session (--ost-init-config): OST's names, and its deployment directory."""
+
+    suite: str
+    root: Path  # OST_REPO_ROOT
+    networks: tuple[NetworkSpec, ...]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Which run a lab is: its id, its owner's label and its work directory."""
+
+    run_id: str
+    owner: Label
+    workdir: WorkDir
+
+    @classmethod
+    def new(cls, root: Path, owner_pid: Optional[int] = None) -> "Run":
+        run_id = secrets.token_hex(4)
+        workdir = WorkDir(root, run_id)
+        return cls(run_id, Label.current(run_id, workdir.path, owner_pid), workdir)
+
+    @classmethod
+    def of(cls, env: Environment, root: Path) -> "Run":
+        return cls(env.run_id, env.owner, WorkDir(root, env.run_id))
+
+
+class Lab:
+    def __init__(self, config: OstConfig, progress: Callable[[str], None] = lambda _: None,
+                 owner_pid: Optional[int] = None, catalog: Optional[Catalog] = None) -> None:
+        self.config = config
+        self.progress = progress
+        self.inputs = Inputs(config, catalog)
+        self.run = Run.new(config.workdir, owner_pid)
+        self.vms: dict[str, VM] = {}
+        self.networks: dict[str, Network] = {}  # by role, the management network first
+        self.ost: Optional[OstDeployment] = None  # set for an OST suite (--ost-init-config)
+        self.ssh_key: Optional[Path] = None  # the distro's key as a 0600 file, once started
+        self.ledger = Ledger()  # what close() removes, each object recorded before it exists
+        self.interrupted = False  # Ctrl-C or SIGTERM: close() tears down at once
+        self._next_host: dict[str, int] = {}  # per network role
+        self._conn: Optional["libvirt.virConnect"] = None
+        self._booter: Optional[Booter] = None
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    @property
+    def owner(self) -> Label:
+        return self.run.owner
+
+    @property
+    def workdir(self) -> WorkDir:
+        return self.run.workdir
+
+    @property
+    def workdir_root(self) -> Path:
+        return self.config.workdir
+
+    # --- connection and hypervisor --------------------------------------------------
+
+    @property
+    def conn(self) -> "libvirt.virConnect":
+        if self._conn is None:
+            self._conn = virt.connect(self.config.libvirt_uri)
+        return self._conn
+
+    @functools.cached_property
+    def virt_type(self) -> str:
+        return virt.resolve_virt_type(self.conn, self.config.virt_type)
+
+    @functools.cached_property
+    def cpu_mode(self) -> str:
+        return virt.resolve_cpu_mode(self.virt_type, self.config.cpu_mode)
+
+    @functools.cached_property
+    def warm_cache(self) -> Optional[WarmCache]:
+        """The host-wide saved states (next to the custom layers), None with --ost-warm=off."""
+        if not self.config.warm:
+            return None
+        return WarmCache(self.config.workdir / "warm", self.config.warm_cache_size * 2**30)
+
+    @property
+    def booter(self) -> Booter:
+        if self._booter is None:
+            self._booter = Booter(BootSlots(self.config.max_boots), self.config.boot_timeout,
+                                  self.virt_type, self.progress, self.warm_cache)
+        return self._booter
+
+    # --- creating things ----------------------------------------------------------
+
+    def _start(self) -> None:
+        """Check libvirt, reap what dead runs left, then make the work directory."""
+        if self.ssh_key is not None:  # started, or attached
+            return
+        self.virt_type  # noqa: B018 - connects and checks KVM before anything exists
+        for leftover in ledger.reap(self.conn, self.config.workdir):
+            self.progress(f"removed leftover {leftover}")
+        version = self.conn.getLibVersion()
+        self.progress(f"libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000} at "
+                      f"{self.config.libvirt_uri}: {self.virt_type} guests, CPU {self.cpu_mode}")
+        self.ledger.record("workdir", str(self.workdir.path), self.owner)
+        self.workdir.create(self.owner)
+        # for people and tools that log in by hand (OpenSSH wants the key 0600)
+        self.ssh_key = self.workdir.private_key(self.inputs.key_path)
+        self.progress(f"work directory {self.workdir.path}")
+
+    @property
+    def network(self) -> Optional[Network]:
+        """The management network (DNS names, SSH), once created."""
+        return self.networks.get(self.management_role)
+
+    @property
+    def management_role(self) -> str:
+        """The management network's role: an init-config's may have any name ("is_management")."""
+        return next(n.role for n in self.topology if n.management)
+
+    @property
+    def topology(self) -> tuple[NetworkSpec, ...]:
+        return self.ost.networks if self.ost is not None else (MANAGEMENT,)
+
+    def names(self, role: str) -> tuple[str, str]:
+        """The libvirt domain name and the short host name of VM `role`."""
+        return vm_names(self.run_id, role, self.ost.suite if self.ost is not None else None)
+
+    def _create_network(self, spec: NetworkSpec, hosts: list[tuple[str, int]]) -> None:
+        """Create network `spec` with DHCP (and DNS) entries for `hosts` (name, host number)."""
+        name = network_name(self.run_id, [n.role for n in self.topology].index(spec.role), spec.management)
+        versions = self.config.ip_versions()
+        templates = self.inputs.templates
+
+        def create(subnet: ipaddress.IPv4Network) -> Network:
+            ost = OstMetadata(self.workdir.path, spec.role) if self.ost is not None else None
+            xml = network_xml(templates.load("network.xml"), name=name, bridge=name,
+                              subnet=subnet if 4 in versions else None,
+                              subnet6=ipv6_subnet(subnet) if 6 in versions else None,
+                              domain=self.config.dns_domain, dns=spec.management, label=self.owner, ost=ost,
+                              hosts=[entry(subnet, versions, host_name, host) for host_name, host in hosts])
+            # recorded first: an interrupt right after creation still removes it
+            self.ledger.record("network", name, self.owner)
+            handle = virt.create_network(self.conn, xml)
+            return Network(name, name, subnet, self.config.dns_domain, handle, spec.role, versions,
+                           spec.management)
+
+        network = self.networks[spec.role] = with_free_subnet(self.conn, self.config.subnet_pool, create)
+        addresses = [str(network.subnet)] * (4 in versions) + [str(network.subnet6)] * (6 in versions)
+        self.progress(f"network {name} ({spec.role}): {', '.join(addresses)}, bridge {name}")
+
+    def _connect(self, specs: list[VMSpec]) -> list[tuple[tuple[str, HostEntry], ...]]:
+        """Each spec's NICs (network role, reservation), eth0 first; networks are created on
+        first use, with their entries; running ones get the new entries added."""
+        numbered = []
+        for spec in specs:
+            nics = []
+            short = self.names(spec.role)[1]
+            roles = spec.nics or (self.management_role,)
+            for index, net_role in enumerate(roles):
+                host = self._next_host.get(net_role, FIRST_VM_HOST)
+                if host > LAST_VM_HOST:
+                    raise OstError(f"A network of a session can have at most "
+                                   f"{LAST_VM_HOST - FIRST_VM_HOST + 1} NICs; {net_role} is full.")
+                self._next_host[net_role] = host + 1
+                # the first NIC on the management network has the VM's name (DNS)
+                first = net_role == self.management_role and roles.index(net_role) == index
+                nics.append((net_role, short if first else f"{short}-eth{index}", host))
+            numbered.append(nics)
+        created = set()
+        for net_spec in self.topology:
+            if net_spec.role not in self.networks:
+                self._create_network(net_spec, [(name, host) for nics in numbered
+                                                for role, name, host in nics if role == net_spec.role])
+                created.add(net_spec.role)
+        result = []
+        for nics in numbered:
+            entries = tuple((role, self.networks[role].entry(name, host)) for role, name, host in nics)
+            for role, reservation in entries:
+                if role not in created:
+                    network = self.networks[role]
+                    virt.add_network_host(network.handle, reservation,
+                                          network.domain if network.management else None)
+            result.append(entries)
+        return result
+
+    def ensure_network(self) -> Network:
+        if self.network is None:
+            self._start()
+            self._connect([])
+        assert self.network is not None
+        return self.network
+
+    def boot(self, specs: list[VMSpec]) -> list[VM]:
+        """Boot `specs` together and wait until each answers SSH (none: just the networks)."""
+        taken = [s.role for s in specs if s.role in self.vms]
+        if len({s.role for s in specs}) != len(specs) or taken:
+            raise OstError(f"VM roles must be unique in a session; got {[s.role for s in specs]}"
+                           + (f", and {taken} already run" if taken else ""))
+        images = self.inputs.check(specs)  # every input checked before anything is made
+        for spec in specs:
+            if spec.nics and self.management_role not in spec.nics:
+                raise OstError(f"VM {spec.role} has no NIC on the management network (its NICs: "
+                               f"{', '.join(spec.nics)}); the plugin reaches VMs over it.")
+            unknown = sorted(set(spec.nics) - {n.role for n in self.topology})
+            if unknown:
+                raise OstError(f"VM {spec.role} has NICs on {unknown}, which this session does not "
+                               f"have (its networks: {[n.role for n in self.topology]}).")
+        self._start()
+        nics = self._connect(specs)
+        if not specs:
+            return []
+        plans = [self._plan(spec, spec_nics, images[spec.role]) for spec, spec_nics in zip(specs, nics)]
+        try:
+            return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
+        finally:
+            self._write_access_files()
+
+    def _write_access_files(self) -> None:
+        assert self.ssh_key is not None  # made by _start
+        write_ssh_files(self.workdir.path, self.run_id, self.ssh_key, self.vms.values())
+        write_inventory(self.inventory, self.vms.values(), self.ssh_key, self.workdir.path / "known_hosts")
+
+    @property
+    def inventory(self) -> Path:
+        """The ansible inventory of the session's VMs (access.write_inventory)."""
+        return self.workdir.path / "inventory"
+
+    def addressing(self, network: Network) -> Addressing:
+        """What a guest needs to set its addresses on `network` itself (a restored VM)."""
+        return Addressing(network.subnet.prefixlen, network.gateway, network.domain,
+                          network.subnet6.prefixlen if network.subnet6 is not None else None, network.gateway6)
+
+    def _plan(self, spec: VMSpec, nics: tuple[tuple[str, HostEntry], ...], image: Image) -> BootPlan:
+        """Overlay, disks, identity (host key, NoCloud seed) and domain XML of one VM of a batch."""
+        assert self.network is not None
+        memory, vcpus = self.inputs.size(spec)
+        name, short = self.names(spec.role)
+        management = next(e for role, e in nics if role == self.management_role)
+        overlay = self.workdir.overlay(image, name)
+        disks = [(self.workdir.raw_disk(f"{name}-{disk.name}", disk.size), disk.name, disk.serial)
+                 for disk in spec.disks]
+        console = self.workdir.path / f"{name}.console.log"
+        hostname = f"{short}.{self.network.domain}"
+        host_key = HostKey.generate() if self.config.identity == "auto" else None
+        seed = None
+        if self.inputs.cloud_init(image):
+            host_key = host_key or HostKey.generate()  # cloud-init installs it either way
+            seed = self.workdir.path / f"{name}.seed.iso"
+            write_seed(seed, spec.role, hostname, str(management.ip or management.ip6),
+                       openssh_line(self.inputs.key), host_key, spec.user_data)
+        ost = None
+        if self.ost is not None:
+            ost = OstMetadata(self.workdir.path, deploy_scripts=tuple(
+                str(p.relative_to(self.ost.root)) if p.is_relative_to(self.ost.root) else str(p)
+                for p in spec.deploy_scripts))
+        xml = domain_xml(self.inputs.templates.load("domain.xml"), name=name, virt_type=self.virt_type,
+                         cpu_mode=self.cpu_mode, memory_mib=memory, vcpus=vcpus, disk=overlay,
+                         backing=list(zip(image.chain, image.chain_formats)),
+                         nics=[(self.networks[role].name, e.mac) for role, e in nics],
+                         console_log=console, label=self.owner.with_role(spec.role),
+                         shares=spec.shares, seed=seed, disks=disks, ost=ost)
+        # recorded before it exists: an interrupt at any point still removes it
+        self.ledger.record("domain", name, self.owner)
+        warm_key = None
+        if (self.warm_cache is not None and seed is None and not spec.shares and len(nics) == 1
+                and not disks and not spec.deploy_scripts):
+            warm_key = recipe_key([WARM_RECIPE, image.identity(), memory, vcpus, self.virt_type,
+                                   self.cpu_mode, self.inputs.templates.text("domain.xml"),
+                                   self.config.identity, self.config.ip_version])
+        return BootPlan(spec.role, name, hostname, image, memory, vcpus, management, overlay, console, xml,
+                        host_key, seed is not None, warm_key, nics, self.addressing(self.network))
+
+    def _started(self, vm: VM) -> None:
+        self.vms[vm.role] = vm
+
+    def clean(self, vm: VM) -> str:
+        """Make `vm` clean for a test (clean_vm): its first use saves the just-booted state, every
+        later use goes back to it. Says what was done."""
+        if vm.dirty is None:
+            message = f"clean state saved in {vm.snapshot():.1f} s"
+        elif vm.dirty:
+            message = f"reverted to its clean state in {vm.revert():.1f} s"
+        else:
+            message = "clean"
+        vm.dirty = True
+        return message
+
+    # --- one environment for several processes (--ost-share, --ost-reuse) -----------
+
+    def environment(self) -> Environment:
+        """The record another process needs to attach to this lab's VMs."""
+        networks = tuple(NetworkRecord(net.name, net.subnet, net.domain, net.versions, net.role, net.management,
+                                       self._next_host.get(net.role, FIRST_VM_HOST))
+                         for net in (self.networks[n.role] for n in self.topology if n.role in self.networks))
+        vms = tuple(VMRecord(vm.name, vm.role, vm.hostname, vm.ip, vm.image.path, vm.overlay, vm.console_path,
+                             vm.nics, openssh_line(vm.host_key) if vm.host_key else "")
+                    for vm in self.vms.values())
+        return Environment(self.run_id, self.owner, self.workdir.path, networks, vms,
+                           self.ost.suite if self.ost is not None else None)
+
+    def attach(self, env: Environment, adopt: bool = False, verify: bool = False) -> None:
+        """Become a lab of `env`'s run, before making anything: its VMs, networks and files are
+        then this lab's (close() removes them, release() leaves them).
+
+        `verify`: every VM must answer SSH with its pinned host key first (an OstError
+        says which does not; nothing is attached then). `adopt`: this session becomes
+        the run's owner, in one step in the run's own record, so that the reaper takes
+        the VMs if this session dies.
+        """
+        if self.ledger or self.vms:
+            raise OstError(f"Run {self.run_id} has made VMs or networks already; it cannot attach to "
+                           f"run {env.run_id} as well.")
+        suite = self.ost.suite if self.ost is not None else None
+        if env.suite != suite or [n.role for n in env.networks] != [n.role for n in self.topology]:
+            raise OstError(f"Run {env.run_id} was booted for another topology (suite {env.suite}, networks "
+                           f"{[n.role for n in env.networks]}); this session cannot attach to it.")
+        management = next(n.role for n in env.networks if n.management)
+        key = self.inputs.key
+        vms = []
+        for v in env.vms:
+            domain = self.conn.lookupByName(v.name)
+            reservation = next(e for role, e in v.nics if role == management and v.ip in e.addresses)
+            vm = VM(v.name, v.role, v.hostname, v.ip, reservation.mac, self.inputs.image(str(v.image)),
+                    v.overlay, v.console, domain,
+                    SSH(str(v.ip), key, host_key=public_key(v.host_key) if v.host_key else None),
+                    ip6=reservation.ip6, nics=v.nics, ready=bool(v.host_key))
+            # a clean_vm snapshot taken by the earlier session: revert before first use
+            vm.dirty = True if CLEAN_SNAPSHOT in domain.snapshotListNames() else None
+            vms.append(vm)
+        if verify:
+            each(_answers_with_pinned_key, vms)
+        self.run = Run.of(env, self.config.workdir)
+        self.ledger.record_environment(env)
+        if adopt:
+            RunRecord(Label.current(env.run_id, env.workdir)).write(env.workdir)
+        self.networks = {net.role: Network(net.name, net.name, net.subnet, net.domain,
+                                           self.conn.networkLookupByName(net.name), net.role, net.versions,
+                                           net.management) for net in env.networks}
+        self._next_host = {net.role: net.next_host for net in env.networks}
+        self.vms = {vm.role: vm for vm in vms}
+        self.ssh_key = self.workdir.private_key(self.inputs.key_path)
+        self.progress(f"attached to {len(self.vms)} VMs of run {self.run_id}")
+
+    def release(self) -> None:
+        """Close connections but leave every VM, network and file for the others."""
+        self.ledger.release()
+        for vm in self.vms.values():
+            vm.close()
+        self._close_connection()
+
+    def close(self) -> None:
+        """Remove every domain, network and file this lab made (or attached to).
+
+        VMs whose ready state is new to the warm-start cache are saved first, unless
+        the session is being interrupted (then everything is torn down at once).
+        """
+        if not self.interrupted:
+            self._save_warm_states()
+        if self.ledger:
+            self.progress(f"removing the VMs, networks and work directory of run {self.run_id}")
+        for vm in self.vms.values():
+            vm.close()
+        try:
+            if self.ledger.workdir() is not None and self.config.keep:
+                self.workdir.disown()
+            self.ledger.remove_all(self._conn, keep_workdir=self.config.keep)
+        finally:
+            self.vms.clear()
+            self.networks = {}
+            self._close_connection()
+
+    def _save_warm_states(self) -> None:
+        for vm in self.vms.values():
+            if self.warm_cache is None or vm.warm_key is None or vm.state() != "running":
+                continue
+            self.progress(f"{vm.role}: saving its ready state for warm starts")
+            try:
+                warm.save_state(self.warm_cache, vm, vm.warm_key, self.progress)
+            except Exception as exc:  # noqa: BLE001 - a cache must never keep a session from ending
+                self.progress(f"{vm.role}: its state could not be saved ({exc.__class__.__name__}: {exc})")
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _answers_with_pinned_key(vm: VM) -> None:
+    if vm.host_key is None:
+        raise OstError(f"VM {vm.role} ({vm.name}) has no pinned host key: it never became ready.")
+    try:
+        vm.ssh("true", check=True, timeout=60)
+    except VMError as exc:
+        raise OstError(f"VM {vm.role} ({vm.name}) does not answer as the machine it was: {exc}") from None

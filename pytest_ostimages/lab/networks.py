@@ -1,0 +1,79 @@
+"""The session's networks: the live value, each NIC's reservation, and a free /24 to make one in."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, TypeVar
+
+from ..errors import VirtError
+from ..hypervisor.render import HostEntry
+from ..hypervisor.subnets import free_subnet, host_routes, network_subnets
+from ..state.environment import ipv6_subnet
+from ..state.files import host_lock
+from .inputs import MANAGEMENT
+
+if TYPE_CHECKING:
+    import libvirt
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network of the session: the management one (DNS, SSH) or another of an init-config."""
+
+    name: str
+    bridge: str
+    subnet: ipaddress.IPv4Network  # taken from the pool even IPv6-only: it makes the IPv6 prefix unique
+    domain: str
+    handle: "libvirt.virNetwork"
+    role: str = MANAGEMENT.role
+    versions: tuple[int, ...] = (4, 6)
+    management: bool = True  # DNS names, the plugin's SSH
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 1
+
+    @property
+    def gateway6(self) -> Optional[ipaddress.IPv6Address]:
+        return self.subnet6.network_address + 1 if self.subnet6 is not None else None
+
+    @property
+    def subnet6(self) -> Optional[ipaddress.IPv6Network]:
+        return ipv6_subnet(self.subnet) if 6 in self.versions else None
+
+    def entry(self, name: str, host: int) -> HostEntry:
+        return entry(self.subnet, self.versions, name, host)
+
+
+def entry(subnet: ipaddress.IPv4Network, versions: tuple[int, ...], name: str, host: int) -> HostEntry:
+    """The reservation of host number `host`: a MAC made of its IPv4 address (unique on the
+    host and easy to match in logs), the IPv4 and IPv6 addresses of that number."""
+    ip = subnet.network_address + host
+    o = ip.packed
+    return HostEntry(name, f"52:54:00:{o[1]:02x}:{o[2]:02x}:{o[3]:02x}", ip if 4 in versions else None,
+                     ipv6_subnet(subnet).network_address + host if 6 in versions else None)
+
+
+def with_free_subnet(conn: "libvirt.virConnect", pool: ipaddress.IPv4Network,
+                     create: Callable[[ipaddress.IPv4Network], T],
+                     routes: Callable[[], list[ipaddress.IPv4Network]] = host_routes) -> T:
+    """Run `create(subnet)` with a /24 of `pool` no network or route uses.
+
+    Under the host-wide "subnets" lock, held until `create` returns, so the next
+    allocator (any session, any work directory) sees the new network in libvirt.
+    """
+    with host_lock("subnets"):
+        used = network_subnets(conn) + routes()
+        subnet = free_subnet(pool, used)
+        if subnet is None:
+            raise VirtError(
+                f"No free /24 left in the subnet pool {pool}: every one overlaps a libvirt "
+                f"network or a host route ({len(used)} in use). Remove leftover networks "
+                f"(virsh net-list --all) or choose a larger pool with --ost-subnet-pool."
+            )
+        return create(subnet)
+
+

@@ -1,0 +1,121 @@
+"""Keep a session's VMs for the next run (``--ost-reuse``), and attach to them.
+
+At the end of a session whose every VM became ready (an OST suite's: deployed too),
+the environment is kept running: kept.json (state/kept.py) holds its record and a
+fingerprint of everything that shaped it (the VMs asked for, the images they came
+from, the templates and the settings), and the run's own record says "kept". The
+next session with the same fingerprint checks that every VM still answers with its
+pinned host key, becomes the run's owner (one atomic write of the run's record,
+under the reuse lock, before kept.json is dropped: a reaper in between finds a
+live owner) and attaches; a different fingerprint removes the kept environment and
+boots afresh. ``--ost-cleanup`` forgets it, so that the reaper takes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from ..errors import OstError
+from ..state import kept
+from ..state.environment import Environment
+from ..state.ledger import Ledger, run_workdir
+from ..state.owner import RunRecord
+from .inputs import VMSpec
+from .lab import Lab
+
+
+def fingerprint(lab: Lab, specs: list[VMSpec]) -> str:
+    """What shaped the VMs of `specs`: a kept environment is reused only if it is unchanged.
+
+    An OST suite's deploy scripts are in it by content: the kept VMs already ran them,
+    so a session that attaches does not run them again, and a changed script boots afresh.
+    """
+    config = lab.config
+    parts: list[Any] = [config.libvirt_uri, config.virt_type, config.cpu_mode, config.dns_domain,
+                        config.identity, config.ip_version, lab.ost and lab.ost.suite,
+                        [(n.role, n.management) for n in lab.topology]]
+    for spec in sorted(specs, key=lambda s: s.role):
+        parts.append([spec.role, lab.inputs.image(spec.image).identity(), *lab.inputs.size(spec),
+                      spec.nics, spec.disks, spec.shares, spec.user_data,
+                      [hashlib.sha256(script.read_bytes()).hexdigest() for script in spec.deploy_scripts]])
+    for name in ("domain.xml", "network.xml"):
+        parts.append(lab.inputs.templates.text(name))
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def attach_kept(lab: Lab, specs: list[VMSpec]) -> bool:
+    """Attach to the kept environment if it matches `specs` and still runs; else drop it."""
+    root = lab.config.workdir
+    if not (root / kept.KEPT_FILE).exists():
+        return False
+    with kept.locked(root):
+        record = kept.read(root)
+        if record is None:
+            return False
+        kept_fingerprint, env = record
+        run = run_workdir(env.workdir, env.run_id)
+        if run is None or not run.kept:  # an adoption that crashed half-way: the reaper's now
+            kept.forget(root)
+            return False
+        why = "images, templates or settings changed"
+        if kept_fingerprint == fingerprint(lab, specs) and _alive(lab, env):
+            try:
+                lab.attach(env, adopt=True, verify=True)  # the run's record names this session first
+            except OstError as exc:
+                why = str(exc)
+            else:
+                kept.forget(root)  # from now on nobody else attaches to it
+                lab.progress(f"reusing the VMs kept by an earlier run ({env.run_id})")
+                return True
+        kept.forget(root)
+    lab.progress(f"the kept VMs do not match this session ({why}): removing them")
+    _remove(lab, env)
+    return False
+
+
+def keep(lab: Lab, specs: list[VMSpec]) -> None:
+    """Leave the lab's VMs running for the next session, if every one of them became ready."""
+    not_ready = sorted(role for role, vm in lab.vms.items() if not vm.ready)
+    if not_ready:
+        lab.progress(f"not keeping the VMs for --ost-reuse: {', '.join(not_ready)} never became ready")
+        lab.close()
+        return
+    root = lab.config.workdir
+    env = lab.environment()
+    with kept.locked(root):
+        previous = kept.read(root)
+        kept.write(root, fingerprint(lab, specs), env)
+        RunRecord(lab.owner, kept=True).write(lab.workdir.path)  # spared by the reaper from now on
+    lab.progress(f"keeping {len(lab.vms)} VMs for the next run with --ost-reuse "
+                 f"(pytest --ost-cleanup removes them)")
+    lab.release()
+    if previous is not None and previous[1].run_id != lab.run_id:
+        _remove(lab, previous[1])  # kept by a session that ran meanwhile: one kept environment
+
+
+def drop(lab: Lab) -> None:
+    """Remove the kept environment, if any (libvirt is only contacted if there is one)."""
+    root = lab.config.workdir
+    if not (root / kept.KEPT_FILE).exists():
+        return
+    with kept.locked(root):
+        record = kept.read(root)
+        kept.forget(root)
+    if record is not None:
+        _remove(lab, record[1])
+
+
+def _remove(lab: Lab, env: Environment) -> None:
+    """Remove what `env` names, each only if it still carries the kept run's label."""
+    ledger = Ledger()
+    ledger.record_environment(env)
+    ledger.remove_all(lab.conn)
+
+
+def _alive(lab: Lab, env: Environment) -> bool:
+    """Whether every VM and network of `env` still runs."""
+    running = {d.name() for d in lab.conn.listAllDomains() if d.isActive()}
+    running |= {n.name() for n in lab.conn.listAllNetworks() if n.isActive()}
+    return all(vm.name in running for vm in env.vms) and all(n.name in running for n in env.networks)

@@ -1,0 +1,131 @@
+"""Warm start: VMs restored from saved memory + disk state instead of booted.
+
+The first time a VM of a given recipe (its image chain, size, virt type, CPU
+mode, domain template and identity mode) is ready, the plugin takes an internal
+snapshot (a fraction of a second) and, at the end of the session, saves that
+state into a host-wide cache next to the custom layers: ``<workdir>/warm/<key>/``
+holds ``disk.qcow2`` (the overlay at that moment, read-only, backed by the
+installed image) and ``memory.save`` (libvirt's save image). A later session,
+any number of them at once, restores it in seconds:
+
+1. a new overlay on ``disk.qcow2``; a copy of ``memory.save`` whose embedded
+   domain XML gets this session's name, UUID, disk, network and console (libvirt
+   refuses another UUID through its API, and two live copies of one state need
+   two, so the copy is written with the new XML in its header's data);
+2. the NIC is replaced by one with this session's MAC (a restored guest keeps the
+   old MAC from its device state), and through the guest agent (no network
+   needed) the clock is set;
+3. in one guest-agent command, the VM gets its reserved addresses, takes its own
+   identity (identity.py: machine-id, host key, hostname, sshd restarted) and
+   starts taking fresh leases in the background (guest_network, FRESH_LEASES),
+   so that the first SSH login, on the new address, already checks the new host
+   key (the saved one with ``--ost-identity=keep``).
+
+Anything that does not work (no agent, a restore error, an unknown save format)
+falls back to a normal boot, with one progress line saying why. The cache is
+bounded in size (least recently used out, never a state in use) and removed by
+``pytest --ost-cleanup --ost-warm-cache``.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from lxml import etree
+
+from ..errors import ImageError, WarmStartError
+from ..guest.agent import guest_exec, wait_for_agent
+from ..hypervisor.connection import libvirt_module, remove
+from ..images.overlay import create_overlay
+from ..hypervisor.saveimage import found, on_saved_disk, patch_save_image, restored_xml
+from ..guest.keys import openssh_line
+from ..state.warmcache import SavedState, WarmCache
+
+if TYPE_CHECKING:
+    import libvirt
+
+    from ..guest.vm import VM
+
+SNAPSHOT = "ost-warm"
+
+
+def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], None]) -> None:
+    """Save `vm` (running, with the SNAPSHOT taken when it was ready) as state `key` of `cache`."""
+    start = time.monotonic()
+
+    def write(folder: Path) -> dict[str, str]:
+        vm.close()
+        dom = vm.domain
+        dom.revertToSnapshot(dom.snapshotLookupByName(SNAPSHOT), libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
+        for snapshot in dom.listAllSnapshots():  # their memory would bloat the saved disk
+            snapshot.delete()
+        dom.save(str(folder / "memory.save"))
+        shutil.move(str(vm.overlay), folder / "disk.qcow2")
+        assert vm.host_key is not None
+        return {"image": str(vm.image.path), "role": vm.role, "host_key": openssh_line(vm.host_key)}
+
+    if cache.save(key, write, progress):
+        state = cache.state(key)
+        progress(f"{vm.role}: state saved for warm starts in {time.monotonic() - start:.1f} s "
+                 f"({state.size() // 2**20} MiB, {state.folder})")
+
+
+def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overlay: Path,
+            memory_copy: Path, guest_setup: str) -> tuple["libvirt.virDomain", dict[str, float]]:
+    """Restore `state` as the domain of `fresh_xml` (this session's), on the network with its MAC.
+
+    `guest_setup`: shell commands run in the guest through its agent (guest_network and its identity).
+
+    Returns the domain and the seconds each step took.
+    """
+    libvirt = libvirt_module()
+    steps: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def step(name: str) -> None:
+        nonlocal mark
+        steps[name], mark = time.monotonic() - mark, time.monotonic()
+
+    try:
+        create_overlay(state.disk, overlay)
+    except ImageError as exc:
+        raise WarmStartError(str(exc)) from None
+    fresh = etree.fromstring(fresh_xml.encode())
+    on_saved_disk(found(fresh, "devices/disk[@device='disk']"), overlay, state.disk)
+    patch_save_image(state.memory, memory_copy, restored_xml(fresh))
+    step("copy")
+    try:
+        conn.restoreFlags(str(memory_copy), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        dom = conn.lookupByName(fresh.findtext("name"))
+    except libvirt.libvirtError as exc:
+        raise WarmStartError(f"libvirt could not restore it: {exc.get_error_message()}") from None
+    finally:
+        memory_copy.unlink(missing_ok=True)
+    step("restore")
+    try:
+        # The guest keeps the saved MAC with its device state: give it a new NIC instead.
+        old = found(etree.fromstring(dom.XMLDesc().encode()), "devices/interface")
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        dom.detachDeviceFlags(etree.tostring(old, encoding="unicode"), flags)
+        nic = copy.deepcopy(found(fresh, "devices/interface"))
+        for child in nic.findall("address") + nic.findall("alias") + nic.findall("target"):
+            nic.remove(child)
+        dom.attachDeviceFlags(etree.tostring(nic, encoding="unicode"), flags)
+        step("new NIC")
+        if not wait_for_agent(dom, 10):
+            raise WarmStartError("its guest agent does not answer")
+        step("agent")
+        now = time.time()
+        dom.setTime({"seconds": int(now), "nseconds": int(now % 1 * 1e9)}, 0)
+        guest_exec(dom, guest_setup)
+        step("clock, addresses and identity")
+    except (libvirt.libvirtError, KeyError, ValueError, WarmStartError) as exc:
+        message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+        remove(dom)  # the one just restored: the fallback boot takes its name
+        raise WarmStartError(f"the restored guest could not be moved to this session's network "
+                             f"(guest agent?): {message}") from None
+    return dom, steps

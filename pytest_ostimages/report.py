@@ -1,0 +1,80 @@
+"""What a person sees of the plugin: progress lines, the report header, per-test VM sections.
+
+Progress goes to the terminal as it happens (the one waiting for VMs wants to
+know why) and always to the log. The first screen of a failed run should say what
+went wrong: which images and hypervisor were used, and for a failed test the
+console and journal tails of its VMs. Everything else goes to ``--ost-artifacts DIR``
+(lab/artifacts.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import pytest
+
+from .hypervisor import kvm_access
+
+if TYPE_CHECKING:
+    from .config import OstConfig
+    from .guest.vm import VM
+    from .images.catalog import Catalog
+
+log = logging.getLogger("pytest_ostimages")
+
+CONSOLE_TAIL = 30
+JOURNAL_TAIL = 30
+
+
+def header_lines(config: "OstConfig", catalog: "Catalog") -> list[str]:
+    """Where the images come from and where the VMs will run (nothing is created)."""
+    lines = [f"ost-images: {config.images_dir} (found via {catalog.source}), libvirt "
+             f"{config.libvirt_uri}, virt type {config.virt_type}, work dir {config.workdir}"]
+    for distro in catalog.distros():
+        for layer in catalog.layer_names(distro):
+            entry = catalog.layers[(distro, layer)]
+            package = f"{entry.package.name}-{entry.package.version}" if entry.package else "no package"
+            lines.append(f"ost-images:   {distro}-{layer} ({package})")
+    if not catalog.distros():
+        lines.append("ost-images:   none installed")
+    kvm_warning = kvm_access.warning(config.libvirt_uri)
+    if kvm_warning is not None:
+        lines.append(f"ost-images: {kvm_warning}")
+    return lines
+
+
+def vm_sections(vms: Iterable["VM"]) -> list[tuple[str, str]]:
+    """(title, text) report sections for a failed test: console and journal tails."""
+    sections = []
+    for vm in vms:
+        state = vm.state()
+        sections.append((f"ost {vm.role}: serial console (last {CONSOLE_TAIL} lines, {state})",
+                         vm.console_log(CONSOLE_TAIL) or "(empty)"))
+        if state == "running" and vm.boot_seconds is not None:  # it answered SSH once
+            journal = vm.diagnostic(f"journalctl --no-pager -n {JOURNAL_TAIL}")
+            if journal is not None:
+                sections.append((f"ost {vm.role}: journal (last {JOURNAL_TAIL} lines)", journal))
+    return sections
+
+
+def progress(config: pytest.Config) -> Callable[[str], None]:
+    """Live lines on the terminal (not with -q), always in the log."""
+    lock = threading.Lock()  # boots report from one thread per VM
+
+    def report(message: str) -> None:
+        log.info(message)
+        # looked up now: made before pytest's own plugins are configured, they may be missing then
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or config.get_verbosity() < 0:
+            return
+        with lock:
+            # fixtures run with output captured; progress is for the person waiting
+            suspended = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+            with suspended:
+                reporter.write_line(f"[ost] {message}")
+
+    return report

@@ -1,0 +1,154 @@
+"""The host-wide cache of saved VM states for warm start: one folder per recipe, bounded in size.
+
+``<root>/<key>/`` holds ``disk.qcow2`` (the disk at the moment of the save, read-only,
+backed by the installed image), ``memory.save`` (libvirt's save image) and
+``meta.json``. States are saved atomically (a partial folder renamed into place under
+the state's host-wide lock) and evicted least recently used first, never one in use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .files import host_lock, write_atomic
+from .owner import OWNER_FILE
+
+USERS = "users"  # <state>/users/<run id>: the runs whose VMs' disks are backed by the state
+PARTIAL = ".partial"  # a save in progress (or crashed)
+
+
+def recipe_key(parts: list[Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SavedState:
+    folder: Path
+
+    @property
+    def key(self) -> str:
+        return self.folder.name
+
+    @property
+    def disk(self) -> Path:
+        return self.folder / "disk.qcow2"
+
+    @property
+    def memory(self) -> Path:
+        return self.folder / "memory.save"
+
+    @property
+    def meta(self) -> Path:
+        return self.folder / "meta.json"
+
+    def exists(self) -> bool:
+        return self.meta.is_file()
+
+    def host_key(self) -> str:
+        return str(json.loads(self.meta.read_text())["host_key"])
+
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+
+class WarmCache:
+    """``<root>/<key>/`` per saved state; bounded to `limit` bytes.
+
+    One lock protocol, the state's host-wide lock ``warm-<key>``, held by every step
+    that changes a state: saving it (a partial folder renamed into place), using it
+    (a restore registers its run in ``users/``), and removing it (eviction, clear).
+    A state is in use while the work directory of a run that registered it exists:
+    the ledger removes that directory only after the run's VMs, so a state backing a
+    running, kept (--ost-reuse) or shared (--ost-share) VM is never removed.
+    """
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root = root
+        self.limit = limit
+
+    def state(self, key: str) -> SavedState:
+        return SavedState(self.root / key)
+
+    def use(self, state: SavedState, run_workdir: Path) -> bool:
+        """Register the run of `run_workdir` as a user of `state` (its VMs' disks will be backed
+        by it) and mark it recently used; False if the state is gone."""
+        with host_lock(f"warm-{state.key}"):
+            if not state.exists():
+                return False
+            users = state.folder / USERS
+            users.mkdir(mode=0o700, exist_ok=True)
+            write_atomic(users / run_workdir.name, str(run_workdir))
+            os.utime(state.meta)  # last use, for the least-recently-used eviction
+            return True
+
+    def in_use(self, state: SavedState) -> bool:
+        """Whether a run that registered `state` still has its work directory (hold the state's lock)."""
+        for user in (state.folder / USERS).glob("*") if (state.folder / USERS).is_dir() else []:
+            try:
+                workdir = Path(user.read_text())
+            except OSError:
+                continue
+            if workdir.name == user.name and (workdir / OWNER_FILE).exists():
+                return True
+            user.unlink(missing_ok=True)  # that run has ended
+        return False
+
+    def save(self, key: str, write: Callable[[Path], dict[str, Any]], progress: Callable[[str], None]) -> bool:
+        """Save state `key`: `write(folder)` puts its files into a new folder and returns its meta
+        data. Atomic: the folder becomes the state only once complete. False if it existed already."""
+        state = self.state(key)
+        with host_lock(f"warm-{key}"):
+            if state.exists():
+                return False  # another session saved it meanwhile
+            partial = self.root / f"{key}{PARTIAL}"
+            shutil.rmtree(partial, ignore_errors=True)  # a crashed save's (it held this lock)
+            partial.mkdir(parents=True, mode=0o711)
+            partial.chmod(0o711)  # qemu's user reaches the disk in it; nobody lists it
+            meta = write(partial)
+            write_atomic(partial / "meta.json", json.dumps({"key": key, "saved": time.time(), **meta}))
+            for path in partial.iterdir():
+                # guest memory and disk hold whatever the guest had: keys, passwords
+                path.chmod(0o644 if path.name == "disk.qcow2" else 0o600)
+            os.replace(partial, state.folder)
+        self.evict(keep=key, progress=progress)
+        return True
+
+    def evict(self, keep: str, progress: Callable[[str], None]) -> None:
+        """Least recently used states out until the cache fits; never one in use."""
+        states = sorted((s for s in (SavedState(p) for p in self.root.glob("*")) if s.exists()),
+                        key=lambda s: s.meta.stat().st_mtime)
+        total = sum(s.size() for s in states)
+        for state in states:
+            if total <= self.limit:
+                break
+            size = state.size()  # measured before it is gone
+            if state.key == keep or not self._remove_unused(state):
+                continue
+            total -= size
+            progress(f"warm cache over {self.limit // 2**30} GiB: removed the least recently used state "
+                     f"{state.key}")
+
+    def clear(self) -> list[str]:
+        """Remove every state not in use, and what crashed saves left (``--ost-cleanup --ost-warm-cache``)."""
+        removed = []
+        for folder in sorted(self.root.glob("*")) if self.root.is_dir() else []:
+            if folder.name.endswith(PARTIAL):
+                with host_lock(f"warm-{folder.name[:-len(PARTIAL)]}"):  # not one being saved now
+                    shutil.rmtree(folder, ignore_errors=True)
+            elif SavedState(folder).exists() and self._remove_unused(SavedState(folder)):
+                removed.append(folder.name)
+        return removed
+
+    def _remove_unused(self, state: SavedState) -> bool:
+        with host_lock(f"warm-{state.key}"):
+            if not state.exists() or self.in_use(state):
+                return False
+            shutil.rmtree(state.folder, ignore_errors=True)
+            return True
