@@ -9,6 +9,7 @@ per setting, whatever their source, so a bad value gets the same message everywh
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class OstConfig:
     suite: Optional[str] = None  # OST suite name (default: the init-config's directory)
     root: Optional[Path] = None  # OST_REPO_ROOT: deploy scripts are relative to it (default rootdir)
     ip_version: str = "both"  # addresses of every network: IPv4, IPv6 or both
+    deploy_timeout: float = 1800.0  # seconds each OST deploy script may run
     given: frozenset[str] = frozenset()  # the settings given explicitly (not defaults)
 
     def ip_versions(self) -> tuple[int, ...]:
@@ -104,8 +106,8 @@ def _seconds(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError("expected a number of seconds, e.g. 600") from None
-    if value <= 0:
-        raise ValueError("expected a number of seconds greater than 0")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("expected a number of seconds greater than 0, e.g. 600")
     return value
 
 
@@ -156,6 +158,14 @@ def _path(raw: str) -> Path:
     return Path(raw).expanduser()
 
 
+def _absolute_path(raw: str) -> Path:
+    path = _path(raw)
+    if not path.is_absolute():
+        raise ValueError("expected an absolute path (libvirt's qemu user opens the files in it), "
+                         "e.g. /var/tmp/pytest-ostimages")
+    return path
+
+
 def _bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -188,11 +198,16 @@ def _suite(raw: str) -> str:
     return raw
 
 
+DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1123
+
+
 def _dns_domain(raw: str) -> str:
-    labels = raw.strip(".").split(".")
-    if not all(lab and lab.replace("-", "").isalnum() for lab in labels):
-        raise ValueError("expected a DNS domain such as ost.test")
-    return raw.strip(".")
+    domain = raw.strip(".")
+    bad = [label for label in domain.split(".") if not DNS_LABEL.fullmatch(label)]
+    if bad or len(domain) > 253:
+        raise ValueError(f"expected a DNS domain such as ost.test: labels of letters, digits and '-', not "
+                         f"starting or ending with '-', at most 63 characters ({', '.join(map(repr, bad)) or 'too long'})")
+    return domain
 
 
 @dataclass(frozen=True)
@@ -233,7 +248,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_boots", _max_boots, "how many VMs may boot at once on this host, across all "
             "sessions and workers: auto (CPUs + 1, the default), 0 (no limit) or a number"),
     Setting("boot_timeout", _seconds, "seconds to wait for a VM to answer SSH (default 600)"),
-    Setting("workdir", _path, "where session work directories are made; must be traversable "
+    Setting("workdir", _absolute_path, "where session work directories are made; must be traversable "
             "by libvirt's qemu user (default /var/tmp/pytest-ostimages)"),
     Setting("keep", _bool, "keep the work directory (overlays, console logs) after the session", flag=True),
     Setting("templates", _path, "directory with your own domain.xml / network.xml templates"),
@@ -270,6 +285,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the name of the init-config's directory)"),
     Setting("root", _path, "OST repository root: deploy-script paths are relative to it (default: "
             "pytest's rootdir)", env_name="OST_REPO_ROOT"),
+    Setting("deploy_timeout", _seconds, "seconds each deploy script of an OST init-config may run before "
+            "it is stopped and reported as failed (default 1800)"),
     Setting("ip_version", _choice(IP_VERSIONS), "addresses on every network: 4, 6 or both (default both: "
             "IPv4 and an IPv6 ULA /64, each with DHCP reservations and DNS)"),
 )

@@ -70,5 +70,6 @@ def write_seed(path: Path, hostname: str, fqdn: str, ip: str, authorized_key: st
                    rr_name=name, joliet_path=f"/{name}")
     iso.write(str(path))
     iso.close()
-    path.chmod(0o644)  # qemu's user reads it
+    # it holds the VM's private host key: only ours; libvirt gives it to qemu's user while the VM runs
+    path.chmod(0o600)
     return instance_id

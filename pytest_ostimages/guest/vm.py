@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
 
 import paramiko
 
@@ -211,16 +212,28 @@ class VM:
     def snapshot(self, name: str = CLEAN_SNAPSHOT) -> float:
         """Save memory and disk as snapshot `name` (inside the overlay); return seconds."""
         start = time.monotonic()
-        self.domain.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", 0)
+        with self._snapshot_errors(f"save its state as snapshot {name!r}"):
+            self.domain.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", 0)
         return time.monotonic() - start
 
     def revert(self, name: str = CLEAN_SNAPSHOT) -> float:
         """Go back to snapshot `name`, running; SSH reconnects on next use. Return seconds."""
         start = time.monotonic()
         self._ssh.close()  # the guest forgot this connection: it predates the snapshot
-        self.domain.revertToSnapshot(self.domain.snapshotLookupByName(name),
-                                     libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
+        with self._snapshot_errors(f"go back to snapshot {name!r}"):
+            self.domain.revertToSnapshot(self.domain.snapshotLookupByName(name),
+                                         libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
         return time.monotonic() - start
+
+    @contextlib.contextmanager
+    def _snapshot_errors(self, what: str) -> Iterator[None]:
+        libvirt = libvirt_module()
+        try:
+            yield
+        except libvirt.libvirtError as exc:
+            raise VMError(f"VM {self.role} ({self.name}) could not {what}: libvirt says "
+                          f"{exc.get_error_message()!r}. The VM is {self.state()}; a clean_vm needs a "
+                          f"domain template whose firmware and disks allow snapshots.") from None
 
     def close(self) -> None:
         self._ssh.close()

@@ -49,7 +49,7 @@ def patch_save_image(source: Path, target: Path, edit: Callable[[etree._Element]
         with open(target, "wb") as out:
             out.write(HEADER.pack(*fields) + xml + cookie)
             shutil.copyfileobj(src, out, 16 << 20)  # the memory stream
-    target.chmod(0o644)
+    target.chmod(0o600)  # guest memory; libvirtd reads it as root
 
 
 def restored_xml(fresh: etree._Element) -> Callable[[etree._Element], None]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import socket
 import struct
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -17,8 +19,29 @@ if TYPE_CHECKING:
     import libvirt
 
 
+def host_networks() -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks this network namespace uses: routes of every routing table (policy
+    routing, as VPN clients and container runtimes install, is not in the main table) and the
+    subnet of every address on any interface. From ``ip -j``; /proc/net/route without it."""
+    try:
+        routes = _ip_json("-4", "route", "show", "table", "all")
+        addresses = _ip_json("-4", "addr", "show")
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return host_routes()
+    used = [ipaddress.IPv4Network(route["dst"] if "/" in route["dst"] else f"{route['dst']}/32", strict=False)
+            for route in routes if route.get("dst") not in (None, "default")]
+    used += [ipaddress.IPv4Network(f"{info['local']}/{info['prefixlen']}", strict=False)
+             for interface in addresses for info in interface.get("addr_info", []) if "local" in info]
+    # 127/8 is on every host and never a libvirt network's (libvirt's test driver takes test pools there)
+    return [network for network in used if not network.is_loopback]
+
+
+def _ip_json(*args: str) -> list[dict]:
+    return json.loads(subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True).stdout or "[]")
+
+
 def host_routes(route_file: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
-    """The IPv4 routes of this network namespace (connected subnets included)."""
+    """The IPv4 routes of this network namespace's main table (connected subnets included)."""
     routes: list[ipaddress.IPv4Network] = []
     try:
         lines = route_file.read_text().splitlines()[1:]

@@ -19,7 +19,7 @@ import tarfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 import pytest
 
@@ -49,11 +49,14 @@ def find_virtiofsd() -> Optional[Path]:
     return None
 
 
-def inner_args(args: Sequence[str], rootdir: Path, cwd: Path, value_options: set[str]) -> list[str]:
-    """The outer invocation's arguments for the guest's pytest.
+def inner_args(args: Sequence[str], rootdir: Path, cwd: Path, value_options: set[str],
+               positionals: Collection[str]) -> list[str]:
+    """The outer invocation's arguments for the guest's pytest (which runs in the tree's root).
 
-    Drops the plugin's own options and those of the outer session only (xdist,
-    junit XML: the outer session writes it); paths become relative to the rootdir.
+    Drops the plugin's own options and those of the outer session only (xdist, junit
+    XML: the outer session writes it). The test paths (`positionals`, as pytest parsed
+    them) become relative to the rootdir; so does any other argument that is an
+    absolute path inside it (an option's value); every other value passes as it is.
     """
     out: list[str] = []
     skip_value = False
@@ -65,17 +68,34 @@ def inner_args(args: Sequence[str], rootdir: Path, cwd: Path, value_options: set
         if name.startswith("--ost-") or name in OUTER_ONLY:
             skip_value = "=" not in arg and (name in value_options or OUTER_ONLY.get(name, False))
             continue
-        if not arg.startswith("-"):
-            target = (cwd / arg.split("::", 1)[0]).resolve()
-            if target.exists():
-                try:
-                    relative = target.relative_to(rootdir)
-                except ValueError:
-                    raise OstError(f"{arg} is outside the rootdir {rootdir}, the tree the guest "
-                                   f"sees; run from a rootdir that contains it.") from None
-                arg = str(relative) + ("::" + arg.split("::", 1)[1] if "::" in arg else "")
-        out.append(arg)
+        if arg in positionals:
+            out.append(_test_path(arg, rootdir, cwd))
+        elif name.startswith("-") and "=" in arg:
+            out.append(f"{name}={_in_tree(arg.split('=', 1)[1], rootdir)}")
+        else:
+            out.append(_in_tree(arg, rootdir))
     return out
+
+
+def _test_path(arg: str, rootdir: Path, cwd: Path) -> str:
+    """A test path or node id, relative to the rootdir (the tree the guest sees)."""
+    path, sep, rest = arg.partition("::")
+    target = (cwd / path).resolve()
+    if not target.exists():
+        return arg  # the guest's pytest says it is not found
+    try:
+        return str(target.relative_to(rootdir)) + sep + rest
+    except ValueError:
+        raise OstError(f"{arg} is outside the rootdir {rootdir}, the tree the guest "
+                       f"sees; run from a rootdir that contains it.") from None
+
+
+def _in_tree(value: str, rootdir: Path) -> str:
+    """An option's value: an absolute path inside the rootdir made relative to it, else as it is."""
+    path = Path(value)
+    if path.is_absolute() and path.resolve().is_relative_to(rootdir):
+        return str(path.resolve().relative_to(rootdir)) or "."
+    return value
 
 
 class InsideRun:
@@ -97,11 +117,12 @@ class InsideRun:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool:
-        args = inner_args(self.config.invocation_params.args, self.config.rootpath,
-                          self.config.invocation_params.dir, self.value_options)
+        positionals = self.config.args if self.config.args_source == pytest.Config.ArgsSource.ARGS else []
         lab = Lab(self.settings, self.progress)
         vm: Optional[VM] = None
         try:
+            args = inner_args(self.config.invocation_params.args, self.config.rootpath,
+                              self.config.invocation_params.dir, self.value_options, positionals)
             share = self._share_choice()
             vm = lab.boot([VMSpec("inside", str(self.settings.run_inside),
                                   shares=((self.config.rootpath, TAG, share),) if share else ())])[0]
@@ -115,8 +136,12 @@ class InsideRun:
             try:
                 if vm is not None and self.settings.artifacts is not None:
                     self._collect(vm, self.settings.artifacts / lab.run_id)
-            finally:
+            except Exception as exc:  # noqa: BLE001 - the teardown below must run whatever happens
+                self.progress(f"inside: could not collect the artifacts: {exc.__class__.__name__}: {exc}")
+            try:
                 lab.close()
+            except OstError as exc:
+                self.progress(f"inside: {exc}")
         if status in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR,
                       pytest.ExitCode.USAGE_ERROR):
             pytest.exit(f"the tests inside the VM ended with exit status {status}; the guest's "

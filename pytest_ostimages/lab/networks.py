@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
 from ..errors import VirtError
 from ..hypervisor.render import HostEntry
-from ..hypervisor.subnets import free_subnet, host_routes, network_subnets
+from ..hypervisor.subnets import free_subnet, host_networks, network_subnets
 from ..state.environment import ipv6_subnet
 from ..state.files import host_lock
 from .inputs import MANAGEMENT
@@ -59,8 +59,8 @@ def entry(subnet: ipaddress.IPv4Network, versions: tuple[int, ...], name: str, h
 
 def with_free_subnet(conn: "libvirt.virConnect", pool: ipaddress.IPv4Network,
                      create: Callable[[ipaddress.IPv4Network], T],
-                     routes: Callable[[], list[ipaddress.IPv4Network]] = host_routes) -> T:
-    """Run `create(subnet)` with a /24 of `pool` no network or route uses.
+                     routes: Callable[[], list[ipaddress.IPv4Network]] = host_networks) -> T:
+    """Run `create(subnet)` with a /24 of `pool` that no libvirt network, route or address uses.
 
     Under the host-wide "subnets" lock, held until `create` returns, so the next
     allocator (any session, any work directory) sees the new network in libvirt.

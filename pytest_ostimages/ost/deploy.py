@@ -21,9 +21,13 @@ class DeployError(OstError):
     """A deploy script failed in a VM."""
 
 
+TIMED_OUT = (124, 137)  # coreutils timeout: the script was stopped (TERM), or killed after the grace time
+
+
 def run_deploy_scripts(vm: "VM", scripts: tuple[Path, ...], root: Path, logs: Path,
-                       progress: Callable[[str], None]) -> None:
-    """Copy each script into `vm` and run it as root, in order; the output goes to `logs`."""
+                       progress: Callable[[str], None], timeout: float = 1800) -> None:
+    """Copy each script into `vm` and run it as root, in order, each for at most `timeout` s;
+    the output goes to `logs`."""
     for number, script in enumerate(scripts, 1):
         name = str(script.relative_to(root)) if script.is_relative_to(root) else str(script)
         log = logs / f"{vm.role}.{number}.{script.name}.log"
@@ -32,11 +36,16 @@ def run_deploy_scripts(vm: "VM", scripts: tuple[Path, ...], root: Path, logs: Pa
         progress(f"{vm.role}: running deploy script {name}")
         vm.put(script, remote)
         with open(log, "w") as out:
-            result = vm.stream(f"bash {remote} 2>&1", lambda line: print(line, file=out, flush=True))
+            # stopped in the guest (a hung script would hold the session for ever); the SSH
+            # channel's own timeout is the backstop should the guest stop answering
+            result = vm.stream(f"timeout --kill-after=10 {timeout:.0f} bash {remote} 2>&1",
+                               lambda line: print(line, file=out, flush=True), timeout=timeout + 60)
         if result.returncode != 0:
             tail = "\n".join(result.stdout.splitlines()[-TAIL_LINES:])
-            raise DeployError(f"Deploy script {name} failed on VM {vm.role} ({vm.name}) with exit code "
-                              f"{result.returncode}. Its last {TAIL_LINES} lines of output:\n{tail}\n"
+            where = f"on VM {vm.role} ({vm.name})"
+            what = (f"timed out {where} after {timeout:.0f} s (--ost-deploy-timeout)" if result.returncode in TIMED_OUT
+                    else f"failed {where} with exit code {result.returncode}")
+            raise DeployError(f"Deploy script {name} {what}. Its last {TAIL_LINES} lines of output:\n{tail}\n"
                               f"All of it: {log}")
         progress(f"{vm.role}: deploy script {name} done in {time.monotonic() - start:.1f} s")
 
@@ -49,5 +58,5 @@ def deploy(lab: Lab, specs: Iterable[VMSpec], root: Path) -> None:
     logs = lab.workdir.path / "deploy"
     logs.mkdir(exist_ok=True)
     start = time.monotonic()
-    each(lambda job: run_deploy_scripts(job[0], job[1], root, logs, lab.progress), jobs)
+    each(lambda job: run_deploy_scripts(job[0], job[1], root, logs, lab.progress, lab.config.deploy_timeout), jobs)
     lab.progress(f"deploy scripts of {len(jobs)} VMs done in {time.monotonic() - start:.1f} s")

@@ -57,6 +57,12 @@ def load(path: Path, root: Path, images_dir: Path, environ: Mapping[str, str],
     networks, nic_network = reader.networks(data)
     vms = tuple(reader.vm(name, value, nic_network, root, images_dir, environ)
                 for name, value in sorted(reader.mapping(data, "vms", required=True).items()))
+    management = next(n.role for n in networks if n.management)
+    for vm in vms:
+        if management not in vm.nics:
+            raise reader.error(f"vms.{vm.role}.nics", f"none of the VM's NICs ({', '.join(reader.nic_names[vm.role]) or 'none'}) "
+                               f"is on the management network {management!r}: the plugin reaches VMs over it; "
+                               f"list one of them in networks.{management}.nics")
     if not vms:
         raise reader.error("vms", "no VM is defined; add at least one under \"vms\"")
     owners: dict[str, str] = {}

@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import libvirt
 
 IMAGES = Path(os.environ.get("OST_IMAGES_DIR", "/usr/share/ost-images"))
 WORKDIR = Path(os.environ.get("OST_WORKDIR", "/var/tmp/pytest-ostimages"))
+LIBVIRT_URI = os.environ.get("OST_LIBVIRT_URI", "qemu:///system")
+# The project's test images (images/build-test-images), whatever else is installed beside them:
+# BIOS, ifupdown and eth0, layers as overlays on base
+DISTRO = "debian12"
 # options of the inner sessions run by pytester: they do not read our pytest.ini
-INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", "--ost-warm=off"]
+INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", "--ost-warm=off", f"--ost-distro={DISTRO}"]
+
+
+def free_subnet(conn: "libvirt.virConnect") -> ipaddress.IPv4Network:
+    """A /24 that no libvirt network and no route of this host uses (for a test's own network)."""
+    from pytest_ostimages.hypervisor.subnets import free_subnet as first_free, host_networks, network_subnets
+
+    subnet = first_free(ipaddress.IPv4Network("10.250.0.0/16"), network_subnets(conn) + host_networks())
+    assert subnet is not None, "no free /24 in 10.250.0.0/16 for a test network"
+    return subnet
 
 
 def image_state() -> dict[str, tuple[str, int, int, int]]:
@@ -32,7 +49,7 @@ def libvirt_objects(pid: Optional[int] = None) -> set[str]:
 
     from pytest_ostimages.state.owner import Label
 
-    conn = libvirt.open(os.environ.get("OST_LIBVIRT_URI", "qemu:///system"))
+    conn = libvirt.open(LIBVIRT_URI)
     try:
         objects = [("domain", d) for d in conn.listAllDomains()] + \
                   [("network", n) for n in conn.listAllNetworks()]

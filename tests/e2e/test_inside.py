@@ -7,10 +7,10 @@ from xml.etree import ElementTree
 
 import pytest
 
-from .helpers import libvirt_objects, workdirs
+from .helpers import DISTRO, libvirt_objects, workdirs
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "inside"
-SMALL = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1"]
+SMALL = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", f"--ost-distro={DISTRO}"]
 
 
 def test_example_passes_inside_and_lists_each_test(pytester: pytest.Pytester, tmp_path: Path) -> None:
@@ -56,5 +56,5 @@ def test_a_guest_without_pytest_is_one_clear_error(pytester: pytest.Pytester) ->
     before = libvirt_objects(), workdirs()
     result = pytester.runpytest_subprocess("--ost-run-inside=base", str(EXAMPLE), *SMALL)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: The guest (debian12-base) has no pytest for python3*"])
+    result.stderr.fnmatch_lines([f"ERROR: The guest ({DISTRO}-base) has no pytest for python3*"])
     assert (libvirt_objects(), workdirs()) == before

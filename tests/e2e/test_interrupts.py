@@ -3,7 +3,6 @@ objects that the next run (or --ost-cleanup) removes."""
 
 from __future__ import annotations
 
-import ipaddress
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from .helpers import INNER, WORKDIR, libvirt_objects
+from .helpers import INNER, LIBVIRT_URI, WORKDIR, free_subnet, libvirt_objects
 
 
 def start_booting(pytester: pytest.Pytester) -> subprocess.Popen:
@@ -46,12 +45,11 @@ def foreign_networks() -> Iterator[list[str]]:
     from pytest_ostimages.state.owner import Label
     from pytest_ostimages.hypervisor.render import Templates, network_xml
 
-    conn = libvirt.open("qemu:///system")
+    conn = libvirt.open(LIBVIRT_URI)
     names = ["foreign-nolabel", "foreign-alive"]
-    for name, octet, label in ((names[0], 251, None),
-                               (names[1], 252, Label.current("alive000", Path("/nonexistent")))):
+    for name, label in ((names[0], None), (names[1], Label.current("alive000", Path("/nonexistent")))):
         xml = network_xml(Templates().load("network.xml"), name=name, bridge=name,
-                          subnet=ipaddress.IPv4Network(f"192.168.{octet}.0/24"), domain="x.test", hosts=[],
+                          subnet=free_subnet(conn), domain="x.test", hosts=[],
                           label=label or Label("x", 1, "h", "/"))
         if label is None:
             xml = xml[:xml.index("<metadata>")] + xml[xml.index("</metadata>") + len("</metadata>"):]
@@ -75,7 +73,7 @@ def test_sigkill_leftovers_are_reaped(pytester: pytest.Pytester, unchanged: None
     result.assert_outcomes(passed=1)
     assert "foreign" not in result.stdout.str()  # neither was touched
     import libvirt
-    conn = libvirt.open("qemu:///system")
+    conn = libvirt.open(LIBVIRT_URI)
     assert set(foreign_networks) <= {n.name() for n in conn.listAllNetworks()}
     conn.close()
     for obj in left:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pytest_ostimages import LayerFactory, VMFactory
 
-from .helpers import IMAGES
+from .helpers import DISTRO, IMAGES
 
 
 def make_deb(folder: Path) -> Path:
@@ -40,7 +40,7 @@ def test_layer_is_built_once_and_boots(ost_layer_factory: LayerFactory, ost_vm_f
         assert layer.stat().st_mtime_ns == built_at
         info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(layer)],
                                          capture_output=True, text=True, check=True).stdout)
-        assert info["full-backing-filename"] == str(IMAGES / "debian12-base.qcow2")
+        assert info["full-backing-filename"] == str(IMAGES / f"{DISTRO}-base.qcow2")
 
         vm = ost_vm_factory(str(layer), role="hello")
         assert vm.ssh("ost-hello").stdout == "hello from a custom layer\n"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .helpers import INNER, libvirt_objects
+from .helpers import DISTRO, INNER, libvirt_objects
 
 
 def boot_id(result: pytest.RunResult) -> str:
@@ -44,7 +44,7 @@ def test_reuse_skips_the_boot_until_something_changes(pytester: pytest.Pytester,
 
     first = pytester.runpytest_subprocess("--ost-reuse", *args)
     first.assert_outcomes(passed=3)
-    first.stdout.fnmatch_lines(["*vm: booting debian12-base*", "*keeping 2 VMs for the next run*"])
+    first.stdout.fnmatch_lines([f"*vm: booting {DISTRO}-base*", "*keeping 2 VMs for the next run*"])
 
     # attached: the clean snapshot of the first run is reverted to, not taken again,
     # and a VM added now gets the next free address
@@ -59,7 +59,7 @@ def test_reuse_skips_the_boot_until_something_changes(pytester: pytest.Pytester,
     changed = pytester.runpytest_subprocess("--ost-reuse", *args, "--ost-memory=640")
     changed.assert_outcomes(passed=3)
     changed.stdout.fnmatch_lines(["*the kept VMs do not match this session*removing them*",
-                                  "*vm: booting debian12-base*640 MiB*"])
+                                  f"*vm: booting {DISTRO}-base*640 MiB*"])
     assert boot_id(changed) != boot_id(first)
 
     # a reusing session killed with SIGKILL: its VMs are the next session's leftovers

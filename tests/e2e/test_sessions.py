@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import IMAGES, INNER
+from pytest_ostimages import Catalog
+
+from .helpers import DISTRO, IMAGES, INNER, LIBVIRT_URI
 
 
 def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None, tmp_path: Path) -> None:
@@ -28,16 +30,16 @@ def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None, 
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
         f"ost-images: {IMAGES} (found via rpm)*",
-        "ost-images:   debian12-host-installed (ost-images-debian12-host-installed-*)",
-        "*libvirt * at qemu:///system: * guests*",
-        "*vm: booting debian12-host-installed*", "*vm: ssh ready in *"])
+        f"ost-images:   {DISTRO}-host-installed (ost-images-{DISTRO}-host-installed-*)",
+        f"*libvirt * at {LIBVIRT_URI}: * guests*",
+        f"*vm: booting {DISTRO}-host-installed*", "*vm: ssh ready in *"])
     # the failed test's report carries its VM's console and journal tails
     result.stdout.fnmatch_lines(["*ost vm: serial console (last 30 lines, running)*",
                                  "*ost vm: journal (last 30 lines)*", "*marker-in-the-journal*"])
     [run] = artifacts.iterdir()
     files = {str(p.relative_to(run)) for p in run.rglob("*")}
     assert {"network.xml", "dhcp-leases.json", "vm/console.log", "vm/domain.xml", "vm/journal.txt",
-            "vm/var-log.tar.gz", "debian12-host-installed-pkglist.txt"} <= files
+            "vm/var-log.tar.gz", f"{DISTRO}-host-installed-pkglist.txt"} <= files
     assert "marker-in-the-journal" in (run / "vm" / "journal.txt").read_text()
     assert "Linux version" in (run / "vm" / "console.log").read_text()
 
@@ -51,7 +53,7 @@ def test_vm_that_never_boots_shows_its_console(pytester: pytest.Pytester, unchan
     result = pytester.runpytest_subprocess(f"--ost-image={blank}", "--ost-boot-timeout=20", *INNER)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([
-        "*VM vm (ost-*-vm, image debian12-blank) not reachable over SSH within 20 s*",
+        f"*VM vm (ost-*-vm, image {DISTRO}-blank) not reachable over SSH within 20 s*",
         "*state: running*",
         "*last 30 lines of the serial console*",
         "*No bootable device*",
@@ -62,15 +64,15 @@ def test_vm_that_never_boots_shows_its_console(pytester: pytest.Pytester, unchan
 def test_guest_that_refuses_the_key(pytester: pytest.Pytester, unchanged: None,
                                     linked_images: Path) -> None:
     # the same images, but a key the guests do not know
-    for key in linked_images.glob("debian12_id_rsa*"):
+    for key in linked_images.glob(f"{DISTRO}_id_rsa*"):
         key.unlink()
-    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-N", "", "-f", str(linked_images / "debian12_id_rsa")],
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-N", "", "-f", str(linked_images / f"{DISTRO}_id_rsa")],
                    check=True)
     pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
     result = pytester.runpytest_subprocess("--ost-image=base", f"--ost-images-dir={linked_images}",
                                            "--ost-boot-timeout=240", *INNER)
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*VM vm (ost-*-vm, image debian12-base) answers SSH but refuses the key "
+    result.stdout.fnmatch_lines([f"*VM vm (ost-*-vm, image {DISTRO}-base) answers SSH but refuses the key "
                                  "for root*", "*last 30 lines of the serial console*"])
 
 
@@ -79,8 +81,8 @@ def test_unknown_layer_lists_installed_ones(pytester: pytest.Pytester, unchanged
     result = pytester.runpytest_subprocess("--ost-image=storage-installed", *INNER)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([
-        f"*Layer 'storage-installed' of debian12 is not installed in {IMAGES}.",
-        "*Installed layers of debian12: base, cloud-installed, engine-installed, host-installed",
+        f"*Layer 'storage-installed' of {DISTRO} is not installed in {IMAGES}.",
+        f"*Installed layers of {DISTRO}: {', '.join(Catalog.discover(IMAGES).layer_names(DISTRO))}",
     ])
 
 
@@ -96,9 +98,9 @@ def test_libvirt_not_reachable(pytester: pytest.Pytester, unchanged: None) -> No
 def test_image_unreadable_for_qemu(pytester: pytest.Pytester, unchanged: None,
                                    linked_images: Path) -> None:
     # root can read it, libvirt's qemu user cannot: the start fails, and says why
-    private = linked_images / "debian12-secret.qcow2"
+    private = linked_images / f"{DISTRO}-secret.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                    str(IMAGES / "debian12-base.qcow2"), str(private)], check=True)
+                    str(IMAGES / f"{DISTRO}-base.qcow2"), str(private)], check=True)
     private.chmod(0o600)
     pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
     result = pytester.runpytest_subprocess("--ost-image=secret", f"--ost-images-dir={linked_images}", *INNER)

@@ -65,9 +65,9 @@ def test_sessions_restore_saved_vms(pytester: pytest.Pytester, warm_workdir: Pat
     outputs = [run.communicate(timeout=600)[0] for run in runs]
     for run, output in zip(runs, outputs):
         assert run.returncode == 0, output
-        assert "engine: restored debian12-engine-installed from saved state" in output, output
-        assert "host0: restored debian12-host-installed from saved state" in output, output
-        assert "clean: restored debian12-base from saved state" in output, output
+        assert f"engine: restored {DISTRO}-engine-installed from saved state" in output, output
+        assert f"host0: restored {DISTRO}-host-installed from saved state" in output, output
+        assert f"clean: restored {DISTRO}-base from saved state" in output, output
         assert "2 passed" in output, output
         assert ": booting " not in output, output
     restored = [boot_id(output) for output in outputs]

@@ -11,11 +11,38 @@ from .helpers import INNER
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def test_each_worker_boots_its_own_environment(pytester: pytest.Pytester, unchanged: None) -> None:
+RECORDER = """
+    import os
+    from pathlib import Path
+
+    from pytest_ostimages import VM
+
+    def pytest_runtest_teardown(item):
+        # the VMs this test got, by libvirt name (<run>-...: each run names its own)
+        vms = [v for value in getattr(item, "funcargs", {}).values()
+               for v in (value if isinstance(value, list) else [value]) if isinstance(v, VM)]
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        Path(os.environ["OST_E2E_SEEN"], f"{worker}-{item.name}").write_text(" ".join(v.name for v in vms))
+"""
+
+
+def test_each_worker_boots_its_own_environment(pytester: pytest.Pytester, unchanged: None, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # each worker boots the VMs of its tests (6 in all here) on 2 cores: the host-wide boot
     # slots keep them all in time
-    result = pytester.runpytest_subprocess(str(EXAMPLES / "basic_suite"), "-n", "2", "-p", "no:cacheprovider")
+    pytester.makepyfile(ost_e2e_recorder=RECORDER)
+    monkeypatch.setenv("PYTHONPATH", str(pytester.path))
+    monkeypatch.setenv("OST_E2E_SEEN", str(tmp_path))
+    result = pytester.runpytest_subprocess(str(EXAMPLES / "basic_suite"), "-n", "2", "-p", "no:cacheprovider",
+                                           "-p", "ost_e2e_recorder")
     result.assert_outcomes(passed=7)
+    runs: dict[str, set[str]] = {}  # worker -> the run ids of the VMs its tests got
+    for record in tmp_path.iterdir():
+        runs.setdefault(record.name.split("-")[0], set()).update(
+            name.split("-")[1] for name in record.read_text().split())
+    assert sorted(runs) == ["gw0", "gw1"], runs
+    assert all(len(ids) == 1 for ids in runs.values()), runs  # one environment per worker
+    assert runs["gw0"] != runs["gw1"], f"the workers shared one environment: {runs}"
 
 
 def test_shared_environment_is_booted_once(pytester: pytest.Pytester, unchanged: None,

@@ -49,6 +49,15 @@ def images_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def images(images_dir: Path) -> Path:
+    """The unit images with a real SSH key."""
+    key = images_dir / f"{DISTRO}_id_rsa"
+    key.unlink()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return images_dir
+
+
+@pytest.fixture
 def rpm_db(tmp_path: Path) -> Callable[[str, list[Path]], list[str]]:
     """Register a package owning `files` in a private RPM database.
 

@@ -27,15 +27,6 @@ DISTRO = "testos"
 
 
 @pytest.fixture
-def images(images_dir: Path) -> Path:
-    """The unit images with a real SSH key."""
-    key = images_dir / f"{DISTRO}_id_rsa"
-    key.unlink()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return images_dir
-
-
-@pytest.fixture
 def session(pytester: pytest.Pytester, images: Path, workdir: Path):
     def run(*args: str) -> pytest.RunResult:
         return pytester.runpytest_inprocess(

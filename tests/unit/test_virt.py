@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +131,22 @@ def test_virt_type_resolution(conn) -> None:
     assert virt.resolve_cpu_mode("kvm", "auto") == "host-passthrough"
     assert virt.resolve_cpu_mode("qemu", "auto") == "maximum"
     assert virt.resolve_cpu_mode("qemu", "host-model") == "host-model"
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 for a netns")
+def test_free_subnets_skip_routes_of_every_table_and_every_address() -> None:
+    ns = f"ost-unit-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for command in (["link", "set", "lo", "up"],
+                        # policy routing (a VPN client's, a container runtime's): not in the main table
+                        ["route", "add", "192.168.128.0/24", "dev", "lo", "table", "100"],
+                        ["addr", "add", "192.168.129.1/24", "dev", "lo"]):
+            subprocess.run(["ip", "-n", ns, *command], check=True)
+        code = ("import ipaddress; from pytest_ostimages.hypervisor.subnets import free_subnet, host_networks\n"
+                "print(free_subnet(ipaddress.IPv4Network('192.168.128.0/22'), host_networks()))")
+        found = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], capture_output=True,
+                               text=True, check=True)
+        assert found.stdout.strip() == "192.168.130.0/24"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)

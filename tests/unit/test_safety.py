@@ -1,0 +1,366 @@
+"""Nothing foreign destroyed, no other session's VMs reaped, no half-booted VM kept, secrets private.
+
+libvirt's test driver, real files, real processes and real lock files; no VM boots here
+(tests/e2e/test_faults.py does the same on real VMs, killing sessions at every step).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pytest_ostimages.config import OstConfig
+from pytest_ostimages.guest.keys import HostKey
+from pytest_ostimages.guest.seed import write_seed
+from pytest_ostimages.hypervisor import connection as virt
+from pytest_ostimages.hypervisor.render import Templates, network_xml
+from pytest_ostimages.lab import reuse
+from pytest_ostimages.lab.inputs import VMSpec
+from pytest_ostimages.lab.lab import Lab
+from pytest_ostimages.state import kept, ledger
+from pytest_ostimages.state.environment import Environment
+from pytest_ostimages.state.owner import Label, RunRecord, process_start
+from pytest_ostimages.state.share import Share
+from pytest_ostimages.state.warmcache import WarmCache
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def roots() -> Iterator[tuple[Path, Path]]:
+    """Two work roots, as two sessions with different --ost-workdir have."""
+    top = Path(tempfile.mkdtemp(prefix="ost-safety-", dir="/var/tmp"))
+    top.chmod(0o755)
+    (top / "a").mkdir()
+    (top / "b").mkdir()
+    yield top / "a", top / "b"
+    shutil.rmtree(top)
+
+
+@pytest.fixture
+def conn():
+    c = virt.connect("test:///default")
+    yield c
+    c.close()
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def labelled_network(conn, name: str, label: Label, octet: int) -> None:
+    xml = network_xml(Templates().load("network.xml"), name=name, bridge=name,
+                      subnet=ipaddress.IPv4Network(f"192.168.{octet}.0/24"), domain="x.test", hosts=[], label=label)
+    virt.create_network(conn, xml)
+
+
+def network_names(conn) -> set[str]:
+    return {n.name() for n in conn.listAllNetworks()}
+
+
+def a_run(root: Path, run_id: str, pid: int) -> Label:
+    """A run's work directory under `root`, labelled with owner `pid`."""
+    folder = root / run_id
+    folder.mkdir()
+    started = process_start(pid) or 0.0
+    label = Label(run_id, pid, Label.current(run_id, folder).host, str(folder), "", started,
+                  Label.current(run_id, folder).boot, Label.current(run_id, folder).pidns)
+    label.write(folder)
+    return label
+
+
+# --- 2: ownership across work roots ------------------------------------------------------
+
+
+def test_a_run_adopted_under_another_work_root_is_not_reaped(roots, conn) -> None:
+    mine, other = roots
+    # booted by a session that is gone, then adopted (--ost-reuse) by a live one under the other root
+    booted = a_run(other, "0adc0de1", dead_pid())
+    labelled_network(conn, "ost-0adc0de1", booted, 201)
+    Label.current("0adc0de1", Path(booted.workdir)).write(Path(booted.workdir))
+    # a dead run of the other root, not adopted: a leftover wherever it is found
+    dead = a_run(other, "dead0003", dead_pid())
+    labelled_network(conn, "ost-dead0003", dead, 202)
+    try:
+        removed = {str(r).split(" (")[0] for r in ledger.reap(conn, mine)}
+        assert removed == {"network ost-dead0003"}
+        assert "ost-0adc0de1" in network_names(conn) and (other / "0adc0de1").is_dir()
+    finally:
+        ledger.remove(conn, ledger.Owned("network", "ost-0adc0de1", booted))
+
+
+def test_a_run_kept_under_another_work_root_is_not_reaped(roots, conn) -> None:
+    mine, other = roots
+    label = a_run(other, "0bee0001", dead_pid())  # its session kept it and ended
+    labelled_network(conn, "ost-0bee0001", label, 203)
+    RunRecord(label, kept=True).write(Path(label.workdir))
+    (other / kept.KEPT_FILE).write_text(json.dumps({"fingerprint": "f", "environment": json.dumps(
+        {"run_id": "0bee0001"})}))
+    try:
+        assert ledger.reap(conn, mine) == []
+        assert "ost-0bee0001" in network_names(conn)
+        kept.forget(other)  # no longer kept (--ost-cleanup): the reaper's now, from any root
+        assert [str(r).split(" (")[0] for r in ledger.reap(conn, mine)] == ["network ost-0bee0001"]
+    finally:
+        if "ost-0bee0001" in network_names(conn):
+            ledger.remove(conn, ledger.Owned("network", "ost-0bee0001", label))
+
+
+def test_a_record_saying_kept_without_kept_json_is_a_leftover(roots, conn) -> None:
+    mine, _ = roots
+    label = a_run(mine, "0bee0002", dead_pid())  # a keep that crashed before kept.json was written
+    RunRecord(label, kept=True).write(Path(label.workdir))
+    assert [r.kind for r in ledger.reap(conn, mine)] == ["workdir"]
+
+
+# --- 4: attach vs reap ---------------------------------------------------------------------
+
+
+def test_attaching_adopts_the_run_before_anyone_can_reap_it(roots, conn, images: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = roots
+    config = OstConfig(libvirt_uri="test:///default", workdir=root, images_dir=images,
+                       subnet_pool=ipaddress.IPv4Network("127.102.0.0/24"))
+    first = Lab(config, owner_pid=dead_pid())  # the session that kept it has ended
+    first.ensure_network()
+    specs: list[VMSpec] = []
+    reuse.keep(first, specs)  # nothing to boot here: the environment is its network
+    assert RunRecord.read(first.workdir.path).kept
+
+    # another session's reaper runs right after the attaching session dropped kept.json
+    reaped = []
+    forget = kept.forget
+
+    def reaper_in_between(where: Path) -> None:
+        forget(where)
+        reaped.extend(ledger.reap(conn, root))
+
+    monkeypatch.setattr(kept, "forget", reaper_in_between)
+    second = Lab(config)
+    try:
+        assert reuse.attach_kept(second, specs)
+        assert reaped == []
+        assert second.run_id == first.run_id and second.network is not None
+        assert RunRecord.read(second.workdir.path).owner.pid == os.getpid()
+    finally:
+        second.close()
+    assert not (root / first.run_id).exists()
+
+
+# --- 3: only whole, ready environments are kept -----------------------------------------------
+
+
+def test_an_environment_whose_vm_never_became_ready_is_not_kept(roots, images: Path) -> None:
+    root, _ = roots
+    config = OstConfig(libvirt_uri="test:///default", workdir=root, images_dir=images,
+                       subnet_pool=ipaddress.IPv4Network("127.103.0.0/24"), boot_timeout=1, max_boots=0,
+                       virt_type="qemu")
+    lab = Lab(config)
+    with pytest.raises(Exception, match="not reachable over SSH within 1 s"):
+        lab.boot([VMSpec("vm", "base")])  # the test driver's VMs never answer
+    assert not lab.vms["vm"].ready
+    reuse.keep(lab, [VMSpec("vm", "base")])
+    assert not (root / kept.KEPT_FILE).exists()
+    assert [p for p in root.iterdir() if p.is_dir()] == []  # removed instead
+
+
+def test_a_kept_vm_without_a_pinned_key_is_not_attached(roots, conn, images: Path) -> None:
+    root, _ = roots
+    config = OstConfig(libvirt_uri="test:///default", workdir=root, images_dir=images,
+                       subnet_pool=ipaddress.IPv4Network("127.104.0.0/24"))
+    lab = Lab(config)
+    lab.ensure_network()
+    env = lab.environment()
+    with pytest.raises(Exception, match="has no pinned host key: it never became ready"):
+        vm = env.vms  # no VM: make one record without a key
+        record = json.loads(env.to_json())
+        record["vms"] = [{"name": f"ost-{env.run_id}-vm", "role": "vm", "hostname": "vm.ost.test", "host_key": "",
+                          "ip": str(env.networks[0].subnet.network_address + 10),
+                          "nics": [{"network": "management", "name": "vm", "mac": "52:54:00:7f:68:0a",
+                                    "ip": str(env.networks[0].subnet.network_address + 10), "ip6": None}],
+                          "image": str(images / "testos-base.qcow2"),
+                          "overlay": str(lab.workdir.path / "o.qcow2"), "console": str(lab.workdir.path / "c.log")}]
+        record["networks"][0]["next_host"] = 11
+        conn.createXML(f"<domain type='test'><name>ost-{env.run_id}-vm</name><memory>1024</memory>"
+                       f"<os><type>hvm</type></os></domain>")
+        Lab(config).attach(Environment.from_json(json.dumps(record), root), verify=True)
+    assert vm == ()
+    lab.close()
+    conn.lookupByName(f"ost-{env.run_id}-vm").destroy()
+
+
+# --- 5: liveness when /proc hides other users' processes ---------------------------------------
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"),
+                    reason="needs root, unshare and setpriv to mount a hidepid /proc as another user")
+def test_another_users_live_session_is_alive_when_proc_hides_it(tmp_path: Path) -> None:
+    python = Path("/usr/bin/python3")
+    if not python.exists() or subprocess.run([str(python), "-c", "import sys; print(sys.version_info[:2])"],
+                                             capture_output=True, text=True).stdout.strip() != \
+            str(tuple(sys.version_info[:2])):
+        pytest.skip("needs a system python3 of this version, which an unprivileged user can run")
+    session = subprocess.Popen(["sleep", "300"])  # root's live session
+    try:
+        owner = Label.current("0ddba11a", tmp_path, session.pid)
+        code = ("import json, sys; from pytest_ostimages.state.owner import Label\n"
+                "print(Label.from_dict(json.loads(sys.argv[1])).owner_alive())")
+        site = next(Path(sys.prefix, "lib").glob("python3*/site-packages"))
+        script = (f"mount -t proc -o hidepid=2 proc /proc && exec setpriv --reuid=65534 --regid=65534 "
+                  f"--clear-groups env PYTHONPATH={site}:{ROOT} {python} -c \"$0\" \"$1\"")
+        seen = subprocess.run(["unshare", "--mount", "sh", "-c", script, code, json.dumps(owner.to_dict())],
+                              capture_output=True, text=True)
+        assert (seen.returncode, seen.stdout.strip()) == (0, "True"), seen.stderr
+    finally:
+        session.kill()
+        session.wait()
+    assert not owner.owner_alive()  # and once it is gone, it is gone
+
+
+def test_a_reused_pid_is_not_the_owner() -> None:
+    me = Label.current("0ddba11b", Path("/w"))
+    assert me.owner_alive()
+    assert not Label(me.run_id, me.pid, me.host, me.workdir, "", me.started - 5, me.boot, me.pidns).owner_alive()
+
+
+# --- 6: the warm cache's one lock protocol ----------------------------------------------------
+
+
+def saved(cache: WarmCache, key: str) -> None:
+    def write(folder: Path) -> dict:
+        (folder / "memory.save").write_bytes(b"\0" * 1000)
+        (folder / "disk.qcow2").write_bytes(b"\0" * 1000)
+        return {"host_key": "ssh-ed25519 AAAA"}
+    assert cache.save(key, write, lambda _: None)
+
+
+def test_a_state_backing_a_kept_run_is_never_evicted(roots) -> None:
+    root, _ = roots
+    cache = WarmCache(root / "warm", limit=0)
+    saved(cache, "a" * 16)
+    run = a_run(root, "0bee0003", dead_pid())  # its session ended; the run is kept (its directory stays)
+    RunRecord(run, kept=True).write(Path(run.workdir))
+    assert cache.use(cache.state("a" * 16), Path(run.workdir))
+    saved(cache, "b" * 16)  # over the limit: evicts what it can
+    assert cache.state("a" * 16).exists()
+    shutil.rmtree(run.workdir)  # the kept run is removed
+    assert cache.clear() == ["a" * 16, "b" * 16]
+
+
+def test_clear_never_takes_a_save_in_progress(roots) -> None:
+    root, _ = roots
+    cache = WarmCache(root / "warm", limit=2**30)
+    writing, release = threading.Event(), threading.Event()
+
+    def slow_write(folder: Path) -> dict:
+        (folder / "memory.save").write_bytes(b"\0" * 1000)
+        writing.set()
+        release.wait(10)
+        return {"host_key": "ssh-ed25519 AAAA"}
+
+    save = threading.Thread(target=cache.save, args=("c" * 16, slow_write, lambda _: None))
+    save.start()
+    assert writing.wait(10)
+    cleared = []
+    clear = threading.Thread(target=lambda: cleared.extend(cache.clear()))
+    clear.start()
+    clear.join(0.5)
+    assert clear.is_alive()  # it waits for the save's lock instead of deleting its folder
+    release.set()
+    save.join()
+    clear.join()
+    assert cache.state("c" * 16).exists() or cleared == ["c" * 16]
+
+
+def test_a_restore_that_finds_no_state_registers_nothing(roots) -> None:
+    root, _ = roots
+    cache = WarmCache(root / "warm", limit=2**30)
+    assert not cache.use(cache.state("d" * 16), root / "0bee0004")
+
+
+# --- 7: a shared environment of no VMs ------------------------------------------------------
+
+
+def test_workers_share_an_environment_without_vms(roots, images: Path) -> None:
+    root, _ = roots
+    config = OstConfig(libvirt_uri="test:///default", workdir=root, images_dir=images,
+                       subnet_pool=ipaddress.IPv4Network("127.105.0.0/24"))
+    share = Share(root / "share")
+    first, second = Lab(config), Lab(config)
+    share.join(first, lambda: first.boot([]))
+    other = Share(root / "share")
+    other.join(second, lambda: second.boot([]))
+    assert second.network is not None and second.run_id == first.run_id
+    other.leave(second)
+    share.leave(first)
+    assert [p for p in root.iterdir() if p.is_dir() and p.name != "share"] == []
+
+
+# --- 9: secrets are private ----------------------------------------------------------------
+
+
+def test_the_seed_with_the_private_host_key_is_private(tmp_path: Path) -> None:
+    pytest.importorskip("pycdlib")
+    seed = tmp_path / "vm.seed.iso"
+    write_seed(seed, "vm", "vm.ost.test", "192.168.1.10", "ssh-rsa AAAA x", HostKey.generate())
+    assert stat.S_IMODE(seed.stat().st_mode) == 0o600
+
+
+def test_a_saved_guest_memory_is_private(roots) -> None:
+    root, _ = roots
+    cache = WarmCache(root / "warm", limit=2**30)
+    saved(cache, "e" * 16)
+    state = cache.state("e" * 16)
+    assert stat.S_IMODE(state.memory.stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.meta.stat().st_mode) == 0o600
+    assert not stat.S_IMODE(state.folder.stat().st_mode) & 0o044  # nobody lists it
+
+
+# --- 10: inputs that must be usage errors at configure time -------------------------------------
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--ost-boot-timeout", "nan", "expected a number of seconds greater than 0"),
+    ("--ost-boot-timeout", "inf", "expected a number of seconds greater than 0"),
+    ("--ost-deploy-timeout", "-1", "expected a number of seconds greater than 0"),
+    ("--ost-workdir", "relative/work", "expected an absolute path"),
+    ("--ost-dns-domain", "-bad-.test", "labels of letters, digits and '-', not starting or ending with '-'"),
+    ("--ost-dns-domain", f"{'x' * 64}.test", "at most 63 characters"),
+])
+def test_a_bad_value_is_a_usage_error_naming_the_option(pytester: pytest.Pytester, option: str, value: str,
+                                                         message: str) -> None:
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess(f"{option}={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {option}={value!r}: *{message}*"])
+
+
+def test_an_init_config_vm_off_the_management_network_is_refused_before_anything(pytester: pytest.Pytester,
+                                                                                  roots) -> None:
+    root, _ = roots
+    config = pytester.path / "suite" / "ost.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({
+        "networks": {"management": {"is_management": True, "nics": ["engine"]}, "storage": {"nics": ["vm-s"]}},
+        "vms": {"engine": {"nics": {"engine": {}}, "root_disk_var": "OST_IMAGES_BASE"},
+                "vm": {"nics": {"vm-s": {}}, "root_disk_var": "OST_IMAGES_BASE"}}}))
+    (root / kept.KEPT_FILE).write_text("{}")  # whatever is kept stays until a session can run
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess(f"--ost-init-config={config}", f"--ost-workdir={root}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: init-config {config}: vms.vm.nics: none of the VM's NICs (vm-s) is on "
+                                 f"the management network 'management'*"])
+    assert (root / kept.KEPT_FILE).read_text() == "{}"
