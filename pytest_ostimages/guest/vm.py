@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
 
 import paramiko
 
+from .. import faults
 from ..errors import BootError, OstError, VMError
 from ..hypervisor.connection import domain_state, libvirt_module
 from ..hypervisor.render import HostEntry
@@ -155,6 +156,7 @@ class VM:
         start = time.monotonic()
         self.ssh(fixup_script(self.hostname.split(".")[0], self.hostname, str(self.ip), key),
                  check=True, timeout=120)
+        faults.point("identity")
         self._ssh.pin(key.pkey())
         self._wait_for_new_sshd()
         return time.monotonic() - start

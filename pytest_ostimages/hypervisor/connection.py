@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
+from .. import faults
 from ..errors import VirtError
 from .render import HostEntry, dhcp_host_xml, dns_host_xml
 
@@ -108,11 +109,13 @@ def _define_and_start(conn: "libvirt.virConnect", xml: str, define: Callable[[st
     libvirt = libvirt_module()
     try:
         obj = define(xml)
+        faults.point(f"{kind}-defined")
     except libvirt.libvirtError as exc:
         raise VirtError(f"libvirt refused the {kind} definition: {exc.get_error_message()}\n"
                         f"Check your {kind}.xml template.") from None
     try:
         obj.create()
+        faults.point(f"{kind}-started")
     except libvirt.libvirtError as exc:
         remove(obj)
         message = exc.get_error_message()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from .. import faults
 from ..errors import WarmStartError
 from ..guest.agent import wait_for_agent
 from ..guest.identity import fixup_script
@@ -101,6 +102,7 @@ class Booter:
                 started(vm)
                 self.progress(f"{plan.role}: booting {plan.image.label} as {plan.name} ({plan.vcpus} vCPU, "
                               f"{plan.memory} MiB, {self.virt_type}) at {plan.ip}")
+            faults.point("ssh-wait")
             seconds = vm.wait_for_ssh(self.boot_timeout, self.abort)
             if plan.cloud_init and plan.host_key is not None:
                 left = max(1.0, self.boot_timeout - seconds)

@@ -150,6 +150,8 @@ class Lab:
         self.virt_type  # noqa: B018 - connects and checks KVM before anything exists
         for leftover in ledger.reap(self.conn, self.config.workdir):
             self.progress(f"removed leftover {leftover}")
+        for partial in WarmCache(self.config.workdir / "warm", 0).remove_crashed_saves():
+            self.progress(f"removed leftover warm state {partial} (its save was interrupted)")
         version = self.conn.getLibVersion()
         self.progress(f"libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000} at "
                       f"{self.config.libvirt_uri}: {self.virt_type} guests, CPU {self.cpu_mode}")

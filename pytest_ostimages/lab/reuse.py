@@ -17,6 +17,7 @@ import hashlib
 import json
 from typing import Any
 
+from .. import faults
 from ..errors import OstError
 from ..state import kept
 from ..state.environment import Environment
@@ -66,6 +67,7 @@ def attach_kept(lab: Lab, specs: list[VMSpec]) -> bool:
             except OstError as exc:
                 why = str(exc)
             else:
+                faults.point("adopt")
                 kept.forget(root)  # from now on nobody else attaches to it
                 lab.progress(f"reusing the VMs kept by an earlier run ({env.run_id})")
                 return True
@@ -87,6 +89,7 @@ def keep(lab: Lab, specs: list[VMSpec]) -> None:
     with kept.locked(root):
         previous = kept.read(root)
         kept.write(root, fingerprint(lab, specs), env)
+        faults.point("keep")
         RunRecord(lab.owner, kept=True).write(lab.workdir.path)  # spared by the reaper from now on
     lab.progress(f"keeping {len(lab.vms)} VMs for the next run with --ost-reuse "
                  f"(pytest --ost-cleanup removes them)")

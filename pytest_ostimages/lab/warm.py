@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Callable
 
 from lxml import etree
 
+from .. import faults
 from ..errors import ImageError, WarmStartError
 from ..guest.agent import guest_exec, wait_for_agent
 from ..hypervisor.connection import libvirt_module, remove
@@ -64,6 +65,7 @@ def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], N
         for snapshot in dom.listAllSnapshots():  # their memory would bloat the saved disk
             snapshot.delete()
         dom.save(str(folder / "memory.save"))
+        faults.point("warm-save")
         shutil.move(str(vm.overlay), folder / "disk.qcow2")
         assert vm.host_key is not None
         return {"image": str(vm.image.path), "role": vm.role, "host_key": openssh_line(vm.host_key)}

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from .. import faults
 from ..errors import OstError
 from ..lab.inputs import VMSpec
 from ..parallel import each
@@ -35,6 +36,7 @@ def run_deploy_scripts(vm: "VM", scripts: tuple[Path, ...], root: Path, logs: Pa
         start = time.monotonic()
         progress(f"{vm.role}: running deploy script {name}")
         vm.put(script, remote)
+        faults.point("deploy")
         with open(log, "w") as out:
             # stopped in the guest (a hung script would hold the session for ever); the SSH
             # channel's own timeout is the backstop should the guest stop answering

@@ -99,6 +99,21 @@ def host_lock(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def host_lock_if_free(name: str) -> Iterator[bool]:
+    """Hold the host-wide lock `name` if nobody holds it; yields whether it is held."""
+    fd = _open_lock(lock_dir() / f"{name}.lock")
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def any_host_slot(prefix: str, count: int, abort: threading.Event,
                   poll_interval: float = 0.1) -> Iterator[float]:
     """Hold one of `count` host-wide locks ``<prefix>-<i>``; yields the seconds waited.

@@ -195,5 +195,12 @@ def find(conn: "libvirt.virConnect", workdir_root: Path) -> list[Leftover]:
 
 
 def reap(conn: "libvirt.virConnect", workdir_root: Path) -> list[Leftover]:
-    """Remove the leftovers of dead runs; returns those removed."""
-    return [item for item in remove_all(conn, find(conn, workdir_root)) if isinstance(item, Leftover)]
+    """Remove the leftovers of dead runs; returns those removed. A kept.json whose run is gone
+    (its keeper died half-way, or it was removed) is forgotten too."""
+    removed = [item for item in remove_all(conn, find(conn, workdir_root)) if isinstance(item, Leftover)]
+    if kept.kept_run(workdir_root) is not None:
+        with kept.locked(workdir_root):
+            run_id = kept.kept_run(workdir_root)
+            if run_id is not None and run_workdir(workdir_root / run_id, run_id) is None:
+                kept.forget(workdir_root)
+    return removed

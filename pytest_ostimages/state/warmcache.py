@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .files import host_lock, write_atomic
+from .files import host_lock, host_lock_if_free, write_atomic
 from .owner import OWNER_FILE
 
 USERS = "users"  # <state>/users/<run id>: the runs whose VMs' disks are backed by the state
@@ -144,6 +144,16 @@ class WarmCache:
                     shutil.rmtree(folder, ignore_errors=True)
             elif SavedState(folder).exists() and self._remove_unused(SavedState(folder)):
                 removed.append(folder.name)
+        return removed
+
+    def remove_crashed_saves(self) -> list[str]:
+        """Remove what saves of sessions that died left (a partial folder no save holds the lock of)."""
+        removed = []
+        for folder in sorted(self.root.glob(f"*{PARTIAL}")) if self.root.is_dir() else []:
+            with host_lock_if_free(f"warm-{folder.name[:-len(PARTIAL)]}") as free:
+                if free:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder.name)
         return removed
 
     def _remove_unused(self, state: SavedState) -> bool:

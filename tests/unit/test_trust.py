@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -156,17 +157,16 @@ def test_environment_record_round_trip_and_validation(root: Path) -> None:
     env = Environment.from_json(json.loads(kept_state(RUN, root))["environment"], root)
     assert (env.networks[0].next_host, env.vms[0].ip) == (11, ipaddress.IPv4Address("192.168.140.10"))
     assert Environment.from_json(env.to_json(), root) == env
-    bad = {
-        "run id": {"run_id": "../victim"},
-        "work directory": {"workdir": "/etc"},
-        "network name": {"networks": [{"name": "default", "subnet": "192.168.140.0/24", "domain": "d",
-                                       "versions": [4], "role": "management", "management": True,
-                                       "next_host": 11}]},
+    bad = {  # what each change makes the record name, and why it is refused
+        "run id '../victim' is not 8 hex digits": {"run_id": "../victim"},
+        "work directory '/etc' is not": {"workdir": "/etc"},
+        "name 'default' is not 'ost-0badc0de'": {
+            "networks": [{"name": "default", "subnet": "192.168.140.0/24", "domain": "d", "versions": [4],
+                          "role": "management", "management": True, "next_host": 11}]},
     }
-    for what, change in bad.items():
-        with pytest.raises(ValueError):
+    for problem, change in bad.items():
+        with pytest.raises(ValueError, match=re.escape(problem)):
             Environment.from_json(json.loads(kept_state(RUN, root, **change))["environment"], root)
-        assert what
     outside = json.loads(json.loads(kept_state(RUN, root))["environment"])
     outside["vms"][0]["overlay"] = "/var/lib/precious.qcow2"
     with pytest.raises(ValueError, match="not in the run's work directory"):

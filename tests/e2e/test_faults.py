@@ -1,0 +1,154 @@
+"""Sessions killed with SIGKILL at every step leave nothing once the next session's reaper ran,
+and nothing foreign is touched meanwhile (pytest_ostimages/faults.py names the steps).
+
+Beside every killed session stand: a domain and a network of the user's (no label), an
+environment kept by --ost-reuse under another work root, and a live session of a third
+work root, booted and waiting. All of them must come out as they went in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pytest_ostimages import faults
+from pytest_ostimages.state.kept import KEPT_FILE
+
+from .helpers import INNER, LIBVIRT_URI, free_subnet, libvirt_objects
+
+VM_TEST = "def test_vm(ost_vm):\n    assert ost_vm.ssh('true').returncode == 0\n"
+NEXT_SESSION = "def test_net(ost_network):\n    pass\n"  # its reaper runs before it makes its network
+
+
+def work_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="ost-faults-", dir="/var/tmp"))
+    root.chmod(0o755)
+    return root
+
+
+def session(folder: Path, root: Path, *args: str, env: dict[str, str] | None = None,
+            test: str = VM_TEST) -> subprocess.CompletedProcess:
+    (folder / "test_it.py").write_text(test)
+    return subprocess.run([sys.executable, "-m", "pytest", *INNER, "-s", f"--ost-workdir={root}", *args, "test_it.py"],
+                          cwd=folder, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env={**os.environ, **(env or {})}, timeout=900)
+
+
+@dataclass
+class Bystanders:
+    foreign: str  # a domain and a network of this name, without our label
+    kept_root: Path  # --ost-reuse kept an environment there
+    live_root: Path  # a session of that root is running
+    labelled: set[str]  # their labelled libvirt objects
+
+    def state(self) -> tuple:
+        import libvirt
+
+        conn = libvirt.open(LIBVIRT_URI)
+        try:
+            return (self.foreign in conn.listDefinedDomains(), conn.networkLookupByName(self.foreign).isActive(),
+                    libvirt_objects(), (self.kept_root / KEPT_FILE).exists(),
+                    sorted(p.name for p in self.kept_root.iterdir()), sorted(p.name for p in self.live_root.iterdir()))
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def bystanders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bystanders]:
+    import libvirt
+
+    conn = libvirt.open(LIBVIRT_URI)
+    foreign = f"users-{secrets.token_hex(3)}"
+    subnet = free_subnet(conn)
+    net = conn.networkDefineXML(f"<network><name>{foreign}</name><bridge name='{foreign[:15]}'/>"
+                                f"<ip address='{subnet.network_address + 1}' prefix='24'/></network>")
+    net.create()
+    dom = conn.defineXML(f"<domain type='qemu'><name>{foreign}</name><memory unit='MiB'>64</memory>"
+                         f"<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
+    kept_root, live_root = work_root(), work_root()
+    folder = tmp_path_factory.mktemp("bystanders")
+    kept = session(folder, kept_root, "--ost-image=base", "--ost-reuse")
+    assert kept.returncode == 0 and "keeping 1 VMs" in kept.stdout, kept.stdout + kept.stderr
+    release = folder / "release"
+    (folder / "live").mkdir()
+    (folder / "live" / "test_live.py").write_text(textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+
+        def test_live(ost_vm):
+            print("LIVE-READY", flush=True)
+            while not Path({str(release)!r}).exists():
+                time.sleep(0.5)
+    """))
+    live = subprocess.Popen([sys.executable, "-m", "pytest", *INNER, "-s", f"--ost-workdir={live_root}",
+                             "--ost-image=base", "test_live.py"], cwd=folder / "live", stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    assert live.stdout is not None
+    seen = []
+    for line in live.stdout:
+        seen.append(line)
+        if "LIVE-READY" in line:
+            break
+    else:
+        pytest.fail("the live session did not get its VM:\n" + "".join(seen))
+    them = Bystanders(foreign, kept_root, live_root, libvirt_objects())
+    assert len(them.labelled) == 4, them.labelled  # two domains and two networks
+    yield them
+    release.touch()
+    assert live.wait(timeout=300) == 0, live.stdout.read()
+    cleanup = session(folder, kept_root, "--ost-cleanup")
+    assert cleanup.returncode == 0, cleanup.stdout
+    dom.undefine()
+    net.destroy()
+    net.undefine()
+    conn.close()
+    for root in (kept_root, live_root):
+        shutil.rmtree(root)
+
+
+def step_args(step: str, folder: Path, root: Path) -> tuple[list[str], str]:
+    """What a session that reaches `step` runs: its arguments and its test module."""
+    if step == "deploy":
+        (folder / "deploy.sh").write_text("sleep 30\n")
+        (folder / "suite").mkdir()
+        (folder / "suite" / "ost.json").write_text(json.dumps({
+            "networks": {"management": {"is_management": True, "nics": ["vm"]}},
+            "vms": {"vm": {"nics": {"vm": {}}, "root_disk_var": "OST_IMAGES_BASE", "deploy-scripts": ["deploy.sh"]}}}))
+        return [f"--ost-init-config={folder / 'suite' / 'ost.json'}", f"--ost-root={folder}"], \
+            "def test_x():\n    pass\n"
+    extra = {"warm-save": ["--ost-warm=on"], "keep": ["--ost-reuse"], "adopt": ["--ost-reuse"]}.get(step, [])
+    return ["--ost-image=base", *extra], VM_TEST
+
+
+@pytest.mark.parametrize("step", faults.STEPS)
+def test_a_session_killed_at_a_step_leaves_nothing(step: str, bystanders: Bystanders, tmp_path: Path) -> None:
+    root = work_root()
+    try:
+        before = bystanders.state()
+        args, test = step_args(step, tmp_path, root)
+        if step == "adopt":  # something kept in this root, to adopt
+            kept = session(tmp_path, root, *args, test=test)
+            assert "keeping 1 VMs" in kept.stdout, kept.stdout + kept.stderr
+        killed = session(tmp_path, root, *args, test=test, env={faults.VARIABLE: step})
+        assert killed.returncode == -signal.SIGKILL, f"never reached {step}:\n{killed.stdout}{killed.stderr}"
+        assert libvirt_objects() != before[2] or step == "warm-save" or list(root.iterdir()), "it left nothing to reap"
+
+        reaper = session(tmp_path, root, test=NEXT_SESSION)
+        assert reaper.returncode == 0, reaper.stdout + reaper.stderr
+        assert bystanders.state() == before  # the foreign, kept and live ones as they were; nothing of ours left
+        assert sorted(p.name for p in root.iterdir()) in ([], ["warm"]), list(root.rglob("*"))
+        assert not (root / "warm").exists() or list((root / "warm").iterdir()) == []
+    finally:
+        shutil.rmtree(root)
