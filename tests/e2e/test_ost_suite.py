@@ -57,6 +57,26 @@ def test_a_failing_deploy_script_stops_the_session(pytester: pytest.Pytester, tm
     assert (libvirt_objects(), workdirs()) == before
 
 
+def test_a_hung_deploy_script_is_stopped_and_reported(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    (tmp_path / "hang.sh").write_text("echo about to hang; sleep 3600\n")
+    suite = tmp_path / "hangsuite"
+    suite.mkdir()
+    (suite / "ost.json").write_text(json.dumps({
+        "networks": {"management": {"is_management": True, "nics": ["vm"]}},
+        "vms": {"vm": {"nics": {"vm": {}}, "root_disk_var": "OST_IMAGES_BASE", "deploy-scripts": ["hang.sh"]}}}))
+    (suite / "test_never.py").write_text("def test_never_runs():\n    pass\n")
+    before = libvirt_objects(), workdirs()
+    result = pytester.runpytest_subprocess(*INNER, f"--ost-init-config={suite / 'ost.json'}", f"--ost-root={tmp_path}",
+                                           "--ost-deploy-timeout=15", str(suite))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([
+        "*pytest-ostimages could not provision OST suite hangsuite: Deploy script hang.sh timed out on VM vm "
+        "(*-ost-hangsuite-vm) after 15 s (--ost-deploy-timeout). Its last 20 lines of output:",
+        "about to hang",
+    ])
+    assert (libvirt_objects(), workdirs()) == before
+
+
 MINI_SUITE = '''
     import os
     from pathlib import Path

@@ -12,6 +12,8 @@ from typing import Iterator
 
 import pytest
 
+from .helpers import DISTRO
+
 SESSION = """
     def test_vms(engine, host0):
         for vm, other in ((engine, host0), (host0, engine)):

@@ -364,3 +364,27 @@ def test_an_init_config_vm_off_the_management_network_is_refused_before_anything
     result.stderr.fnmatch_lines([f"ERROR: init-config {config}: vms.vm.nics: none of the VM's NICs (vm-s) is on "
                                  f"the management network 'management'*"])
     assert (root / kept.KEPT_FILE).read_text() == "{}"
+
+
+# --- 12: a snapshot libvirt refuses is a VMError that says so -----------------------------------
+
+
+def test_a_refused_snapshot_is_a_vm_error(conn, tmp_path: Path) -> None:
+    import paramiko
+
+    from pytest_ostimages.errors import VMError
+    from pytest_ostimages.guest.ssh import SSH
+    from pytest_ostimages.guest.vm import VM
+    from pytest_ostimages.images.catalog import Image
+
+    domain = conn.createXML("<domain type='test'><name>ost-0ddba11c-clean</name><memory>1024</memory>"
+                            "<os><type>hvm</type></os></domain>")
+    vm = VM("ost-0ddba11c-clean", "clean", "clean.ost.test", ipaddress.IPv4Address("127.0.0.1"), "52:54:00:00:00:01",
+            Image("testos", "base", tmp_path / "b.qcow2", (tmp_path / "b.qcow2",), ("qcow2",)),
+            tmp_path / "o.qcow2", tmp_path / "c.log", domain, SSH("127.0.0.1", paramiko.RSAKey.generate(1024)))
+    try:
+        with pytest.raises(VMError, match=r"VM clean \(ost-0ddba11c-clean\) could not go back to snapshot "
+                                          r"'ost-clean': libvirt says .*The VM is running"):
+            vm.revert()  # there is no such snapshot
+    finally:
+        domain.destroy()
