@@ -24,6 +24,7 @@ IDENTITIES = ("auto", "keep")
 CLOUD_INIT = ("auto", "on", "off")
 CPU_MODES = ("auto", "host-passthrough", "host-model", "maximum", "default")
 IP_VERSIONS = ("4", "6", "both")
+FIRMWARES = ("auto", "bios", "efi")
 SUITE_NAME = re.compile(r"[A-Za-z0-9_-]+")  # an OST suite's, as in basic-suite-master
 
 
@@ -82,6 +83,8 @@ class OstConfig:
     root: Optional[Path] = None  # OST_REPO_ROOT: deploy scripts are relative to it (default rootdir)
     ip_version: str = "both"  # addresses of every network: IPv4, IPv6 or both
     deploy_timeout: float = 1800.0  # seconds each OST deploy script may run
+    firmware: str = "auto"  # auto: per image, from its partition table
+    secure_boot: bool = False  # UEFI guests: the firmware with Secure Boot (and Microsoft's keys)
     given: frozenset[str] = frozenset()  # the settings given explicitly (not defaults)
 
     def ip_versions(self) -> tuple[int, ...]:
@@ -285,6 +288,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the name of the init-config's directory)"),
     Setting("root", _path, "OST repository root: deploy-script paths are relative to it (default: "
             "pytest's rootdir)", env_name="OST_REPO_ROOT"),
+    Setting("firmware", _choice(FIRMWARES), "bios, efi, or auto (the default): per image, from its partition "
+            "table (GPT with an EFI System Partition and no BIOS boot code: efi)"),
+    Setting("secure_boot", _bool, "UEFI guests boot with Secure Boot and Microsoft's keys enrolled (only "
+            "signed loaders boot, e.g. shim); default off: the firmware boots signed and unsigned loaders"),
     Setting("deploy_timeout", _seconds, "seconds each deploy script of an OST init-config may run before "
             "it is stopped and reported as failed (default 1800)"),
     Setting("ip_version", _choice(IP_VERSIONS), "addresses on every network: 4, 6 or both (default both: "

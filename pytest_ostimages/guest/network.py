@@ -1,12 +1,37 @@
-"""The guest side of a VM's networking: commands that move it to new addresses."""
+"""The guest side of a VM's networking: commands that move a restored guest to this session's networks.
+
+A restored guest wakes up with NICs that have new MACs (the old ones belonged to
+another session's networks). Each NIC is found by its MAC, never by a name: the
+older ost-images call the first one ``eth0``, kiwi-built ones ``enp1s0``. It gets
+its reserved addresses at once (so that SSH answers on them right away), the
+management NIC the default route and the resolver; then fresh leases are taken in
+the background, through NetworkManager where it runs (ost-images), else through
+ifupdown and dhclient. The old leases are forgotten: asking for them again costs
+a NAK and a round trip.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..hypervisor.render import HostEntry
+
+# name of the NIC with MAC $1, once udev has named it (a hot-plugged NIC is renamed, e.g. eth0 -> enp1s0)
+FIND_NIC = """ost_nic() {
+    for i in $(seq 50); do
+        for d in /sys/class/net/*; do
+            [ "$(cat "$d/address" 2>/dev/null)" = "$1" ] || continue
+            udevadm settle -t 5 2>/dev/null
+            for e in /sys/class/net/*; do [ "$(cat "$e/address" 2>/dev/null)" = "$1" ] && { echo "${e##*/}"; return 0; }; done
+        done
+        sleep 0.1
+    done
+    echo "no NIC with MAC $1" >&2
+    return 1
+}
+if command -v nmcli >/dev/null && nmcli -t -f RUNNING general 2>/dev/null | grep -qx running; then nm=1; else nm=; fi"""
 
 
 @dataclass(frozen=True)
@@ -20,32 +45,37 @@ class Addressing:
     gateway6: Optional[ipaddress.IPv6Address] = None
 
 
-def guest_network(entry: HostEntry, network: Addressing) -> str:
-    """The guest side of moving to the new NIC on `network` (the management one), for the guest agent.
+@dataclass(frozen=True)
+class GuestNIC:
+    """One NIC of a guest: its reservation on a network, and whether it is the management one."""
 
-    NetworkManager (ost-images): a new DHCP connection. ifupdown: the reserved
-    addresses, route and resolver are set at once, and FRESH_LEASES, run last,
-    takes new leases in the background. The old leases belonged to a NIC and a
-    network that are gone: they are forgotten (asking for them again costs a NAK
-    and a round trip).
-    """
-    commands = ["pkill -x dhclient", "rm -f /var/lib/dhcp/dhclient.eth0.leases /var/lib/dhcp/dhclient6.eth0.leases",
-                "ip addr flush dev eth0 scope global"]
-    nameservers: "list[ipaddress.IPv4Address | ipaddress.IPv6Address]" = []
-    if entry.ip is not None:
-        commands += [f"ip addr add {entry.ip}/{network.prefix} brd + dev eth0",
-                     f"ip route replace default via {network.gateway} dev eth0"]
-        nameservers.append(network.gateway)
-    if entry.ip6 is not None and network.prefix6 is not None and network.gateway6 is not None:
-        # with a lifetime: dhclient -6 starts by flushing the permanent global addresses
-        commands.append(f"ip -6 addr add {entry.ip6}/{network.prefix6} dev eth0 nodad "
-                        f"valid_lft 3600 preferred_lft 3600")
-        nameservers.append(network.gateway6)
-    resolv = "\\n".join([f"search {network.domain}", f"nameserver {nameservers[0]}"])
-    commands.append(f"printf '{resolv}\\n' >/etc/resolv.conf")
-    return f"if command -v nmcli >/dev/null; then nmcli device connect eth0; else {'; '.join(commands)}; fi"
+    entry: HostEntry
+    network: Addressing
+    management: bool = False
 
 
-# New leases (IPv4 and DHCPv6) in the background, last: the guest has its addresses already, and
-# dhclient-script, with no old lease to drop, only confirms them.
-FRESH_LEASES = "command -v nmcli >/dev/null || (ifup --force eth0 </dev/null >/dev/null 2>&1 &)"
+def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
+    """(commands that give every NIC its reserved addresses now, commands that take fresh leases in
+    the background), for the guest agent; run the first before the guest's identity, the second after."""
+    now, later = [FIND_NIC, "set -e", '[ -n "$nm" ] || pkill -x dhclient || true'], []
+    for number, nic in enumerate(nics):
+        entry, network, var = nic.entry, nic.network, f"n{number}"
+        now += [f"{var}=$(ost_nic {entry.mac})",
+                f'rm -f /var/lib/dhcp/dhclient.${var}.leases /var/lib/dhcp/dhclient6.${var}.leases',
+                f'ip addr flush dev "${var}" scope global']
+        if entry.ip is not None:
+            now.append(f'ip addr add {entry.ip}/{network.prefix} brd + dev "${var}"')
+            if nic.management:
+                now.append(f'ip route replace default via {network.gateway} dev "${var}"')
+        if entry.ip6 is not None and network.prefix6 is not None:
+            # with a lifetime: dhclient -6 starts by flushing the permanent global addresses
+            now.append(f'ip -6 addr add {entry.ip6}/{network.prefix6} dev "${var}" nodad valid_lft 3600 '
+                       f'preferred_lft 3600')
+        if nic.management:
+            nameserver = network.gateway if entry.ip is not None else network.gateway6
+            now.append(f"printf 'search {network.domain}\\nnameserver {nameserver}\\n' >/etc/resolv.conf")
+        # NetworkManager activates the NIC's profile (a keyfile per name) and takes its leases;
+        # without it, ifupdown's stanza for the NIC does, with dhclient
+        later.append(f'if [ -n "$nm" ]; then nmcli device connect "${var}"; else ifup --force "${var}"; fi')
+    fresh = f"({'; '.join(later)}) </dev/null >/dev/null 2>&1 &"
+    return "\n".join(now), fresh

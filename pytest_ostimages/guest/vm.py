@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
 
 import paramiko
+from lxml import etree
 
 from .. import faults
 from ..errors import BootError, OstError, VMError
+from ..hypervisor import checkpoint
+from ..hypervisor.checkpoint import Checkpoint
 from ..hypervisor.connection import domain_state, libvirt_module
 from ..hypervisor.render import HostEntry
 from ..images.catalog import Image
@@ -55,6 +58,7 @@ class VM:
     ip6: Optional[ipaddress.IPv6Address] = None  # on the management network
     nics: tuple[tuple[str, HostEntry], ...] = ()  # (network role, reservation) of eth0, eth1, ...
     ready: bool = False  # answered SSH, has its identity, its host key pinned
+    checkpoints: dict[str, Checkpoint] = field(default_factory=dict, repr=False)  # UEFI's "snapshots"
 
     @functools.cached_property
     def testinfra(self) -> "TestinfraHost":
@@ -212,20 +216,43 @@ class VM:
         )
 
     def snapshot(self, name: str = CLEAN_SNAPSHOT) -> float:
-        """Save memory and disk as snapshot `name` (inside the overlay); return seconds."""
+        """Save memory and disk as snapshot `name`; return seconds. An internal snapshot (inside
+        the overlay), or with UEFI firmware, which libvirt cannot snapshot internally, a checkpoint
+        beside the overlay (hypervisor/checkpoint.py)."""
         start = time.monotonic()
         with self._snapshot_errors(f"save its state as snapshot {name!r}"):
-            self.domain.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", 0)
+            if checkpoint.uses_pflash(self.domain):
+                self._ssh.close()  # its domain is saved and restored under it
+                self.checkpoints[name], self.domain = checkpoint.take(self.domain, self.overlay, self.nvram, name)
+            else:
+                self.domain.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", 0)
         return time.monotonic() - start
+
+    def has_snapshot(self, name: str = CLEAN_SNAPSHOT) -> bool:
+        """Whether snapshot `name` exists (taken by this session, or by one that kept the VM)."""
+        if name not in self.checkpoints:
+            found = checkpoint.find(self.domain, self.overlay, self.nvram, name)
+            if found is not None:
+                self.checkpoints[name] = found
+        return name in self.checkpoints or name in self.domain.snapshotListNames()
 
     def revert(self, name: str = CLEAN_SNAPSHOT) -> float:
         """Go back to snapshot `name`, running; SSH reconnects on next use. Return seconds."""
         start = time.monotonic()
         self._ssh.close()  # the guest forgot this connection: it predates the snapshot
         with self._snapshot_errors(f"go back to snapshot {name!r}"):
-            self.domain.revertToSnapshot(self.domain.snapshotLookupByName(name),
-                                         libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
+            if name in self.checkpoints:
+                self.domain = checkpoint.go_back(self.domain, self.checkpoints[name], self.overlay, self.nvram)
+            else:
+                self.domain.revertToSnapshot(self.domain.snapshotLookupByName(name),
+                                             libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
         return time.monotonic() - start
+
+    @property
+    def nvram(self) -> Optional[Path]:
+        """The UEFI firmware's variables file, None with BIOS."""
+        found = etree.fromstring(self.domain.XMLDesc().encode()).findtext("os/nvram")
+        return Path(found) if found else None
 
     @contextlib.contextmanager
     def _snapshot_errors(self, what: str) -> Iterator[None]:

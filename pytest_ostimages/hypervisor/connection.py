@@ -65,6 +65,18 @@ def resolve_virt_type(conn: "libvirt.virConnect", requested: str) -> str:
         return "qemu"
 
 
+def firmware_choices(conn: "libvirt.virConnect", virt_type: str, machine: str) -> Optional[list[str]]:
+    """The firmware kinds libvirt can give a `machine` domain ("efi", "bios"); None if it cannot say."""
+    try:
+        capabilities = conn.getDomainCapabilities(None, "x86_64", machine or None, virt_type)
+    except libvirt_error():
+        return None
+    from lxml import etree
+
+    return [value.text or "" for value in etree.fromstring(capabilities.encode()).findall(
+        "os/enum[@name='firmware']/value")]
+
+
 def resolve_cpu_mode(virt_type: str, requested: str) -> str:
     if requested != "auto":
         return requested

@@ -247,8 +247,16 @@ def domain_xml(
     seed: Optional[Path] = None,
     disks: Sequence[tuple[Path, str, str]] = (),
     ost: Optional[OstMetadata] = None,
+    firmware: str = "bios",
+    secure_boot: bool = False,
+    nvram: Optional[Path] = None,
 ) -> str:
     """`backing` is the overlay's chain below it: (file, format), top first.
+
+    `firmware` "efi": libvirt's firmware auto-selection, with or without Secure Boot, the
+    variables in `nvram`; "bios": the template's (SeaBIOS). A template's own <loader> is
+    left alone. On a q35 machine NIC N gets PCIe root port N of its own, so that the
+    guest names it ``enpNs0`` (``ethN-1`` with ``net.ifnames=0``).
 
     `nics`: (network, MAC) of eth0, eth1, ..., each a copy of the template's
     first <interface>. `disks`: extra raw disks (file, target dev, serial) on
@@ -262,6 +270,7 @@ def domain_xml(
     root.set("type", virt_type)
     _child(root, "name").text = name
     _set_metadata(root, label, ost)
+    q35 = _set_firmware(root, firmware, secure_boot, nvram)
     memory = _child(root, "memory")
     memory.set("unit", "MiB")
     memory.text = str(memory_mib)
@@ -301,7 +310,7 @@ def domain_xml(
                          model="dac", relabel="no")
         parent = store
     etree.SubElement(parent, "backingStore")
-    _set_nics(devices, nics)
+    _set_nics(devices, nics, q35)
     serial = devices.find("serial")
     if serial is None:
         serial = etree.SubElement(devices, "serial")
@@ -322,7 +331,35 @@ def domain_xml(
     return _tostring(root)
 
 
-def _set_nics(devices: etree._Element, nics: Sequence[tuple[str, str]]) -> None:
+def _set_firmware(root: etree._Element, firmware: str, secure_boot: bool, nvram: Optional[Path]) -> bool:
+    """The <os> for `firmware`; True for a q35 machine."""
+    os_node = _child(root, "os")
+    machine = (os_node.find("type").get("machine", "") if os_node.find("type") is not None else "")
+    q35 = "q35" in machine
+    if os_node.find("loader") is not None:  # the template chose its firmware itself
+        return q35
+    for old in os_node.findall("firmware") + os_node.findall("nvram"):
+        os_node.remove(old)
+    if firmware != "efi":
+        os_node.attrib.pop("firmware", None)
+        return q35
+    if secure_boot and not q35:
+        raise OstError(f"Secure Boot (--ost-secure-boot) needs a q35 machine; the domain template's "
+                       f"is {machine or 'not set'}. Use machine='q35' in it, or --ost-secure-boot=off.")
+    os_node.set("firmware", "efi")
+    for bios in os_node.findall("bios"):  # SeaBIOS's
+        os_node.remove(bios)
+    features = etree.SubElement(os_node, "firmware")
+    etree.SubElement(features, "feature", enabled="yes" if secure_boot else "no", name="secure-boot")
+    if secure_boot:
+        etree.SubElement(features, "feature", enabled="yes", name="enrolled-keys")
+        _child(root, "features/smm").set("state", "on")
+    if nvram is not None:
+        etree.SubElement(os_node, "nvram").text = str(nvram)
+    return q35
+
+
+def _set_nics(devices: etree._Element, nics: Sequence[tuple[str, str]], q35: bool = False) -> None:
     template = devices.find("interface")
     if template is None:
         template = etree.SubElement(devices, "interface")
@@ -336,6 +373,14 @@ def _set_nics(devices: etree._Element, nics: Sequence[tuple[str, str]]) -> None:
         source.attrib.clear()
         source.set("network", network)
         _child(iface, "mac").set("address", mac)
+        for old in iface.findall("address"):
+            iface.remove(old)
+        if q35:  # NIC N alone on root port N: bus N, so the guest names it enpNs0
+            bus = offset + 1
+            if devices.find(f"controller[@type='pci'][@index='{bus}']") is None:
+                etree.SubElement(devices, "controller", type="pci", index=str(bus), model="pcie-root-port")
+            etree.SubElement(iface, "address", type="pci", domain="0x0000", bus=f"0x{bus:02x}", slot="0x00",
+                             function="0x0")
         devices.insert(place + offset, iface)
 
 

@@ -53,18 +53,28 @@ def patch_save_image(source: Path, target: Path, edit: Callable[[etree._Element]
 
 
 def restored_xml(fresh: etree._Element) -> Callable[[etree._Element], None]:
-    """An edit that gives the saved domain XML the names and files of `fresh` (this session's)."""
+    """An edit that gives the saved domain XML the names and files of `fresh` (this session's):
+    name, metadata, a new UUID, every disk's files (matched by target), every NIC's network and
+    MAC (in order), the firmware's variables file and the console log."""
 
     def edit(root: etree._Element) -> None:
         for tag in ("name", "metadata"):
             _replace(root, root.find(tag), fresh.find(tag))
         root.find("uuid").text = str(uuid.uuid4())  # type: ignore[union-attr]
-        disk, new_disk = root.find("devices/disk[@device='disk']"), fresh.find("devices/disk[@device='disk']")
-        for tag in ("source", "backingStore"):
-            _replace(disk, disk.find(tag), new_disk.find(tag))  # type: ignore[union-attr]
-        iface, new_iface = root.find("devices/interface"), fresh.find("devices/interface")
-        for tag in ("source", "mac"):
-            _replace(iface, iface.find(tag), new_iface.find(tag))  # type: ignore[union-attr]
+        fresh_disks = fresh.findall("devices/disk")
+        for index, disk in enumerate(root.findall("devices/disk")):
+            target = disk.find("target")
+            new_disk = fresh.find(f"devices/disk/target[@dev='{target.get('dev')}']/..") if target is not None else \
+                (fresh_disks[index] if index < len(fresh_disks) else None)  # a saved XML without targets: in order
+            if new_disk is not None:
+                for tag in ("source", "backingStore"):
+                    _replace(disk, disk.find(tag), new_disk.find(tag))
+        for iface, new_iface in zip(root.findall("devices/interface"), fresh.findall("devices/interface")):
+            for tag in ("source", "mac"):
+                _replace(iface, iface.find(tag), new_iface.find(tag))
+        nvram, new_nvram = root.find("os/nvram"), fresh.find("os/nvram")
+        if nvram is not None and new_nvram is not None:
+            nvram.text = new_nvram.text
         console_log = found(fresh, "devices/serial/source").get("path", "")
         for path in ("devices/serial/source", "devices/console/source"):
             node = root.find(path)

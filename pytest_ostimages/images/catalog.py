@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import ImageError
+from . import firmware
 
 PACKAGE_PREFIX = "ost-images-"
 
@@ -84,6 +85,7 @@ class Catalog:
     missing: dict[Path, Package] = field(default_factory=dict)
     _resolved: dict[tuple[str, str], Image] = field(default_factory=dict, repr=False)
     _intact: set[Path] = field(default_factory=set, repr=False)  # checked by qemu-img check
+    _firmware: dict[Path, str] = field(default_factory=dict, repr=False)  # read from the partition table
 
     # --- discovery ------------------------------------------------------------
 
@@ -217,6 +219,12 @@ class Catalog:
                 _check_intact(layer, path, package)
                 self._intact.add(layer)
         return chain, formats
+
+    def firmware(self, image: Image) -> str:
+        """"bios" or "efi": what `image` boots with (images/firmware.py), read once per image."""
+        if image.path not in self._firmware:
+            self._firmware[image.path] = firmware.detect(image.path)
+        return self._firmware[image.path]
 
     def ssh_key(self, distro: str) -> Path:
         """The private root key of the distro's images."""

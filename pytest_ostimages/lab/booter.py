@@ -20,7 +20,7 @@ from ..errors import WarmStartError
 from ..guest.agent import wait_for_agent
 from ..guest.identity import fixup_script
 from ..guest.keys import HostKey, fingerprint, public_key
-from ..guest.network import FRESH_LEASES, Addressing, guest_network
+from ..guest.network import GuestNIC, move_to
 from ..guest.ssh import SSH
 from ..guest.vm import VM
 from ..hypervisor import connection as virt
@@ -54,7 +54,7 @@ class BootPlan:
     cloud_init: bool = False  # it gets its identity (host_key) from a NoCloud seed
     warm_key: Optional[str] = None  # its recipe, when warm start applies to it
     nics: tuple[tuple[str, HostEntry], ...] = ()  # (network role, reservation) of eth0, eth1, ...
-    addressing: Optional[Addressing] = None  # of the management network (a restore sets its addresses)
+    guest_nics: tuple[GuestNIC, ...] = ()  # every NIC with its network (a restore sets its addresses)
 
     @property
     def ip(self) -> "ipaddress.IPv4Address | ipaddress.IPv6Address":
@@ -104,7 +104,7 @@ class Booter:
                               f"{plan.memory} MiB, {self.virt_type}) at {plan.ip}")
             faults.point("ssh-wait")
             seconds = vm.wait_for_ssh(self.boot_timeout, self.abort)
-            if plan.cloud_init and plan.host_key is not None:
+            if plan.cloud_init and plan.host_key is not None and vm.origin == "booted":
                 left = max(1.0, self.boot_timeout - seconds)
                 identity = f", cloud-init done in {vm.finish_cloud_init(plan.host_key, left):.1f} s"
             elif plan.host_key is not None and vm.origin != "booted":
@@ -136,7 +136,7 @@ class Booter:
     def _restore(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
                  started: Callable[[VM], None]) -> Optional[VM]:
         """The VM restored from its recipe's saved state, None if there is none or it failed."""
-        if self.warm is None or plan.warm_key is None or plan.addressing is None:
+        if self.warm is None or plan.warm_key is None or not plan.guest_nics:
             return None
         state = self.warm.state(plan.warm_key)
         if not state.exists():
@@ -149,9 +149,9 @@ class Booter:
             # its own identity in the same agent command: one SSH login, with the new host key
             identity = (fixup_script(plan.hostname.split(".")[0], plan.hostname, str(plan.ip), plan.host_key,
                                      sshd="restart") if plan.host_key is not None else "")
+            addresses, fresh_leases = move_to(plan.guest_nics)
             domain, steps = warm.restore(conn, state, plan.xml, overlay, plan.overlay.with_name(f"{plan.name}.save"),
-                                         f"{guest_network(plan.entry, plan.addressing)}\n{identity}\n"
-                                         f"{FRESH_LEASES}")
+                                         f"{addresses}\n{identity}\n{fresh_leases}")
         except (WarmStartError, OSError) as exc:
             self.progress(f"{plan.role}: warm start from saved state {state.key} failed ({exc}): booting")
             return None

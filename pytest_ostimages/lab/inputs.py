@@ -117,6 +117,10 @@ class Inputs:
         mode = self.config.cloud_init
         return mode == "on" or (mode == "auto" and image.has_package("cloud-init"))
 
+    def firmware(self, image: Image) -> str:
+        """"bios" or "efi" for VMs of `image`: --ost-firmware, else what the image boots with."""
+        return self.config.firmware if self.config.firmware != "auto" else self.catalog.firmware(image)
+
     def size(self, spec: VMSpec) -> tuple[int, int]:
         """Memory (MiB) and vCPUs of `spec`: its own, else the setting for its role."""
         return (spec.memory or self.config.memory.for_role(spec.role),
@@ -127,6 +131,8 @@ class Inputs:
         specs = list(specs)
         self.choose_distro(s.image for s in specs)
         images = {s.role: self.image(s.image) for s in specs}
+        for image in images.values():
+            self.firmware(image)  # an image whose firmware is unknown fails before anything exists
         self.key  # noqa: B018 - a broken key fails before anything exists
         self.templates  # noqa: B018
         return images

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from ..config import OstConfig
 from ..errors import OstError, VMError
 from ..guest.keys import HostKey, openssh_line, public_key
-from ..guest.network import Addressing
+from ..guest.network import Addressing, GuestNIC
 from ..guest.seed import write_seed
 from ..guest.ssh import SSH
 from ..guest.vm import CLEAN_SNAPSHOT, VM
@@ -251,6 +251,7 @@ class Lab:
             raise OstError(f"VM roles must be unique in a session; got {[s.role for s in specs]}"
                            + (f", and {taken} already run" if taken else ""))
         images = self.inputs.check(specs)  # every input checked before anything is made
+        self._check_firmware(list(images.values()))
         for spec in specs:
             if spec.nics and self.management_role not in spec.nics:
                 raise OstError(f"VM {spec.role} has no NIC on the management network (its NICs: "
@@ -268,6 +269,20 @@ class Lab:
             return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
         finally:
             self._write_access_files()
+
+    def _check_firmware(self, images: list[Image]) -> None:
+        """A UEFI image needs UEFI firmware where libvirt runs: say so before anything exists."""
+        uefi = [image for image in images if self.inputs.firmware(image) == "efi"]
+        if not uefi:
+            return
+        machine = self.inputs.templates.load("domain.xml").find("os/type").get("machine", "")
+        choices = virt.firmware_choices(self.conn, self.virt_type, machine)
+        if choices is not None and "efi" not in choices:
+            raise OstError(f"Image {uefi[0].path} boots with UEFI, but libvirt at {self.config.libvirt_uri} has no "
+                           f"UEFI firmware for {machine or 'its default'} machines (its domain capabilities list "
+                           f"{', '.join(choices) or 'none'}). Install OVMF (Debian, Ubuntu: apt install ovmf; EL, "
+                           f"Fedora: dnf install edk2-ovmf) and restart libvirtd, or pass --ost-firmware=bios for an "
+                           f"image that also boots with BIOS.")
 
     def _write_access_files(self) -> None:
         assert self.ssh_key is not None  # made by _start
@@ -294,6 +309,10 @@ class Lab:
         disks = [(self.workdir.raw_disk(f"{name}-{disk.name}", disk.size), disk.name, disk.serial)
                  for disk in spec.disks]
         console = self.workdir.path / f"{name}.console.log"
+        firmware = self.inputs.firmware(image)
+        # in the work directory: libvirt's default NVRAM outlives a transient domain, and a
+        # later domain of the same name would boot with these variables
+        nvram = self.workdir.path / f"{name}.VARS.fd" if firmware == "efi" else None
         hostname = f"{short}.{self.network.domain}"
         host_key = HostKey.generate() if self.config.identity == "auto" else None
         seed = None
@@ -312,17 +331,22 @@ class Lab:
                          backing=list(zip(image.chain, image.chain_formats)),
                          nics=[(self.networks[role].name, e.mac) for role, e in nics],
                          console_log=console, label=self.owner.with_role(spec.role),
-                         shares=spec.shares, seed=seed, disks=disks, ost=ost)
+                         shares=spec.shares, seed=seed, disks=disks, ost=ost, firmware=firmware,
+                         secure_boot=self.config.secure_boot, nvram=nvram)
         # recorded before it exists: an interrupt at any point still removes it
         self.ledger.record("domain", name, self.owner)
         warm_key = None
-        if (self.warm_cache is not None and seed is None and not spec.shares and len(nics) == 1
+        # a restored guest has run cloud-init already (with these user-data) and takes its new
+        # identity through the guest agent: a NoCloud seed is no reason to boot
+        if (self.warm_cache is not None and not spec.shares and len(nics) == 1
                 and not disks and not spec.deploy_scripts):
             warm_key = recipe_key([WARM_RECIPE, image.identity(), memory, vcpus, self.virt_type,
                                    self.cpu_mode, self.inputs.templates.text("domain.xml"),
-                                   self.config.identity, self.config.ip_version])
+                                   self.config.identity, self.config.ip_version, firmware,
+                                   self.config.secure_boot, seed is not None, spec.user_data])
+        guest_nics = tuple(GuestNIC(e, self.addressing(self.networks[role]), e is management) for role, e in nics)
         return BootPlan(spec.role, name, hostname, image, memory, vcpus, management, overlay, console, xml,
-                        host_key, seed is not None, warm_key, nics, self.addressing(self.network))
+                        host_key, seed is not None, warm_key, nics, guest_nics)
 
     def _started(self, vm: VM) -> None:
         self.vms[vm.role] = vm
@@ -379,7 +403,7 @@ class Lab:
                     SSH(str(v.ip), key, host_key=public_key(v.host_key) if v.host_key else None),
                     ip6=reservation.ip6, nics=v.nics, ready=bool(v.host_key))
             # a clean_vm snapshot taken by the earlier session: revert before first use
-            vm.dirty = True if CLEAN_SNAPSHOT in domain.snapshotListNames() else None
+            vm.dirty = True if vm.has_snapshot(CLEAN_SNAPSHOT) else None
             vms.append(vm)
         if verify:
             each(_answers_with_pinned_key, vms)

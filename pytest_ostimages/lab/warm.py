@@ -61,12 +61,22 @@ def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], N
     def write(folder: Path) -> dict[str, str]:
         vm.close()
         dom = vm.domain
-        dom.revertToSnapshot(dom.snapshotLookupByName(SNAPSHOT), libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
-        for snapshot in dom.listAllSnapshots():  # their memory would bloat the saved disk
-            snapshot.delete()
-        dom.save(str(folder / "memory.save"))
-        faults.point("warm-save")
-        shutil.move(str(vm.overlay), folder / "disk.qcow2")
+        ready = vm.checkpoints.get(SNAPSHOT)
+        if ready is not None:  # UEFI: the checkpoint taken when it was ready is the state
+            dom.destroy()
+            shutil.move(str(ready.memory), folder / "memory.save")
+            faults.point("warm-save")
+            shutil.move(str(ready.disk), folder / "disk.qcow2")
+            if ready.nvram is not None:
+                shutil.move(str(ready.nvram), folder / "VARS.fd")
+        else:
+            dom.revertToSnapshot(dom.snapshotLookupByName(SNAPSHOT),
+                                 libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
+            for snapshot in dom.listAllSnapshots():  # their memory would bloat the saved disk
+                snapshot.delete()
+            dom.save(str(folder / "memory.save"))
+            faults.point("warm-save")
+            shutil.move(str(vm.overlay), folder / "disk.qcow2")
         assert vm.host_key is not None
         return {"image": str(vm.image.path), "role": vm.role, "host_key": openssh_line(vm.host_key)}
 
@@ -98,6 +108,9 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overl
         raise WarmStartError(str(exc)) from None
     fresh = etree.fromstring(fresh_xml.encode())
     on_saved_disk(found(fresh, "devices/disk[@device='disk']"), overlay, state.disk)
+    nvram = fresh.findtext("os/nvram")
+    if nvram and state.nvram.is_file():  # the firmware's variables of the saved state (UEFI)
+        shutil.copyfile(state.nvram, nvram)
     patch_save_image(state.memory, memory_copy, restored_xml(fresh))
     step("copy")
     try:
@@ -109,15 +122,17 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overl
         memory_copy.unlink(missing_ok=True)
     step("restore")
     try:
-        # The guest keeps the saved MAC with its device state: give it a new NIC instead.
-        old = found(etree.fromstring(dom.XMLDesc().encode()), "devices/interface")
+        # The guest keeps the saved MACs with its device state: give it new NICs instead, each
+        # where the old one was (on q35 its own PCIe bus: the guest names it as before)
         flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-        dom.detachDeviceFlags(etree.tostring(old, encoding="unicode"), flags)
-        nic = copy.deepcopy(found(fresh, "devices/interface"))
-        for child in nic.findall("address") + nic.findall("alias") + nic.findall("target"):
-            nic.remove(child)
-        dom.attachDeviceFlags(etree.tostring(nic, encoding="unicode"), flags)
-        step("new NIC")
+        for old in etree.fromstring(dom.XMLDesc().encode()).findall("devices/interface"):
+            dom.detachDeviceFlags(etree.tostring(old, encoding="unicode"), flags)
+        for new in fresh.findall("devices/interface"):
+            nic = copy.deepcopy(new)
+            for child in nic.findall("alias") + nic.findall("target"):
+                nic.remove(child)
+            dom.attachDeviceFlags(etree.tostring(nic, encoding="unicode"), flags)
+        step("new NICs")
         if not wait_for_agent(dom, 10):
             raise WarmStartError("its guest agent does not answer")
         step("agent")

@@ -45,6 +45,11 @@ class SavedState:
         return self.folder / "memory.save"
 
     @property
+    def nvram(self) -> Path:
+        """The UEFI firmware's variables at the moment of the save (BIOS guests have none)."""
+        return self.folder / "VARS.fd"
+
+    @property
     def meta(self) -> Path:
         return self.folder / "meta.json"
 

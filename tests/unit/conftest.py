@@ -32,7 +32,13 @@ def images_dir(tmp_path: Path) -> Path:
     """A directory laid out like /usr/share/ost-images, with real (tiny) qcow2 layers."""
     d = tmp_path / "ost-images"
     d.mkdir()
-    qemu_img("create", "-f", "qcow2", str(d / f"{DISTRO}-base.qcow2"), "16M")
+    # a base that boots with BIOS as far as the plugin can tell: an MBR with boot code
+    raw = tmp_path / "base.raw"
+    with open(raw, "wb") as disk:
+        disk.write(b"\xeb\x63\x90" + b"\0" * 507 + b"\x55\xaa")
+        disk.truncate(16 * 2**20)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(d / f"{DISTRO}-base.qcow2"))
+    raw.unlink()
     for layer, parent in (("engine-installed", "base"), ("host-installed", "base"),
                           ("he-installed", "host-installed")):
         # relative backing names, as ost-images ships them
