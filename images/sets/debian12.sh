@@ -1,0 +1,221 @@
+# Recipe of the debian12 test image set, sourced by images/build-test-images
+# (which see): BIOS (MBR + extlinux), ifupdown with eth0 (net.ifnames=0), a flat
+# base and upper layers that are qcow2 overlays on it, changed offline through
+# qemu-storage-daemon's FUSE export.
+# shellcheck shell=bash disable=SC2034,SC2154  # the variables are shared with the driver
+
+DISTRO=debian12                 # no hyphen: the plugin splits <distro>-<layer> at the first one
+SUITE=bookworm
+DISK_SIZE_MIB=2048              # virtual size of the root disk
+PART_OFFSET=1048576             # the root partition starts at 1 MiB (sector 2048)
+
+# Base layer packages (mmdebstrap --variant=minbase plus these).
+BASE_PACKAGES=(
+    linux-image-cloud-amd64 systemd-sysv udev dbus
+    openssh-server ifupdown isc-dhcp-client iproute2 iputils-ping
+    extlinux
+    python3             # ansible modules run on it, as on real ost-images
+    qemu-guest-agent    # warm start: a restored guest is moved to its new network through it
+)
+# Upper layers, all overlays on base: the role names their provision script, and
+# each gets a real extra Debian package so that its pkglist-diff is not empty.
+# cloud-installed has cloud-init (NoCloud only, the network left to ifupdown), as
+# oVirt's hosted-engine appliance: the plugin's NoCloud seed path is tested on it.
+LAYERS=(engine-installed host-installed cloud-installed)
+declare -A LAYER_ROLE=([engine-installed]=engine [host-installed]=host [cloud-installed]=cloud)
+# host-installed also gets what `--ost-run-inside` and its example need: python3 + pytest, LVM.
+declare -A LAYER_PACKAGES=([engine-installed]="less" [host-installed]="netcat-openbsd python3-pytest lvm2"
+                           [cloud-installed]="cloud-init")
+
+SET_TOOLS=(qemu-storage-daemon extlinux)
+SPEC_DEFINES=(--define "ost_flat 0" --define "with_cloud_installed 1")
+MBR_BIN=/usr/lib/syslinux/mbr/mbr.bin
+[ -r "$MBR_BIN" ] || die "missing $MBR_BIN (Debian package syslinux-common)"
+
+configure_base() {
+    local kver
+    kver=$(cd "$ROOT/boot" && ls vmlinuz-* | sed 's/^vmlinuz-//')
+    [ "$(echo "$kver" | wc -l)" = 1 ] || { echo "expected one kernel, got: $kver"; return 1; }
+    [ -e "$ROOT/boot/initrd.img-$kver" ] || { echo "no initrd for $kver"; return 1; }
+
+    # Hostname comes from DHCP: Debian's dhclient-script sets it when the current
+    # one is "localhost".
+    echo localhost >"$ROOT/etc/hostname"
+    cat >"$ROOT/etc/hosts" <<'EOF'
+127.0.0.1	localhost
+::1		localhost ip6-localhost ip6-loopback
+ff02::1		ip6-allnodes
+ff02::2		ip6-allrouters
+EOF
+    rm -f "$ROOT/etc/resolv.conf"   # written by dhclient at boot
+
+    echo "UUID=$ROOT_UUID / ext4 errors=remount-ro 0 1" >"$ROOT/etc/fstab"
+
+    # eth0 (management) at boot; eth1-eth3 (an init-config's other networks) as they
+    # appear, without holding up the boot. IPv4 and IPv6 by DHCP on each, both clients
+    # in the background as NetworkManager runs them on real ost-images (may-fail): a
+    # network of one IP version (--ost-ip-version=4|6) never answers the other client,
+    # and ifupdown's own "inet dhcp" would hold the boot for a minute.
+    {
+        printf 'source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n'
+        local nic
+        for nic in eth0 eth1 eth2 eth3; do
+            echo
+            if [ "$nic" = eth0 ]; then echo "auto $nic"; else echo "allow-hotplug $nic"; fi
+            echo "iface $nic inet manual"
+            echo "    up /usr/local/sbin/ost-dhcp 4"
+            echo "    down /usr/local/sbin/ost-dhcp 4"
+            echo "iface $nic inet6 manual"
+            echo "    up /usr/local/sbin/ost-dhcp 6"
+            echo "    down /usr/local/sbin/ost-dhcp 6"
+        done
+    } >"$ROOT/etc/network/interfaces"
+    # DHCPv6 with a DUID-LL made of the NIC's MAC (as NetworkManager's dhcp-duid=ll on
+    # real ost-images): the networks' DHCPv6 reservations are keyed on it.
+    cat >"$ROOT/usr/local/sbin/ost-dhcp" <<'EOF'
+#!/bin/sh
+# ost-dhcp 4|6: run by ifupdown for an inet or inet6 stanza (IFACE, MODE). The client
+# runs in the background, with ifupdown's own pid and lease files.
+if [ "$1" = 6 ]; then v=6; else v=; fi
+pidfile=/run/dhclient$v.$IFACE.pid
+leases=/var/lib/dhcp/dhclient$v.$IFACE.leases
+if [ "$MODE" != start ]; then
+    /sbin/dhclient -"$1" -x -pf "$pidfile" "$IFACE" >/dev/null 2>&1 || true
+    exit 0
+fi
+ip link set dev "$IFACE" up
+if [ "$1" = 4 ]; then
+    exec /sbin/dhclient -4 -nw -pf "$pidfile" -lf "$leases" "$IFACE" </dev/null >/dev/null 2>&1
+fi
+rm -f "$leases"  # it holds the DUID of another MAC in a cloned or restored guest
+(
+    # dhclient -6 sends from the link-local address: wait until it is usable (up to 10 s;
+    # eth0 may predate the sysctl that turns duplicate address detection off)
+    for i in $(seq 100); do
+        ip -6 -o addr show dev "$IFACE" scope link | grep -v tentative | grep -q inet6 && break
+        sleep 0.1
+    done
+    exec /sbin/dhclient -6 -D LL -pf "$pidfile" -lf "$leases" "$IFACE"
+) </dev/null >/dev/null 2>&1 &
+EOF
+    chmod 0755 "$ROOT/usr/local/sbin/ost-dhcp"
+    # No duplicate address detection: the link-local address is usable at once, so
+    # dhclient -6 binds to it right away (every address here is reserved anyway).
+    printf 'net.ipv6.conf.all.accept_dad = 0\nnet.ipv6.conf.default.accept_dad = 0\n' \
+        >"$ROOT/etc/sysctl.d/90-ost-images.conf"
+    # Send the MAC as DHCP client id instead of a DUID generated on first boot, so
+    # that every fresh overlay with the same MAC is the same DHCP client (stable
+    # leases and reservations); do not send our own "localhost" as host name.
+    sed -i -e '/^send host-name/d' "$ROOT/etc/dhcp/dhclient.conf"
+    echo 'send dhcp-client-identifier = hardware;' >>"$ROOT/etc/dhcp/dhclient.conf"
+
+    install -d -m 0700 "$ROOT/root/.ssh"
+    install -m 0600 "$OUT/${DISTRO}_id_rsa.pub" "$ROOT/root/.ssh/authorized_keys"
+    cat >"$ROOT/etc/ssh/sshd_config.d/ost-images.conf" <<'EOF'
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+UseDNS no
+EOF
+
+    # Boot loader: no menu, boot at once; the kernel logs on the serial console.
+    mkdir -p "$ROOT/boot/extlinux"
+    cat >"$ROOT/boot/extlinux/extlinux.conf" <<EOF
+SERIAL 0 115200
+DEFAULT debian
+PROMPT 0
+TIMEOUT 1
+LABEL debian
+  LINUX /boot/vmlinuz-$kver
+  INITRD /boot/initrd.img-$kver
+  APPEND root=UUID=$ROOT_UUID ro console=ttyS0,115200n8 net.ifnames=0
+EOF
+
+    # ifupdown-pre.service waits for "udevadm settle", i.e. for the whole coldplug
+    # (slow under TCG), before networking.service may bring eth0 up. Wait for eth0
+    # alone; settle as before if it does not show up.
+    mkdir -p "$ROOT/etc/systemd/system/ifupdown-pre.service.d"
+    cat >"$ROOT/etc/systemd/system/ifupdown-pre.service.d/ost-images.conf" <<'EOF'
+[Service]
+ExecStart=
+ExecStart=/bin/sh -c 'udevadm wait --timeout=60 /sys/class/net/eth0 || udevadm settle'
+EOF
+
+    # Nothing periodic, no LVM snapshot reaping in a test VM.
+    local unit
+    for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
+                e2scrub_reap.service fstrim.timer dpkg-db-backup.timer; do
+        ln -sf /dev/null "$ROOT/etc/systemd/system/$unit"
+    done
+
+    echo base >"$ROOT/etc/ost-layer"
+    printf '%s base layer, build %s (%s)\n' "$DISTRO" "$fingerprint" "$(date -u +%FT%TZ)" \
+        >"$ROOT/etc/ost-layer-base"
+}
+
+make_base_disk() {
+    pkglist "$ROOT/var/lib/dpkg" >"$OUT/$DISTRO-base-pkglist.txt"
+    : >"$OUT/$DISTRO-base-pkglist-diff.txt"
+
+    local raw=$WORK/base.raw part_kib
+    rm -f "$raw"
+    truncate -s "${DISK_SIZE_MIB}M" "$raw"
+    echo "label: dos
+start=$((PART_OFFSET / 512)), type=83, bootable" | sfdisk --no-reread --no-tell-kernel "$raw"
+    part_kib=$(((DISK_SIZE_MIB * 1048576 - PART_OFFSET) / 1024))
+    mkfs.ext4 -F -q -L root -U "$ROOT_UUID" -E offset=$PART_OFFSET -d "$ROOT" "$raw" "${part_kib}k"
+    mkdir -p "$WORK/mnt"
+    mount_push "$WORK/mnt" -o loop,offset=$PART_OFFSET "$raw"
+    extlinux --install "$WORK/mnt/boot/extlinux"
+    umount_pop
+    wait_loop_detached "$raw"
+    dd if="$MBR_BIN" of="$raw" bs=440 count=1 conv=notrunc status=none
+    # Compressed (zstd: about 110 MB instead of 330, in 2 s; zlib takes 8 s), sparse.
+    qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$raw" "$OUT/$DISTRO-base.qcow2"
+    rm -f "$raw"
+    qemu-img info "$OUT/$DISTRO-base.qcow2"
+}
+
+make_layer() {  # make_layer LAYER
+    local layer=$1 mnt=$WORK/mnt-$1 img=$DISTRO-$1.qcow2
+    # A real overlay, backing file referenced by its relative name.
+    (cd "$OUT" && qemu-img create -f qcow2 -b "$DISTRO-base.qcow2" -F qcow2 "$img")
+    qsd_mount "$OUT/$img" "$WORK/$layer.raw" "$mnt" "$PART_OFFSET"
+
+    install_layer_debs "$mnt" "$layer"
+    if [ "$layer" = cloud-installed ]; then
+        # minbase has no locales: cloud-init's locale module would fail
+        printf '%s\n' 'datasource_list: [NoCloud, None]' 'network: {config: disabled}' 'locale: false' \
+            >"$mnt/etc/cloud/cloud.cfg.d/99-ost-images.cfg"
+        : >"$mnt/etc/machine-id"   # every boot of a fresh overlay makes its own
+    fi
+
+    layer_pkglists "$mnt" "$layer"
+    sync
+    qsd_umount "$WORK/$layer.raw"
+    qemu-img check "$OUT/$img"
+    (cd "$OUT" && qemu-img info --backing-chain "$img")
+    write_provision_script "$layer" "a qcow2 overlay of $DISTRO-base.qcow2"
+}
+
+build_set() {
+    step "configuring base rootfs" configure_base
+    step "building $DISTRO-base.qcow2" make_base_disk
+    local layer
+    for layer in "${LAYERS[@]}"; do
+        step "building $DISTRO-$layer.qcow2 (+ ${LAYER_PACKAGES[$layer]})" make_layer "$layer"
+    done
+}
+
+# After installing: the base is flat, each upper layer an overlay on the installed base.
+check_installed_layer() {  # check_installed_layer LAYER
+    local backing
+    backing=$(cd "$INSTALL_DIR" && backing_file "$DISTRO-$1.qcow2")
+    if [ "$1" = base ]; then
+        [ -z "$backing" ] || die "$INSTALL_DIR/$DISTRO-base.qcow2: has a backing file ('$backing')"
+        return 0
+    fi
+    [ "$backing" = "$DISTRO-base.qcow2" ] \
+        || die "$INSTALL_DIR/$DISTRO-$1.qcow2: backing file is '$backing'"
+    (cd "$INSTALL_DIR" && qemu-img info -U --backing-chain "$DISTRO-$1.qcow2" >/dev/null) \
+        || die "$INSTALL_DIR/$DISTRO-$1.qcow2: broken backing chain"
+}
