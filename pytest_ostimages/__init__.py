@@ -1,5 +1,6 @@
 """pytest-ostimages: disposable VMs booted from installed, layered ost-images."""
 
+from .checkpoints import checkpoint
 from .config import OstConfig
 from .errors import BootError, ImageError, OstError, SSHCommandError, VirtError, VMError
 from .fixtures import LayerFactory, VMFactory, clean_vm_fixture, vm_fixture, vm_group_fixture, vm_member_fixture
@@ -16,5 +17,5 @@ __all__ = [
     "BootError", "Catalog", "CommandResult", "Environment", "Image", "ImageError", "Lab", "LayerFactory",
     "LayerRecipe", "Network", "build_layer",
     "OstConfig", "OstError", "SSHCommandError", "VM", "VMFactory", "VMSpec", "VirtError", "VMError",
-    "clean_vm_fixture", "vm_fixture", "vm_group_fixture", "vm_member_fixture",
+    "checkpoint", "clean_vm_fixture", "vm_fixture", "vm_group_fixture", "vm_member_fixture",
 ]

@@ -73,6 +73,7 @@ class OstConfig:
     identity: str = "auto"
     cloud_init: str = "auto"
     warm: bool = True
+    warm_dir: Optional[Path] = None  # the saved states; None: <workdir>/warm
     warm_cache_size: int = 20  # GiB
     run_inside: Optional[str] = None  # a layer: run the session's tests inside a VM of it
     inside_setup: Optional[Path] = None
@@ -89,6 +90,11 @@ class OstConfig:
 
     def ip_versions(self) -> tuple[int, ...]:
         return {"4": (4,), "6": (6,), "both": (4, 6)}[self.ip_version]
+
+    @property
+    def warm_root(self) -> Path:
+        """Where warm start's saved states are."""
+        return self.warm_dir if self.warm_dir is not None else self.workdir / "warm"
 
 
 # --- parsers: str -> value, raising ValueError with what was expected -------------
@@ -269,6 +275,8 @@ SETTINGS: tuple[Setting, ...] = (
             "cloud-init (its package list says so); on: for every VM; off: never"),
     Setting("warm", _bool, "on/off: warm start, restore VMs from states saved by earlier sessions "
             "instead of booting them, and save new ones at the end of the session (default on)"),
+    Setting("warm_dir", _absolute_path, "where warm start keeps its saved states (default <workdir>/warm); "
+            "sessions of different work directories share them when they name the same"),
     Setting("warm_cache_size", _positive_int, "GiB the saved states may take, least recently used "
             "out (default 20)"),
     Setting("artifacts", _path, "after a failed run, save console logs, journals, /var/log, "

@@ -106,6 +106,14 @@ class VMFactory:
         role = role or f"vm{len(self._lab.vms)}"
         return self.many([VMSpec(role, image, memory, vcpus, user_data=user_data)])[0]
 
+    def remove(self, vm: VM) -> None:
+        """Remove a VM before the session ends (one a test booted for itself)."""
+        if self._shared:
+            pytest.fail("ost_vm_factory cannot remove VMs of an environment shared by xdist workers "
+                        "(--ost-share).", pytrace=False)
+        with user_errors(self._request.config, self._request.session):
+            self._lab.remove_vm(vm)
+
     def many(self, specs: list[VMSpec]) -> list[VM]:
         """Boot several VMs together."""
         if self._shared:

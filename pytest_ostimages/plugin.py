@@ -46,9 +46,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.getgroup("ostimages").addoption(
         "--ost-warm-cache", action="store_true", default=False,
         help="with --ost-cleanup: also remove the saved states of warm start (--ost-warm)")
+    parser.getgroup("ostimages").addoption(
+        "--ost-warm-list", action="store_true", default=False,
+        help="list the saved states of warm start (VMs, deployed OST suites, checkpoint fixtures) with "
+             "their inputs, size and age, then exit without running tests")
 
 
 def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
+    if config.getoption("ost_warm_list"):
+        settings = ostconfig.from_pytest(config)
+        for line in report.warm_listing(WarmCache(settings.warm_root, 0)):
+            print(line)
+        return int(pytest.ExitCode.OK)
     if not config.getoption("ost_cleanup"):
         return None
     settings = ostconfig.from_pytest(config)
@@ -66,7 +75,7 @@ def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
     for leftover in leftovers:
         print(f"removed {leftover}")
     if config.getoption("ost_warm_cache"):
-        for key in WarmCache(settings.workdir / "warm", 0).clear():
+        for key in WarmCache(settings.warm_root, 0).clear():
             print(f"removed saved state {key}")
     print(f"pytest-ostimages: removed {len(leftovers)} leftovers at {settings.libvirt_uri} "
           f"and in {settings.workdir}")

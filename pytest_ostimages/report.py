@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import pytest
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from .config import OstConfig
     from .guest.vm import VM
     from .images.catalog import Catalog
+    from .state.warmcache import WarmCache
 
 log = logging.getLogger("pytest_ostimages")
 
@@ -58,6 +60,19 @@ def vm_sections(vms: Iterable["VM"]) -> list[tuple[str, str]]:
             if journal is not None:
                 sections.append((f"ost {vm.role}: journal (last {JOURNAL_TAIL} lines)", journal))
     return sections
+
+
+def warm_listing(cache: "WarmCache") -> list[str]:
+    """What ``--ost-warm-list`` prints: each saved state, what it is, its inputs, size and age."""
+    lines = []
+    for state, meta in cache.listing():
+        age = (time.time() - float(meta.get("saved", time.time()))) / 3600
+        what = (f"{meta.get('name')} ({', '.join(meta.get('roles', []))})" if meta.get("kind") == "environment"
+                else f"VM {meta.get('role')} of {meta.get('image')}")
+        inputs = "; ".join(f"{k}: {v}" for k, v in (meta.get("inputs") or {}).items() if v)
+        lines.append(f"{state.key}  {state.size() / 2**20:8.0f} MiB  {age:6.1f} h old  {what}"
+                     + (f"  [{inputs}]" if inputs else "") + (f"  on {meta['parent']}" if meta.get("parent") else ""))
+    return lines or [f"no saved states in {cache.root}"]
 
 
 def progress(config: pytest.Config) -> Callable[[str], None]:

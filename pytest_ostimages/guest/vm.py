@@ -59,6 +59,7 @@ class VM:
     nics: tuple[tuple[str, HostEntry], ...] = ()  # (network role, reservation) of eth0, eth1, ...
     ready: bool = False  # answered SSH, has its identity, its host key pinned
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict, repr=False)  # UEFI's "snapshots"
+    backed_by: Optional[str] = None  # the saved state (warm start) its disks are overlays of
 
     @functools.cached_property
     def testinfra(self) -> "TestinfraHost":
@@ -247,6 +248,13 @@ class VM:
                 self.domain.revertToSnapshot(self.domain.snapshotLookupByName(name),
                                              libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
         return time.monotonic() - start
+
+    def replace_domain(self, domain: "libvirt.virDomain", overlay: Path, host_key: Optional[paramiko.PKey]) -> None:
+        """The VM runs in `domain` now, on `overlay`, and answers with `host_key` (a restore)."""
+        self._ssh.close()
+        self.domain, self.overlay = domain, overlay
+        if host_key is not None:
+            self._ssh.pin(host_key)
 
     @property
     def nvram(self) -> Optional[Path]:

@@ -259,7 +259,7 @@ def domain_xml(
     guest names it ``enpNs0`` (``ethN-1`` with ``net.ifnames=0``).
 
     `nics`: (network, MAC) of eth0, eth1, ..., each a copy of the template's
-    first <interface>. `disks`: extra raw disks (file, target dev, serial) on
+    first <interface>. `disks`: extra qcow2 disks (file, target dev, serial) on
     virtio-scsi, as OST attaches them.
 
     `cpu_mode` "default" removes <cpu> and lets libvirt choose. `shares`: host
@@ -389,7 +389,7 @@ def _add_scsi_disks(devices: etree._Element, disks: Sequence[tuple[Path, str, st
         etree.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
     for path, target, serial in disks:
         disk = etree.SubElement(devices, "disk", type="file", device="disk")
-        etree.SubElement(disk, "driver", name="qemu", type="raw", cache="unsafe", discard="unmap")
+        etree.SubElement(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
         etree.SubElement(disk, "source", file=str(path))
         etree.SubElement(disk, "target", dev=target, bus="scsi")
         etree.SubElement(disk, "serial").text = serial

@@ -28,7 +28,7 @@ from ..hypervisor.render import HostEntry
 from ..images.catalog import Image
 from ..parallel import each
 from ..state.slots import BootSlots
-from ..state.warmcache import WarmCache
+from ..state.warmcache import SavedState, WarmCache
 from . import warm
 
 if TYPE_CHECKING:
@@ -55,6 +55,9 @@ class BootPlan:
     warm_key: Optional[str] = None  # its recipe, when warm start applies to it
     nics: tuple[tuple[str, HostEntry], ...] = ()  # (network role, reservation) of eth0, eth1, ...
     guest_nics: tuple[GuestNIC, ...] = ()  # every NIC with its network (a restore sets its addresses)
+    saved: Optional[SavedState] = None  # restore it from this state (or boot, if there is none)
+    saved_in: Optional[SavedState] = None  # the cache's state `saved` is in (an environment's, or itself)
+    strict: bool = False  # a failed restore is an error (a whole environment's), not a boot
 
     @property
     def ip(self) -> "ipaddress.IPv4Address | ipaddress.IPv6Address":
@@ -109,6 +112,8 @@ class Booter:
                 identity = f", cloud-init done in {vm.finish_cloud_init(plan.host_key, left):.1f} s"
             elif plan.host_key is not None and vm.origin != "booted":
                 identity = ", own identity given through the guest agent"
+            elif vm.origin != "booted":
+                identity = ", the saved state's identity kept"
             elif plan.host_key is not None:
                 identity = f", own identity in {vm.take_identity(plan.host_key):.1f} s"
             else:
@@ -135,31 +140,36 @@ class Booter:
 
     def _restore(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
                  started: Callable[[VM], None]) -> Optional[VM]:
-        """The VM restored from its recipe's saved state, None if there is none or it failed."""
-        if self.warm is None or plan.warm_key is None or not plan.guest_nics:
-            return None
-        state = self.warm.state(plan.warm_key)
-        if not state.exists():
+        """The VM restored from its saved state, None if there is none or (not strict) it failed.
+
+        A VM of a single-VM state gets its own identity; a VM of an environment's state keeps
+        the state's (plan.host_key is None): the environment's VMs may trust each other's keys.
+        """
+        state, top = plan.saved, plan.saved_in or plan.saved
+        if self.warm is None or state is None or top is None or not plan.guest_nics:
             return None
         start = time.monotonic()
-        if not self.warm.use(state, plan.overlay.parent):  # evicted meanwhile
+        if not (state.exists() and self.warm.use(top, plan.overlay.parent)):  # none, or evicted meanwhile
+            if plan.strict:
+                raise WarmStartError(f"the saved state {top.key} of {plan.role} is gone")
             return None
         try:
-            overlay = plan.overlay.with_name(f"{plan.name}.warm.qcow2")
             # its own identity in the same agent command: one SSH login, with the new host key
             identity = (fixup_script(plan.hostname.split(".")[0], plan.hostname, str(plan.ip), plan.host_key,
                                      sshd="restart") if plan.host_key is not None else "")
             addresses, fresh_leases = move_to(plan.guest_nics)
-            domain, steps = warm.restore(conn, state, plan.xml, overlay, plan.overlay.with_name(f"{plan.name}.save"),
-                                         f"{addresses}\n{identity}\n{fresh_leases}")
+            domain, overlay, steps = warm.restore(conn, state, plan.xml, plan.overlay.with_name(f"{plan.name}.save"),
+                                                  f"{addresses}\n{identity}\n{fresh_leases}")
         except (WarmStartError, OSError) as exc:
+            if plan.strict:
+                raise WarmStartError(f"{plan.role}: {exc}") from None
             self.progress(f"{plan.role}: warm start from saved state {state.key} failed ({exc}): booting")
             return None
         host_key = plan.host_key.pkey() if plan.host_key is not None else public_key(state.host_key())
         vm = plan.vm(domain, SSH(str(plan.ip), key, host_key=host_key), overlay,
-                     origin=f"restored from saved state {state.key}")
+                     origin=f"restored from saved state {top.key}", backed_by=top.key)
         started(vm)
-        self.progress(f"{plan.role}: restored {plan.image.label} from saved state {state.key} as "
+        self.progress(f"{plan.role}: restored {plan.image.label} from saved state {top.key} as "
                       f"{plan.name} at {plan.ip} in {time.monotonic() - start:.1f} s ("
                       + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items()) + ")")
         return vm

@@ -40,7 +40,7 @@ class VMSpec:
 
 @dataclass(frozen=True)
 class Disk:
-    """An extra empty disk: a sparse raw file of `size` bytes; the guest sees `serial`."""
+    """An extra empty disk: a qcow2 file of `size` bytes (sparse); the guest sees `serial`."""
 
     name: str  # e.g. sda (the init-config's key)
     size: int

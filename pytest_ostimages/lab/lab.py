@@ -12,17 +12,21 @@ environment is built from that record before it makes anything itself.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import ipaddress
+import json
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..config import OstConfig
-from ..errors import OstError, VMError
+from ..errors import OstError, VMError, WarmStartError
 from ..guest.keys import HostKey, openssh_line, public_key
-from ..guest.network import Addressing, GuestNIC
+from ..guest.network import Addressing, GuestNIC, move_to
 from ..guest.seed import write_seed
 from ..guest.ssh import SSH
 from ..guest.vm import CLEAN_SNAPSHOT, VM
@@ -36,7 +40,7 @@ from ..state.environment import (FIRST_VM_HOST, LAST_VM_HOST, Environment, Netwo
 from ..state.ledger import Ledger
 from ..state.owner import Label, RunRecord
 from ..state.slots import BootSlots
-from ..state.warmcache import WarmCache, recipe_key
+from ..state.warmcache import SavedState, WarmCache, recipe_key
 from . import warm
 from .access import write_inventory, write_ssh_files
 from .booter import Booter, BootPlan
@@ -86,10 +90,12 @@ class Lab:
         self.inputs = Inputs(config, catalog)
         self.run = Run.new(config.workdir, owner_pid)
         self.vms: dict[str, VM] = {}
+        self.specs: dict[str, VMSpec] = {}  # what each VM was booted from (its role's)
         self.networks: dict[str, Network] = {}  # by role, the management network first
         self.ost: Optional[OstDeployment] = None  # set for an OST suite (--ost-init-config)
         self.ssh_key: Optional[Path] = None  # the distro's key as a 0600 file, once started
         self.ledger = Ledger()  # what close() removes, each object recorded before it exists
+        self.current_environment: Optional[str] = None  # the saved environment the VMs are in now, if any
         self.interrupted = False  # Ctrl-C or SIGTERM: close() tears down at once
         self._next_host: dict[str, int] = {}  # per network role
         self._conn: Optional["libvirt.virConnect"] = None
@@ -132,7 +138,7 @@ class Lab:
         """The host-wide saved states (next to the custom layers), None with --ost-warm=off."""
         if not self.config.warm:
             return None
-        return WarmCache(self.config.workdir / "warm", self.config.warm_cache_size * 2**30)
+        return WarmCache(self.config.warm_root, self.config.warm_cache_size * 2**30)
 
     @property
     def booter(self) -> Booter:
@@ -150,7 +156,7 @@ class Lab:
         self.virt_type  # noqa: B018 - connects and checks KVM before anything exists
         for leftover in ledger.reap(self.conn, self.config.workdir):
             self.progress(f"removed leftover {leftover}")
-        for partial in WarmCache(self.config.workdir / "warm", 0).remove_crashed_saves():
+        for partial in WarmCache(self.config.warm_root, 0).remove_crashed_saves():
             self.progress(f"removed leftover warm state {partial} (its save was interrupted)")
         version = self.conn.getLibVersion()
         self.progress(f"libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000} at "
@@ -244,8 +250,13 @@ class Lab:
         assert self.network is not None
         return self.network
 
-    def boot(self, specs: list[VMSpec]) -> list[VM]:
-        """Boot `specs` together and wait until each answers SSH (none: just the networks)."""
+    def boot(self, specs: list[VMSpec], environment: Optional[SavedState] = None) -> list[VM]:
+        """Boot `specs` together and wait until each answers SSH (none: just the networks).
+
+        `environment`: restore them all from this saved environment instead (save_environment),
+        each keeping the identity it was saved with; if any of them cannot be restored, they all
+        boot.
+        """
         taken = [s.role for s in specs if s.role in self.vms]
         if len({s.role for s in specs}) != len(specs) or taken:
             raise OstError(f"VM roles must be unique in a session; got {[s.role for s in specs]}"
@@ -264,9 +275,20 @@ class Lab:
         nics = self._connect(specs)
         if not specs:
             return []
-        plans = [self._plan(spec, spec_nics, images[spec.role]) for spec, spec_nics in zip(specs, nics)]
+        plans = [self._plan(spec, spec_nics, images[spec.role], environment) for spec, spec_nics in zip(specs, nics)]
+        self.specs.update((spec.role, spec) for spec in specs)
         try:
-            return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
+            try:
+                return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
+            except WarmStartError as exc:
+                if environment is None:
+                    raise
+                self.progress(f"saved environment {environment.key} cannot be restored ({exc}): booting instead")
+                for plan in plans:  # those restored: the boot takes their names
+                    if plan.role in self.vms:
+                        virt.remove(self.vms.pop(plan.role).domain)
+                plans = [dataclasses.replace(p, saved=None, saved_in=None, strict=False) for p in plans]
+                return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
         finally:
             self._write_access_files()
 
@@ -299,14 +321,15 @@ class Lab:
         return Addressing(network.subnet.prefixlen, network.gateway, network.domain,
                           network.subnet6.prefixlen if network.subnet6 is not None else None, network.gateway6)
 
-    def _plan(self, spec: VMSpec, nics: tuple[tuple[str, HostEntry], ...], image: Image) -> BootPlan:
+    def _plan(self, spec: VMSpec, nics: tuple[tuple[str, HostEntry], ...], image: Image,
+              environment: Optional[SavedState] = None) -> BootPlan:
         """Overlay, disks, identity (host key, NoCloud seed) and domain XML of one VM of a batch."""
         assert self.network is not None
         memory, vcpus = self.inputs.size(spec)
         name, short = self.names(spec.role)
         management = next(e for role, e in nics if role == self.management_role)
         overlay = self.workdir.overlay(image, name)
-        disks = [(self.workdir.raw_disk(f"{name}-{disk.name}", disk.size), disk.name, disk.serial)
+        disks = [(self.workdir.empty_disk(f"{name}-{disk.name}", disk.size), disk.name, disk.serial)
                  for disk in spec.disks]
         console = self.workdir.path / f"{name}.console.log"
         firmware = self.inputs.firmware(image)
@@ -345,11 +368,112 @@ class Lab:
                                    self.config.identity, self.config.ip_version, firmware,
                                    self.config.secure_boot, seed is not None, spec.user_data])
         guest_nics = tuple(GuestNIC(e, self.addressing(self.networks[role]), e is management) for role, e in nics)
-        return BootPlan(spec.role, name, hostname, image, memory, vcpus, management, overlay, console, xml,
+        plan = BootPlan(spec.role, name, hostname, image, memory, vcpus, management, overlay, console, xml,
                         host_key, seed is not None, warm_key, nics, guest_nics)
+        if environment is not None:  # restored as saved: the environment's VMs may trust each other's keys
+            return dataclasses.replace(plan, host_key=None, warm_key=None, saved=environment.vm(spec.role),
+                                       saved_in=environment, strict=True)
+        if warm_key is not None and self.warm_cache is not None:
+            return dataclasses.replace(plan, saved=self.warm_cache.state(warm_key))
+        return plan
 
     def _started(self, vm: VM) -> None:
         self.vms[vm.role] = vm
+
+    # --- what shaped the VMs, and environments saved whole (warm start) ------------------
+
+    def fingerprint(self, specs: list[VMSpec]) -> str:
+        """What shaped the VMs of `specs`: a kept or saved environment is used only if it is unchanged.
+
+        An OST suite's deploy scripts are in it by content: VMs that ran them are not asked to
+        run them again, and a changed script makes a new environment.
+        """
+        config = self.config
+        parts: list[Any] = [config.libvirt_uri, config.virt_type, config.cpu_mode, config.dns_domain,
+                            config.identity, config.ip_version, config.firmware, config.secure_boot,
+                            self.ost and self.ost.suite, [(n.role, n.management) for n in self.topology]]
+        for spec in sorted(specs, key=lambda s: s.role):
+            parts.append([spec.role, self.inputs.image(spec.image).identity(), *self.inputs.size(spec),
+                          spec.nics, spec.disks, spec.shares, spec.user_data,
+                          [hashlib.sha256(script.read_bytes()).hexdigest() for script in spec.deploy_scripts]])
+        for name in ("domain.xml", "network.xml"):
+            parts.append(self.inputs.templates.text(name))
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+    def environment_key(self, specs: list[VMSpec]) -> str:
+        """The warm cache's key of the environment of `specs` as provisioned (booted, deployed)."""
+        return recipe_key([WARM_RECIPE, "environment", self.fingerprint(specs), self.virt_type, self.cpu_mode])
+
+    def save_environment(self, key: str, meta: dict[str, Any]) -> Optional[SavedState]:
+        """Save every VM of the lab together, as state `key` of the warm cache, and let them go on.
+
+        The VMs are paused first, so that their states belong together; each then goes on where
+        it was, on new overlays of its saved disks. `meta` is kept with the state (a
+        checkpoint's name, inputs and value). None with --ost-warm=off or without VMs.
+        """
+        cache, vms = self.warm_cache, list(self.vms.values())
+        if cache is None or not vms:
+            return None
+        state, start = cache.state(key), time.monotonic()
+        parents = sorted({vm.backed_by for vm in vms if vm.backed_by})  # saved states their disks are on
+
+        def write(folder: Path) -> dict[str, Any]:
+            for vm in vms:
+                vm.close()
+                vm.domain.suspend()  # all of them, before any is saved
+            each(lambda vm: warm.save_vm(vm, folder / vm.role), vms)
+            return {**meta, "kind": "environment", "roles": sorted(self.vms), "parents": parents}
+
+        if not cache.save(key, write, self.progress):
+            return state  # saved by another session meanwhile; these VMs were not touched
+        for parent in parents:  # its disks are backed by theirs
+            cache.use(cache.state(parent), state.folder)
+        cache.use(state, self.workdir.path)
+        each(lambda vm: warm.resume_saved(vm, state.vm(vm.role)), vms)
+        self.current_environment = key
+        self.progress(f"environment of {len(vms)} VMs saved as {key} in {time.monotonic() - start:.1f} s "
+                      f"({state.size() // 2**20} MiB)")
+        return state
+
+    def restore_environment(self, state: SavedState) -> None:
+        """Replace the lab's running VMs by those of `state` (saved by save_environment), each
+        on this session's networks with its own MACs and addresses, keeping its saved identity."""
+        cache = self.warm_cache
+        roles = state.data().get("roles", [])
+        if cache is None or sorted(self.vms) != sorted(roles):
+            raise WarmStartError(f"saved environment {state.key} holds VMs {roles}, this session {sorted(self.vms)}")
+        damaged = [role for role in roles if not (state.vm(role).memory.is_file() and state.vm(role).disk.is_file())]
+        if damaged or not cache.use(state, self.workdir.path):
+            raise WarmStartError(f"saved environment {state.key} is damaged or gone (VMs {damaged or roles})")
+        start = time.monotonic()
+        each(lambda vm: self._restore_vm(vm, state.vm(vm.role)), list(self.vms.values()))
+        self.current_environment = state.key
+        self._write_access_files()
+        self.progress(f"environment of {len(roles)} VMs restored from {state.key} in {time.monotonic() - start:.1f} s")
+
+    def _restore_vm(self, vm: VM, saved: SavedState) -> None:
+        fresh = vm.domain.XMLDesc()  # this session's names, networks, MACs and files
+        vm.close()
+        vm.domain.destroy()  # transient: gone; its name is restored from the state
+        addresses, fresh_leases = move_to([GuestNIC(e, self.addressing(self.networks[role]),
+                                                    role == self.management_role and vm.ip in e.addresses)
+                                           for role, e in vm.nics])
+        domain, overlay, _ = warm.restore(self.conn, saved, fresh, vm.overlay.with_name(f"{vm.name}.save"),
+                                          f"{addresses}\n{fresh_leases}")
+        vm.replace_domain(domain, overlay, public_key(saved.host_key()))
+        vm.backed_by = saved.folder.parent.name
+        vm.wait_for_ssh(self.config.boot_timeout)
+
+    def remove_vm(self, vm: VM) -> None:
+        """Remove one VM of the lab before the session ends (its domain; its files go with the lab's)."""
+        if self.vms.get(vm.role) is not vm:
+            raise OstError(f"VM {vm.role} ({vm.name}) is not one of run {self.run_id}'s VMs.")
+        vm.close()
+        del self.vms[vm.role]
+        self.specs.pop(vm.role, None)
+        self.ledger.remove(self._conn, "domain", vm.name)
+        self._write_access_files()
+        self.progress(f"{vm.role}: removed")
 
     def clean(self, vm: VM) -> str:
         """Make `vm` clean for a test (clean_vm): its first use saves the just-booted state, every

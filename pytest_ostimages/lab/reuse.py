@@ -13,10 +13,6 @@ boots afresh. ``--ost-cleanup`` forgets it, so that the reaper takes it.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any
-
 from .. import faults
 from ..errors import OstError
 from ..state import kept
@@ -28,22 +24,8 @@ from .lab import Lab
 
 
 def fingerprint(lab: Lab, specs: list[VMSpec]) -> str:
-    """What shaped the VMs of `specs`: a kept environment is reused only if it is unchanged.
-
-    An OST suite's deploy scripts are in it by content: the kept VMs already ran them,
-    so a session that attaches does not run them again, and a changed script boots afresh.
-    """
-    config = lab.config
-    parts: list[Any] = [config.libvirt_uri, config.virt_type, config.cpu_mode, config.dns_domain,
-                        config.identity, config.ip_version, lab.ost and lab.ost.suite,
-                        [(n.role, n.management) for n in lab.topology]]
-    for spec in sorted(specs, key=lambda s: s.role):
-        parts.append([spec.role, lab.inputs.image(spec.image).identity(), *lab.inputs.size(spec),
-                      spec.nics, spec.disks, spec.shares, spec.user_data,
-                      [hashlib.sha256(script.read_bytes()).hexdigest() for script in spec.deploy_scripts]])
-    for name in ("domain.xml", "network.xml"):
-        parts.append(lab.inputs.templates.text(name))
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+    """What shaped the VMs of `specs` (Lab.fingerprint): the kept environment is reused only if unchanged."""
+    return lab.fingerprint(specs)
 
 
 def attach_kept(lab: Lab, specs: list[VMSpec]) -> bool:

@@ -30,6 +30,9 @@ bounded in size (least recently used out, never a state in use) and removed by
 from __future__ import annotations
 
 import copy
+import json
+import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +47,7 @@ from ..hypervisor.connection import libvirt_module, remove
 from ..images.overlay import create_overlay
 from ..hypervisor.saveimage import found, on_saved_disk, patch_save_image, restored_xml
 from ..guest.keys import openssh_line
+from ..state.files import write_atomic
 from ..state.warmcache import SavedState, WarmCache
 
 if TYPE_CHECKING:
@@ -86,13 +90,70 @@ def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], N
                  f"({state.size() // 2**20} MiB, {state.folder})")
 
 
-def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overlay: Path,
-            memory_copy: Path, guest_setup: str) -> tuple["libvirt.virDomain", dict[str, float]]:
-    """Restore `state` as the domain of `fresh_xml` (this session's), on the network with its MAC.
+def save_vm(vm: "VM", folder: Path) -> None:
+    """Save `vm` (paused) into `folder`, a VM's part of an environment's state: its memory, its disks
+    (they become the state's read-only layers) and its UEFI variables. Its domain stops."""
+    dom = vm.domain
+    for snapshot in dom.listAllSnapshots():  # they would stay in the saved disk, unreachable
+        snapshot.delete()
+    vm.checkpoints.clear()
+    vm.dirty, vm.warm_key = None, None  # superseded: clean_vm and warm start begin from this state
+    live = etree.fromstring(dom.XMLDesc().encode())
+    (folder / "disks").mkdir(parents=True)
+    dom.save(str(folder / "memory.save"))
+    faults.point("warm-save")
+    state = SavedState(folder)
+    for disk, layer in _disk_layers(live, state):
+        os.replace(found(disk, "source").get("file", ""), layer)
+    nvram = live.findtext("os/nvram")
+    if nvram:
+        shutil.copyfile(nvram, state.nvram)
+    assert vm.host_key is not None
+    write_atomic(state.meta, json.dumps({"role": vm.role, "image": str(vm.image.path),
+                                         "host_key": openssh_line(vm.host_key)}))
+
+
+def resume_saved(vm: "VM", saved: SavedState) -> None:
+    """After save_vm: `vm` goes on where it was, on new overlays (at its disks' paths) of `saved`'s layers."""
+    conn = vm.domain.connect()
+    root = etree.fromstring(conn.saveImageGetXMLDesc(str(saved.memory), 0).encode())
+    for disk, layer in saved_disks(root, saved):
+        source = Path(found(disk, "source").get("file", ""))
+        create_overlay(layer, source)
+        on_saved_disk(disk, source, layer)
+    conn.restoreFlags(str(saved.memory), etree.tostring(root, encoding="unicode"),
+                      libvirt_module().VIR_DOMAIN_SAVE_RUNNING)
+    vm.replace_domain(conn.lookupByName(vm.name), vm.overlay, vm.host_key)
+    vm.backed_by = saved.folder.parent.name
+
+
+def _disk_layers(domain: etree._Element, state: SavedState) -> list[tuple[etree._Element, Path]]:
+    """The writable disks of `domain` (XML: the root disk first, the extra ones by target) and the
+    file of `state` each becomes."""
+    disks = domain.findall("devices/disk[@device='disk']")
+    layers = [(disks[0], state.disk)] if disks else []
+    for disk in disks[1:]:
+        target = disk.find("target")
+        if disk.find("readonly") is None and target is not None:  # not the NoCloud seed
+            layers.append((disk, state.extra_disk(target.get("dev", ""))))
+    return layers
+
+
+def saved_disks(domain: etree._Element, state: SavedState) -> list[tuple[etree._Element, Path]]:
+    """The disks of `domain` (XML) and the read-only layers of `state` each is to be an overlay on:
+    the root disk on the state's disk, each extra disk on the state's disk of that target."""
+    return [(disk, layer) for disk, layer in _disk_layers(domain, state) if layer.is_file()]
+
+
+def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memory_copy: Path,
+            guest_setup: str) -> tuple["libvirt.virDomain", Path, dict[str, float]]:
+    """Restore `state` as the domain of `fresh_xml` (this session's), on its networks with its MACs,
+    every disk a new overlay on the state's, beside the file `fresh_xml` names (which a boot
+    after a failed restore still uses).
 
     `guest_setup`: shell commands run in the guest through its agent (guest_network and its identity).
 
-    Returns the domain and the seconds each step took.
+    Returns the domain, its root disk's overlay and the seconds each step took.
     """
     libvirt = libvirt_module()
     steps: dict[str, float] = {}
@@ -102,12 +163,16 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overl
         nonlocal mark
         steps[name], mark = time.monotonic() - mark, time.monotonic()
 
-    try:
-        create_overlay(state.disk, overlay)
-    except ImageError as exc:
-        raise WarmStartError(str(exc)) from None
     fresh = etree.fromstring(fresh_xml.encode())
-    on_saved_disk(found(fresh, "devices/disk[@device='disk']"), overlay, state.disk)
+    overlays, tag = [], secrets.token_hex(3)  # each restore its own files
+    for disk, saved in saved_disks(fresh, state):  # the root disk, and the extra disks the state holds
+        source = Path(found(disk, "source").get("file", ""))
+        overlays.append(source.with_name(f"{source.name.split('.')[0]}.{tag}.qcow2"))
+        try:
+            create_overlay(saved, overlays[-1])
+        except ImageError as exc:
+            raise WarmStartError(str(exc)) from None
+        on_saved_disk(disk, overlays[-1], saved)
     nvram = fresh.findtext("os/nvram")
     if nvram and state.nvram.is_file():  # the firmware's variables of the saved state (UEFI)
         shutil.copyfile(state.nvram, nvram)
@@ -145,4 +210,4 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, overl
         remove(dom)  # the one just restored: the fallback boot takes its name
         raise WarmStartError(f"the restored guest could not be moved to this session's network "
                              f"(guest agent?): {message}") from None
-    return dom, steps
+    return dom, overlays[0], steps

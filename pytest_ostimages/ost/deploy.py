@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from .. import faults
 from ..errors import OstError
@@ -60,5 +60,17 @@ def deploy(lab: Lab, specs: Iterable[VMSpec], root: Path) -> None:
     logs = lab.workdir.path / "deploy"
     logs.mkdir(exist_ok=True)
     start = time.monotonic()
-    each(lambda job: run_deploy_scripts(job[0], job[1], root, logs, lab.progress, lab.config.deploy_timeout), jobs)
+
+    def run(job: tuple["VM", tuple[Path, ...]]) -> Optional[DeployError]:
+        try:
+            run_deploy_scripts(job[0], job[1], root, logs, lab.progress, lab.config.deploy_timeout)
+        except DeployError as exc:
+            return exc
+        return None
+
+    failed = [error for error in each(run, jobs) if error is not None]  # every VM's, not only the first
+    if len(failed) == 1:
+        raise failed[0]
+    if failed:
+        raise DeployError(f"{len(failed)} deploy scripts failed:\n\n" + "\n\n".join(map(str, failed)))
     lab.progress(f"deploy scripts of {len(jobs)} VMs done in {time.monotonic() - start:.1f} s")

@@ -79,14 +79,27 @@ class OstSuite:
         self._export(OST_DEPLOYMENT=str(lab.workdir.path), OST_IMAGES_SSH_KEY=str(lab.ssh_key))
 
     def _boot_and_deploy(self) -> None:
+        """Boot the topology and run its deploy scripts, or (warm start) restore it deployed, as an
+        earlier session saved it right after its deploy scripts."""
         assert self.lab is not None
-        lab = self.lab
-        lab.progress(f"OST suite {self.topology.suite}: {len(self.topology.networks)} networks, "
-                     f"{len(self.topology.vms)} VMs from {self.topology.path}")
-        lab.boot(list(self.topology.vms))
+        lab, specs, suite = self.lab, list(self.topology.vms), self.topology.suite
+        lab.progress(f"OST suite {suite}: {len(self.topology.networks)} networks, "
+                     f"{len(specs)} VMs from {self.topology.path}")
+        key = lab.environment_key(specs) if lab.warm_cache is not None else None
+        saved = lab.warm_cache.state(key) if lab.warm_cache is not None and key is not None else None
+        vms = lab.boot(specs, environment=saved if saved is not None and saved.exists() else None)
         assert lab.ssh_key is not None
         write_ost_hosts(lab.workdir.path / "hosts", lab.vms.values(), lab.ssh_key, lab.workdir.path / "known_hosts")
-        deploy(lab, self.topology.vms, self.root)
+        if all(vm.origin != "booted" for vm in vms) and saved is not None and saved.exists():
+            lab.current_environment = saved.key
+            lab.progress(f"OST suite {suite}: restored deployed from saved environment {saved.key}: "
+                         f"its deploy scripts did not run again")
+            return
+        deploy(lab, specs, self.root)
+        if key is not None:
+            lab.save_environment(key, {"name": f"OST suite {suite} deployed", "inputs": {
+                "init-config": str(self.topology.path),
+                "deploy scripts": sorted({str(s) for spec in specs for s in spec.deploy_scripts})}})
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         lab, self.lab = self.lab, None

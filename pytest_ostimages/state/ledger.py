@@ -138,6 +138,12 @@ class Ledger:
     def __bool__(self) -> bool:
         return bool(self._items)
 
+    def remove(self, conn: Optional["libvirt.virConnect"], kind: str, name: str) -> bool:
+        """Remove one recorded object now (through remove(), its label checked) and forget it."""
+        items = [item for item in self._items if (item.kind, item.name) == (kind, name)]
+        self._items = [item for item in self._items if item not in items]
+        return bool(remove_all(conn, items))
+
     def workdir(self) -> Optional[Owned]:
         return next((item for item in self._items if item.kind == "workdir"), None)
 

@@ -1,9 +1,13 @@
-"""The host-wide cache of saved VM states for warm start: one folder per recipe, bounded in size.
+"""The host-wide cache of saved VM states for warm start: one folder per key, bounded in size.
 
-``<root>/<key>/`` holds ``disk.qcow2`` (the disk at the moment of the save, read-only,
-backed by the installed image), ``memory.save`` (libvirt's save image) and
-``meta.json``. States are saved atomically (a partial folder renamed into place under
-the state's host-wide lock) and evicted least recently used first, never one in use.
+A VM's state, ``<root>/<key>/`` (or ``<root>/<key>/<role>/`` inside an environment's),
+holds ``disk.qcow2`` (the disk at the moment of the save, read-only, backed by the
+installed image or by an earlier state's disk), ``disks/<dev>.qcow2`` (its extra
+disks), ``VARS.fd`` (UEFI variables) and ``memory.save`` (libvirt's save image). An
+environment's state (an OST topology deployed, a checkpoint fixture's end) holds one
+such folder per VM and its ``meta.json``. States are saved atomically (a partial folder
+renamed into place under the state's host-wide lock) and evicted least recently used
+first, never one in use.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .files import host_lock, host_lock_if_free, write_atomic
-from .owner import OWNER_FILE
+from .owner import OWNER_FILE, RUN_ID
 
-USERS = "users"  # <state>/users/<run id>: the runs whose VMs' disks are backed by the state
+USERS = "users"  # <state>/users/<id>: the runs (and later states) whose disks are backed by the state
 PARTIAL = ".partial"  # a save in progress (or crashed)
 
 
@@ -49,6 +53,9 @@ class SavedState:
         """The UEFI firmware's variables at the moment of the save (BIOS guests have none)."""
         return self.folder / "VARS.fd"
 
+    def extra_disk(self, dev: str) -> Path:
+        return self.folder / "disks" / f"{dev}.qcow2"
+
     @property
     def meta(self) -> Path:
         return self.folder / "meta.json"
@@ -56,11 +63,18 @@ class SavedState:
     def exists(self) -> bool:
         return self.meta.is_file()
 
+    def data(self) -> dict[str, Any]:
+        return dict(json.loads(self.meta.read_text()))
+
     def host_key(self) -> str:
-        return str(json.loads(self.meta.read_text())["host_key"])
+        return str(self.data()["host_key"])
+
+    def vm(self, role: str) -> "SavedState":
+        """The state of VM `role` inside an environment's state."""
+        return SavedState(self.folder / role)
 
     def size(self) -> int:
-        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
 
 
 class WarmCache:
@@ -81,29 +95,36 @@ class WarmCache:
     def state(self, key: str) -> SavedState:
         return SavedState(self.root / key)
 
-    def use(self, state: SavedState, run_workdir: Path) -> bool:
-        """Register the run of `run_workdir` as a user of `state` (its VMs' disks will be backed
-        by it) and mark it recently used; False if the state is gone."""
+    def use(self, state: SavedState, user: Path) -> bool:
+        """Register `user`, a run's work directory (its VMs' disks will be backed by `state`) or a
+        later state's folder (its disks are), and mark `state` recently used; False if it is gone."""
         with host_lock(f"warm-{state.key}"):
             if not state.exists():
                 return False
             users = state.folder / USERS
             users.mkdir(mode=0o700, exist_ok=True)
-            write_atomic(users / run_workdir.name, str(run_workdir))
+            # in use while this file exists: the run's owner record, or the later state's meta data
+            marker = user / (OWNER_FILE if RUN_ID.fullmatch(user.name) else "meta.json")
+            write_atomic(users / user.name, str(marker))
             os.utime(state.meta)  # last use, for the least-recently-used eviction
             return True
 
     def in_use(self, state: SavedState) -> bool:
-        """Whether a run that registered `state` still has its work directory (hold the state's lock)."""
+        """Whether a user that registered `state` is still there (hold the state's lock)."""
         for user in (state.folder / USERS).glob("*") if (state.folder / USERS).is_dir() else []:
             try:
-                workdir = Path(user.read_text())
+                marker = Path(user.read_text())
             except OSError:
                 continue
-            if workdir.name == user.name and (workdir / OWNER_FILE).exists():
+            if marker.parent.name == user.name and marker.exists():
                 return True
-            user.unlink(missing_ok=True)  # that run has ended
+            user.unlink(missing_ok=True)  # that run has ended, or that state is gone
         return False
+
+    def listing(self) -> list[tuple[SavedState, dict[str, Any]]]:
+        """Every saved state with its meta data, least recently used first."""
+        states = [s for s in (SavedState(p) for p in self.root.glob("*") if p.is_dir()) if s.exists()]
+        return [(s, s.data()) for s in sorted(states, key=lambda s: s.meta.stat().st_mtime)]
 
     def save(self, key: str, write: Callable[[Path], dict[str, Any]], progress: Callable[[str], None]) -> bool:
         """Save state `key`: `write(folder)` puts its files into a new folder and returns its meta
@@ -118,9 +139,10 @@ class WarmCache:
             partial.chmod(0o711)  # qemu's user reaches the disk in it; nobody lists it
             meta = write(partial)
             write_atomic(partial / "meta.json", json.dumps({"key": key, "saved": time.time(), **meta}))
-            for path in partial.iterdir():
-                # guest memory and disk hold whatever the guest had: keys, passwords
-                path.chmod(0o644 if path.name == "disk.qcow2" else 0o600)
+            for path in partial.rglob("*"):
+                # guest memory and its variables hold whatever the guest had: keys, passwords;
+                # qemu's user reads the disks (they back every restore's overlays)
+                path.chmod(0o711 if path.is_dir() else 0o644 if path.suffix == ".qcow2" else 0o600)
             os.replace(partial, state.folder)
         self.evict(keep=key, progress=progress)
         return True

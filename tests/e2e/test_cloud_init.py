@@ -6,6 +6,8 @@ from __future__ import annotations
 from pytest_ostimages import VMFactory, VMSpec
 from pytest_ostimages.guest.keys import fingerprint
 
+from .helpers import libvirt_objects
+
 GUEST_KEY = "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub"
 ANSWERS = {  # as hosted-engine-setup injects engine-setup's answer file
     "write_files": [{"path": "/etc/ost-answers.conf", "content": "[environment:default]\nOVESETUP=x\n"}],
@@ -29,3 +31,7 @@ def test_three_clones_with_cloud_init_and_user_data(ost_vm_factory: VMFactory) -
     assert vms[0].ssh("cat /root/first-boot-command.out", check=True).stdout.startswith("2 ")
     assert vms[1].ssh("test -e /etc/ost-answers.conf").returncode == 1
     assert "status: done" in vms[1].ssh("cloud-init status", check=True).stdout
+    # done with them: removed now, not at the session's end (idle emulated guests cost CPU)
+    for vm in vms:
+        ost_vm_factory.remove(vm)
+    assert not {vm.name for vm in vms} & {o.split()[1] for o in libvirt_objects()}

@@ -26,9 +26,10 @@ import pytest
 from pytest_ostimages import faults
 from pytest_ostimages.state.kept import KEPT_FILE
 
-from .helpers import INNER, LIBVIRT_URI, free_subnet, libvirt_objects
+from .helpers import INNER, LIBVIRT_URI, RESTORABLE, free_subnet, libvirt_objects
 
 VM_TEST = "def test_vm(ost_vm):\n    assert ost_vm.ssh('true').returncode == 0\n"
+VM = ["--ost-image=engine-installed"]  # the bystanders and the sessions killed after boot: restorable
 NEXT_SESSION = "def test_net(ost_network):\n    pass\n"  # its reaper runs before it makes its network
 
 
@@ -70,6 +71,7 @@ def bystanders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bystanders]
     import libvirt
 
     conn = libvirt.open(LIBVIRT_URI)
+    already = libvirt_objects()  # the outer session's own VMs, for one
     foreign = f"users-{secrets.token_hex(3)}"
     subnet = free_subnet(conn)
     net = conn.networkDefineXML(f"<network><name>{foreign}</name><bridge name='{foreign[:15]}'/>"
@@ -79,43 +81,47 @@ def bystanders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bystanders]
                          f"<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
     kept_root, live_root = work_root(), work_root()
     folder = tmp_path_factory.mktemp("bystanders")
-    kept = session(folder, kept_root, "--ost-image=base", "--ost-reuse")
-    assert kept.returncode == 0 and "keeping 1 VMs" in kept.stdout, kept.stdout + kept.stderr
     release = folder / "release"
-    (folder / "live").mkdir()
-    (folder / "live" / "test_live.py").write_text(textwrap.dedent(f"""
-        import time
-        from pathlib import Path
+    live = None
+    try:
+        kept = session(folder, kept_root, *VM, *RESTORABLE, "--ost-reuse")
+        assert kept.returncode == 0 and "keeping 1 VMs" in kept.stdout, kept.stdout + kept.stderr
+        (folder / "live").mkdir()
+        (folder / "live" / "test_live.py").write_text(textwrap.dedent(f"""
+            import time
+            from pathlib import Path
 
-        def test_live(ost_vm):
-            print("LIVE-READY", flush=True)
-            while not Path({str(release)!r}).exists():
-                time.sleep(0.5)
-    """))
-    live = subprocess.Popen([sys.executable, "-m", "pytest", *INNER, "-s", f"--ost-workdir={live_root}",
-                             "--ost-image=base", "test_live.py"], cwd=folder / "live", stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-    assert live.stdout is not None
-    seen = []
-    for line in live.stdout:
-        seen.append(line)
-        if "LIVE-READY" in line:
-            break
-    else:
-        pytest.fail("the live session did not get its VM:\n" + "".join(seen))
-    them = Bystanders(foreign, kept_root, live_root, libvirt_objects())
-    assert len(them.labelled) == 4, them.labelled  # two domains and two networks
-    yield them
-    release.touch()
-    assert live.wait(timeout=300) == 0, live.stdout.read()
-    cleanup = session(folder, kept_root, "--ost-cleanup")
-    assert cleanup.returncode == 0, cleanup.stdout
-    dom.undefine()
-    net.destroy()
-    net.undefine()
-    conn.close()
-    for root in (kept_root, live_root):
-        shutil.rmtree(root)
+            def test_live(ost_vm):
+                print("LIVE-READY", flush=True)
+                while not Path({str(release)!r}).exists():
+                    time.sleep(0.5)
+        """))
+        live = subprocess.Popen([sys.executable, "-m", "pytest", *INNER, *RESTORABLE, "-s", f"--ost-workdir={live_root}",
+                                 *VM, "test_live.py"], cwd=folder / "live", stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        assert live.stdout is not None
+        seen = []
+        for line in live.stdout:
+            seen.append(line)
+            if "LIVE-READY" in line:
+                break
+        else:
+            pytest.fail("the live session did not get its VM:\n" + "".join(seen))
+        them = Bystanders(foreign, kept_root, live_root, libvirt_objects() - already)
+        assert len(them.labelled) == 4, them.labelled  # two domains and two networks
+        yield them
+    finally:
+        release.touch()
+        if live is not None:
+            assert live.wait(timeout=300) == 0, live.stdout.read() if live.stdout else ""
+        cleanup = session(folder, kept_root, "--ost-cleanup")
+        assert cleanup.returncode == 0, cleanup.stdout
+        dom.undefine()
+        net.destroy()
+        net.undefine()
+        conn.close()
+        for root in (kept_root, live_root):
+            shutil.rmtree(root)
 
 
 def step_args(step: str, folder: Path, root: Path) -> tuple[list[str], str]:
@@ -128,8 +134,10 @@ def step_args(step: str, folder: Path, root: Path) -> tuple[list[str], str]:
             "vms": {"vm": {"nics": {"vm": {}}, "root_disk_var": "OST_IMAGES_BASE", "deploy-scripts": ["deploy.sh"]}}}))
         return [f"--ost-init-config={folder / 'suite' / 'ost.json'}", f"--ost-root={folder}"], \
             "def test_x():\n    pass\n"
-    extra = {"warm-save": ["--ost-warm=on"], "keep": ["--ost-reuse"], "adopt": ["--ost-reuse"]}.get(step, [])
-    return ["--ost-image=base", *extra], VM_TEST
+    if step in ("keep", "adopt"):  # after the boot: its VM may as well be restored
+        return [*VM, "--ost-reuse", *RESTORABLE], VM_TEST
+    # the steps of a boot, the identity a booted VM takes and a warm save (of its own cache) need a boot
+    return ["--ost-image=base", *(["--ost-warm=on"] if step == "warm-save" else [])], VM_TEST
 
 
 @pytest.mark.parametrize("step", faults.STEPS)

@@ -7,7 +7,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from .helpers import DISTRO, libvirt_objects, workdirs
+from .helpers import DISTRO, RESTORABLE, libvirt_objects, workdirs
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "inside"
 SMALL = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", f"--ost-distro={DISTRO}"]
@@ -40,7 +40,7 @@ def test_example_passes_inside_and_lists_each_test(pytester: pytest.Pytester, tm
 
 def test_an_inner_failure_keeps_its_traceback(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--ost-run-inside=host-installed", "--ost-inside-share=copy",
-                                           str(EXAMPLE), "-m", "demo_fail", *SMALL)
+                                           str(EXAMPLE), "-m", "demo_fail", *SMALL, *RESTORABLE)
     result.assert_outcomes(failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines([
@@ -54,7 +54,9 @@ def test_an_inner_failure_keeps_its_traceback(pytester: pytest.Pytester) -> None
 
 def test_a_guest_without_pytest_is_one_clear_error(pytester: pytest.Pytester) -> None:
     before = libvirt_objects(), workdirs()
-    result = pytester.runpytest_subprocess("--ost-run-inside=base", str(EXAMPLE), *SMALL)
+    # engine-installed has python3 but no pytest; its VM need not boot
+    result = pytester.runpytest_subprocess("--ost-run-inside=engine-installed", "--ost-inside-share=copy", str(EXAMPLE),
+                                           *SMALL, *RESTORABLE)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"ERROR: The guest ({DISTRO}-base) has no pytest for python3*"])
+    result.stderr.fnmatch_lines([f"ERROR: The guest ({DISTRO}-engine-installed) has no pytest for python3*"])
     assert (libvirt_objects(), workdirs()) == before

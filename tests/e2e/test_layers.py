@@ -46,5 +46,6 @@ def test_layer_is_built_once_and_boots(ost_layer_factory: LayerFactory, ost_vm_f
         assert vm.ssh("ost-hello").stdout == "hello from a custom layer\n"
         assert vm.ssh("dpkg -s ost-hello").returncode == 0
         assert vm.ssh("cat /etc/ost-layer").stdout == "hello-layer\n"
+        ost_vm_factory.remove(vm)  # done with it
     finally:
         layer.unlink()

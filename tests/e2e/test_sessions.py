@@ -50,7 +50,8 @@ def test_vm_that_never_boots_shows_its_console(pytester: pytest.Pytester, unchan
     blank = linked_images / "blank.qcow2"  # where qemu's user can reach it
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)
     pytester.makepyfile("def test_never(ost_vm):\n    pass\n")
-    result = pytester.runpytest_subprocess(f"--ost-image={blank}", "--ost-boot-timeout=20", *INNER)
+    # (a blank disk has no partition table to tell its firmware by)
+    result = pytester.runpytest_subprocess(f"--ost-image={blank}", "--ost-boot-timeout=20", "--ost-firmware=bios", *INNER)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([
         f"*VM vm (ost-*-vm, image {DISTRO}-blank) not reachable over SSH within 20 s*",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import INNER
+from .helpers import INNER, RESTORABLE
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -34,7 +34,7 @@ def test_each_worker_boots_its_own_environment(pytester: pytest.Pytester, unchan
     monkeypatch.setenv("PYTHONPATH", str(pytester.path))
     monkeypatch.setenv("OST_E2E_SEEN", str(tmp_path))
     result = pytester.runpytest_subprocess(str(EXAMPLES / "basic_suite"), "-n", "2", "-p", "no:cacheprovider",
-                                           "-p", "ost_e2e_recorder")
+                                           "-p", "ost_e2e_recorder", *RESTORABLE)
     result.assert_outcomes(passed=7)
     runs: dict[str, set[str]] = {}  # worker -> the run ids of the VMs its tests got
     for record in tmp_path.iterdir():
@@ -57,7 +57,7 @@ def test_shared_environment_is_booted_once(pytester: pytest.Pytester, unchanged:
                 os.environ["PYTEST_XDIST_WORKER"] + " " + engine.name + " " + host0.name)
             assert engine.ssh("true").returncode == 0
     """ for i in range(6)})
-    result = pytester.runpytest_subprocess("-n", "3", "--ost-share", "--ost-hosts=1", *INNER)
+    result = pytester.runpytest_subprocess("-n", "3", "--ost-share", "--ost-hosts=1", *INNER, *RESTORABLE)
     result.assert_outcomes(passed=6)
     records = [p.read_text().split() for p in seen.iterdir()]
     workers = {r[0] for r in records}

@@ -388,3 +388,21 @@ def test_a_refused_snapshot_is_a_vm_error(conn, tmp_path: Path) -> None:
             vm.revert()  # there is no such snapshot
     finally:
         domain.destroy()
+
+
+# --- checkpoint fixtures that cannot be: one clear error at definition --------------------------
+
+
+@pytest.mark.parametrize("definition, message", [
+    ("@checkpoint(scope='function')\ndef step(): return 1\n", "is function-scoped, but a checkpoint saves the whole "
+                                                             "session's VMs; it must be session-scoped"),
+    ("@checkpoint\ndef step():\n    yield 1\n", "yields; a checkpoint must return its value"),
+    ("import pytest\n@checkpoint\n@pytest.fixture\ndef step(): return 1\n", "apply @checkpoint to a plain function"),
+])
+def test_a_checkpoint_that_cannot_be_is_refused_at_definition(pytester: pytest.Pytester, definition: str,
+                                                               message: str) -> None:
+    pytester.makeconftest("from pytest_ostimages import checkpoint\n" + definition)
+    pytester.makepyfile("def test_x(step):\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    assert result.ret != 0
+    assert message in result.stdout.str() + result.stderr.str()

@@ -5,6 +5,10 @@ fixtures, they find the environment through ``$OST_DEPLOYMENT``, the ``OST:metad
 the libvirt domains and networks (read with ``virsh``, as ``ost_utils/backend/virsh``
 reads it) and the ``hosts`` ansible inventory in the deployment directory. A suite that
 imports OST's own ``ost_utils.pytest.fixtures`` instead runs on the same VMs unchanged.
+
+The one exception is ``hosts_enrolled``, a checkpoint fixture (``@checkpoint``): the first
+session runs it and saves the VMs right after; later sessions restore them in that state
+and skip it (docs/warm.md).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import xml.etree.ElementTree as ET
 
 import ansible_runner
 import pytest
+
+from pytest_ostimages import checkpoint
 
 OST = "{OST:metadata}ost"
 
@@ -154,3 +160,20 @@ def ansible_hosts(ansible_by_hostname, hosts_hostnames):
 @pytest.fixture(scope="session")
 def ansible_host0_facts(ansible_host0) -> dict:
     return ansible_host0.setup()["ansible_facts"]
+
+
+@checkpoint(files=["../common/checkpoint/ost-enrolled.service"])
+def hosts_enrolled(ansible_engine, ansible_hosts, engine_hostname, hosts_hostnames) -> dict:
+    """The engine enrolls every host, as OST's engine adds hosts: it gets a root SSH key of its
+    own, every host authorizes it, the engine pins each host's key (by name) and then serves the
+    list of enrolled hosts. The saved state holds that trust: restored VMs keep their identity."""
+    ansible_engine.shell("ssh-keygen -q -t rsa -b 4096 -N '' -f /root/.ssh/engine_id_rsa")
+    key = ansible_engine.shell("cat /root/.ssh/engine_id_rsa.pub")["stdout"]
+    ansible_hosts.shell(f"echo {shlex.quote(key)} >>/root/.ssh/authorized_keys")
+    for host in hosts_hostnames:
+        ansible_engine.shell(f"ssh-keyscan -t ed25519 {host} >>/root/.ssh/known_hosts")
+    service = os.path.join(os.path.dirname(__file__), "..", "common", "checkpoint", "ost-enrolled.service")
+    ansible_engine.copy(src=service, dest="/etc/systemd/system/ost-enrolled.service")
+    ansible_engine.shell(f"mkdir -p /srv/ost-enrolled && printf '%s\\n' {' '.join(hosts_hostnames)} "
+                         f">/srv/ost-enrolled/enrolled && systemctl daemon-reload && systemctl enable --now ost-enrolled")
+    return {"hosts": hosts_hostnames, "url": f"http://{engine_hostname}:8080/enrolled"}

@@ -1,0 +1,89 @@
+"""Warm start of whole environments: an OST topology restored deployed, and a checkpoint fixture.
+
+The example OST suite (engine, 2 hosts, storage with 2 extra disks, two networks, deploy
+scripts, the checkpoint fixture hosts_enrolled) is run once, booted and deployed, and
+saves its deployed environment and its checkpoint; two sessions at once then restore
+both, each on its own networks; a changed checkpoint runs again on the restored
+deployment.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from .helpers import INNER, libvirt_objects, workdirs
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ost_suite"
+# the deploy effects, both NICs, the extra disks with their data, and the checkpoint's effects
+SOME = "deploy_scripts or extra_disks or nic_on_each or enrolled or engines_service"
+
+
+@pytest.fixture(scope="module")
+def warm_root() -> Iterator[Path]:
+    """Work root of this module's sessions: its warm cache is theirs."""
+    root = Path(tempfile.mkdtemp(prefix="ost-warm-env-", dir="/var/tmp"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def command(suite: Path, root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", *INNER, "--ost-warm=on", f"--ost-workdir={root}",
+            f"--ost-init-config={suite / 'basic-suite' / 'ost.json'}", f"--ost-root={suite}",
+            str(suite / "basic-suite"), *args]
+
+
+def subnet(output: str) -> str:
+    return re.search(r"network ost-\w+ \(management\): (\S+),", output).group(1)  # type: ignore[union-attr]
+
+
+def test_a_deployed_topology_and_its_checkpoint_are_restored(pytester: pytest.Pytester, warm_root: Path) -> None:
+    before = libvirt_objects(), workdirs()
+    suite = pytester.path / "ost_suite"
+    shutil.copytree(EXAMPLE, suite)  # its checkpoint changes below
+
+    # the example suite as shipped, every test: booted and deployed, then saved
+    first = subprocess.run(command(suite, warm_root), cwd=pytester.path, capture_output=True, text=True)
+    assert first.returncode == 0 and "14 passed" in first.stdout, first.stdout + first.stderr
+    for pattern in (r"OST suite basic-suite: 2 networks, 4 VMs from \S*ost.json",
+                    r"network ost-\w+-1 \(storage\): 192\.168\.\d+\.0/24, fd6f:7374:\S+::/64",
+                    r"storage: deploy script common/deploy-scripts/setup_storage.sh done in",
+                    r"deploy scripts of 4 VMs done in", r"checkpoint hosts_enrolled: ran in"):
+        assert re.search(pattern, first.stdout), (pattern, first.stdout)
+    assert first.stdout.count("environment of 4 VMs saved as") == 2, first.stdout  # deployed; enrolled
+
+    # two sessions at once, from the same saved states, each on its own networks
+    runs = [subprocess.Popen(command(suite, warm_root, "-k", SOME), cwd=pytester.path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=900)[0] for run in runs]
+    for run, output in zip(runs, outputs):
+        assert run.returncode == 0, output
+        assert "restored deployed from saved environment" in output, output
+        assert "checkpoint hosts_enrolled: restored from saved state" in output, output
+        assert "deploy script" not in output and ": booting " not in output, output
+        assert "7 passed" in output, output
+    assert subnet(outputs[0]) != subnet(outputs[1])
+
+    # a changed checkpoint is run again, on the deployment restored as it was
+    conftest = suite / "basic-suite" / "conftest.py"
+    conftest.write_text(conftest.read_text().replace("-b 4096", "-b 3072"))
+    changed = subprocess.run(command(suite, warm_root, "-k", "enrolled or engines_service"), cwd=pytester.path,
+                             capture_output=True, text=True)
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert "restored deployed from saved environment" in changed.stdout
+    assert "checkpoint hosts_enrolled: ran in" in changed.stdout and "environment of 4 VMs saved as" in changed.stdout
+
+    listing = subprocess.run([sys.executable, "-m", "pytest", "--ost-warm-list", f"--ost-workdir={warm_root}"],
+                             cwd=pytester.path, capture_output=True, text=True).stdout
+    assert listing.count("OST suite basic-suite deployed") == 1, listing
+    assert listing.count("hosts_enrolled (engine, host-0, host-1, storage)") == 2, listing  # before and after
+    assert "ost-enrolled.service" in listing  # its declared file, among its inputs
+    assert (libvirt_objects(), workdirs()) == before
