@@ -28,6 +28,13 @@ Figures:
   ost        the OST example topology (engine, 2 hosts, storage with 2 disks; 2
              networks) booted and deployed  vs  the same VMs booted without
              their deploy scripts
+  uefi       boot to ready of debian12efi's base under UEFI  vs  its BIOS twin (the
+             same guest); a UEFI guest restored  vs  booted
+  warm-nm    engine + 2 hosts on NetworkManager guests (debian12efi) restored  vs
+             booted
+  warm-ost   the example OST topology ready and deployed, restored  vs  booted +
+             deployed; its checkpoint fixture restored  vs  run, and  vs  restoring
+             the VMs alone; 2 and 4 sessions restoring one state at once  vs  one
 """
 
 from __future__ import annotations
@@ -424,10 +431,118 @@ def measure_inside(repeat: int, results: dict) -> None:
           flush=True)
 
 
+def efi_settings(**settings: str) -> dict[str, str]:
+    """The debian12efi images (NetworkManager, cloud-init, firewalld, UEFI), 640 MiB: as real ost-images."""
+    return {"ost_distro": "debian12efi", "ost_memory": "640", **settings}
+
+
+def measure_uefi(repeat: int, results: dict) -> None:
+    """Boot to ready of the same guest content under UEFI vs BIOS (debian12efi's base and its BIOS
+    twin, images/build-test-images --bios-twin), and a UEFI guest restored (warm start) vs booted."""
+    twins = sorted(Path("/var/cache/pytest-ostimages/test-images/debian12efi").glob("*/debian12efi-base-bios.qcow2"))
+    if not twins:
+        raise SystemExit("no BIOS twin of debian12efi-base: images/build-test-images --set debian12efi --bios-twin")
+    runs: dict[str, list[float]] = {"efi": [], "bios": []}
+    for _ in range(repeat):
+        runs["efi"].append(plugin_boot([VMSpec("vm", "base")], **efi_settings())["ready"])
+        runs["bios"].append(plugin_boot([VMSpec("vm", str(twins[-1]))], **efi_settings())["ready"])
+    results["uefi: boot to ready, same guest, UEFI vs BIOS"] = {"plugin": stats(runs["efi"]),
+                                                                 "baseline": stats(runs["bios"])}
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        os.chmod(tmp, 0o755)
+        warm = efi_settings(ost_warm="on", ost_workdir=tmp)
+        booted = plugin_boot([VMSpec("vm", "base")], **warm)["ready"]  # saves its state at its end
+        restored = [plugin_boot([VMSpec("vm", "base")], **warm)["ready"] for _ in range(repeat)]
+    results["uefi: a guest restored vs booted"] = {"plugin": stats(restored), "baseline": stats([booted])}
+    print(f"  UEFI {min(runs['efi']):.1f} s, BIOS {min(runs['bios']):.1f} s; restored {min(restored):.1f} s "
+          f"vs booted {booted:.1f} s", flush=True)
+
+
+def measure_warm_nm(repeat: int, results: dict) -> None:
+    """engine + 2 hosts on NetworkManager guests (debian12efi) restored vs booted."""
+    specs = [VMSpec("engine", "engine-installed"), VMSpec("host0", "host-installed"),
+             VMSpec("host1", "host-installed")]
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        os.chmod(tmp, 0o755)
+        warm = efi_settings(ost_warm="on", ost_workdir=tmp)
+        booted = plugin_boot(specs, **warm)["ready"]
+        restored = [plugin_boot(specs, **warm)["ready"] for _ in range(repeat)]
+    results["warm: engine + 2 hosts, NetworkManager guests"] = {"plugin": stats(restored), "baseline": stats([booted])}
+    print(f"  NM guests, engine + 2 hosts: restored {min(restored):.1f} s, booted {booted:.1f} s", flush=True)
+
+
+def ost_session(warm_root: str, *args: str) -> tuple[float, str]:
+    """One session of the example OST suite: seconds, and its output."""
+    example = ROOT / "examples" / "ost_suite"
+    command = [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", "--ost-warm=on",
+               f"--ost-workdir={warm_root}", f"--ost-init-config={example / 'basic-suite' / 'ost.json'}",
+               f"--ost-root={example}", f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", str(example / "basic-suite"),
+               *args]
+    t0 = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the example OST suite failed:\n{done.stdout[-3000:]}")
+    return time.monotonic() - t0, done.stdout
+
+
+def ready_seconds(output: str, what: str) -> float:
+    """Seconds from the first progress line to the one matching `what` (both carry no clock: use the
+    plugin's own figures where they say them)."""
+    import re
+
+    found = re.search(rf"{what} in ([0-9.]+) s", output)
+    return float(found.group(1)) if found else float("nan")
+
+
+def measure_warm_ost(repeat: int, results: dict) -> None:
+    """The example OST topology ready and deployed: restored vs booted + deployed; its checkpoint
+    fixture restored vs run (against restoring the VMs alone); 1, 2 and 4 sessions restoring at once."""
+    test = "-k", "test_backend_finds_every_vm or enrolled_host"  # one plain test, one that needs the checkpoint
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        os.chmod(tmp, 0o755)
+        first_total, first = ost_session(tmp, *test)  # boots, deploys, runs the checkpoint: saves both
+        booted = ready_seconds(first, "VMs ready") + ready_seconds(first, "deploy scripts of 4 VMs done")
+        checkpoint_run = ready_seconds(first, "checkpoint hosts_enrolled: ran")
+        restores, checkpoints, totals = [], [], []
+        for _ in range(repeat):
+            total, output = ost_session(tmp, *test)
+            totals.append(total)
+            restores.append(ready_seconds(output, "4 VMs ready"))
+            checkpoints.append(ready_seconds(output, "environment of 4 VMs restored from \\w+"))
+        results["warm ost: topology ready and deployed, restored vs booted + deployed"] = {
+            "plugin": stats(restores), "baseline": stats([booted])}
+        results["warm ost: checkpoint fixture restored vs run"] = {"plugin": stats(checkpoints),
+                                                                   "baseline": stats([checkpoint_run])}
+        results["warm ost: checkpoint restore vs restoring the VMs alone"] = {"plugin": stats(checkpoints),
+                                                                              "baseline": stats(restores)}
+        results["warm ost: session, restored vs first"] = {"plugin": stats(totals), "baseline": stats([first_total])}
+        print(f"  OST warm: booted + deployed {booted:.1f} s, restored {min(restores):.1f} s; checkpoint run "
+              f"{checkpoint_run:.1f} s, restored {min(checkpoints):.1f} s", flush=True)
+        concurrent: dict[int, list[float]] = {}
+        for count in (1, 2, 4):
+            example = ROOT / "examples" / "ost_suite"
+            commands = [[sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--ost-warm=on",
+                         f"--ost-workdir={tmp}", f"--ost-init-config={example / 'basic-suite' / 'ost.json'}",
+                         f"--ost-root={example}", f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", "-s",
+                         str(example / "basic-suite"), "-k", "test_backend_finds_every_vm"] for _ in range(count)]
+            t0 = time.monotonic()
+            procs = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                     for c in commands]
+            outputs = [proc.communicate()[0] for proc in procs]
+            if any(proc.returncode for proc in procs):
+                raise SystemExit("a concurrent restore failed:\n" + "\n".join(o[-2000:] for o in outputs))
+            concurrent[count] = [ready_seconds(o, "4 VMs ready") for o in outputs] + [time.monotonic() - t0]
+        for count in (2, 4):
+            results[f"warm ost: {count} sessions restoring at once vs 1 (VMs ready)"] = {
+                "plugin": stats(concurrent[count][:-1]), "baseline": stats(concurrent[1][:-1])}
+        print("  OST warm, sessions at once: " + ", ".join(
+            f"{n}: {max(v[:-1]):.1f} s ready, {v[-1]:.1f} s in all" for n, v in concurrent.items()), flush=True)
+
+
 # --- report -------------------------------------------------------------------------------
 
 FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity", "warm", "ost",
-           "ip")
+           "ip", "uefi", "warm-nm", "warm-ost")
 
 GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "boot": ("ratio <= 1.05 and overhead <= 0.5 s",
@@ -500,6 +615,12 @@ def main() -> None:
         measure_ost_reuse(args.repeat, results)
     if "ip" in wanted:
         measure_ip_versions(args.repeat, results)
+    if "uefi" in wanted:
+        measure_uefi(args.repeat, results)
+    if "warm-nm" in wanted:
+        measure_warm_nm(args.repeat, results)
+    if "warm-ost" in wanted:
+        measure_warm_ost(args.repeat, results)
     report(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

@@ -57,7 +57,7 @@ def checkpoint(function: Optional[Callable[..., Any]] = None, *, name: Optional[
             raise TypeError(f"{where}: yields; a checkpoint must return its value (after a restore its "
                             f"body, and so a teardown after its yield, does not run)")
         folder = Path(inspect.getfile(func)).parent
-        declared = [folder / f for f in files]
+        declared = {str(f): folder / f for f in files}  # as given (the key's), and where
         arguments = [p for p in inspect.signature(func).parameters if p not in ("request", "ost_lab")]
 
         def fixture(request: pytest.FixtureRequest, ost_lab: Lab, **kwargs: Any) -> Any:
@@ -73,7 +73,7 @@ def checkpoint(function: Optional[Callable[..., Any]] = None, *, name: Optional[
     return make(function) if function is not None else make
 
 
-def _run(request: pytest.FixtureRequest, lab: Lab, func: Callable[..., Any], files: list[Path],
+def _run(request: pytest.FixtureRequest, lab: Lab, func: Callable[..., Any], files: dict[str, Path],
          kwargs: dict[str, Any]) -> Any:
     name = request.fixturename
     own = inspect.signature(func).parameters
@@ -81,15 +81,17 @@ def _run(request: pytest.FixtureRequest, lab: Lab, func: Callable[..., Any], fil
     cache = lab.warm_cache
     if cache is None or not lab.vms:  # --ost-warm=off, or nothing to save
         return func(**wanted)
-    missing = [str(f) for f in files if not f.is_file()]
+    missing = [str(f) for f in files.values() if not f.is_file()]
     if missing:
         raise OstError(f"Checkpoint fixture {name!r} declares files that do not exist: {', '.join(missing)} "
                        f"(paths are relative to {inspect.getfile(func)}'s directory).")
     parent = lab.current_environment or lab.environment_key(list(lab.specs.values()))
     inputs = {"fixture": f"{inspect.getfile(func)}:{inspect.getsourcelines(func)[1]} {name}",
-              "files": [str(f) for f in files], "param": _param(request)}
+              "files": sorted(files), "param": _param(request)}
+    # by content, not by place: the same suite checked out elsewhere finds its states
     key = hashlib.sha256(json.dumps([parent, inspect.getsource(func), inputs["param"],
-                                     [[str(f), hashlib.sha256(f.read_bytes()).hexdigest()] for f in files]],
+                                     [[given, hashlib.sha256(path.read_bytes()).hexdigest()]
+                                      for given, path in sorted(files.items())]],
                                     default=str).encode()).hexdigest()[:16]
     state = cache.state(key)
     if state.exists():

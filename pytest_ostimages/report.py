@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import pytest
 
 from .hypervisor import kvm_access
+from .images.catalog import backing_name
 
 if TYPE_CHECKING:
     from .config import OstConfig
@@ -39,7 +40,9 @@ def header_lines(config: "OstConfig", catalog: "Catalog") -> list[str]:
         for layer in catalog.layer_names(distro):
             entry = catalog.layers[(distro, layer)]
             package = f"{entry.package.name}-{entry.package.version}" if entry.package else "no package"
-            lines.append(f"ost-images:   {distro}-{layer} ({package})")
+            backing = backing_name(entry.path)
+            layout = f"on {backing}" if backing else "whole image"
+            lines.append(f"ost-images:   {distro}-{layer} ({package}, {layout})")
     if not catalog.distros():
         lines.append("ost-images:   none installed")
     kvm_warning = kvm_access.warning(config.libvirt_uri)

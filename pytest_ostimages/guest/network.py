@@ -64,12 +64,13 @@ def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
                 f'rm -f /var/lib/dhcp/dhclient.${var}.leases /var/lib/dhcp/dhclient6.${var}.leases',
                 f'ip addr flush dev "${var}" scope global']
         if entry.ip is not None:
-            now.append(f'ip addr add {entry.ip}/{network.prefix} brd + dev "${var}"')
+            # replace, not add: a hot-plugged NIC's own DHCP client (ifupdown's allow-hotplug) may be quicker
+            now.append(f'ip addr replace {entry.ip}/{network.prefix} brd + dev "${var}"')
             if nic.management:
                 now.append(f'ip route replace default via {network.gateway} dev "${var}"')
         if entry.ip6 is not None and network.prefix6 is not None:
             # with a lifetime: dhclient -6 starts by flushing the permanent global addresses
-            now.append(f'ip -6 addr add {entry.ip6}/{network.prefix6} dev "${var}" nodad valid_lft 3600 '
+            now.append(f'ip -6 addr replace {entry.ip6}/{network.prefix6} dev "${var}" nodad valid_lft 3600 '
                        f'preferred_lft 3600')
         if nic.management:
             nameserver = network.gateway if entry.ip is not None else network.gateway6

@@ -82,17 +82,24 @@ class VM:
     def stream(self, command: str, on_line: Optional[Callable[[str], None]],
                timeout: Optional[float] = None) -> CommandResult:
         """Run `command` as root, calling `on_line` with each stdout line as it comes."""
+        with self._answering(repr(command)):
+            return self._ssh.stream(command, on_line, timeout=timeout)
+
+    @contextlib.contextmanager
+    def _answering(self, what: str) -> Iterator[None]:
+        """SSH to the VM for `what`: a dead VM is reported as such (at once, and when SSH fails),
+        an SSH failure as the VM's, with its console."""
         dead = self._death()
-        if dead is not None:  # a dead VM is reported as such, at once
+        if dead is not None:
             raise dead
         try:
-            return self._ssh.stream(command, on_line, timeout=timeout)
+            yield
         except HostKeyMismatch as exc:
             raise VMError(f"VM {self.role} ({self.name}) at {self.ip}: {exc}") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             # say that the VM died, not that SSH failed
             raise self._death() or VMError(self.describe_failure(
-                f"did not answer SSH for {command!r}: {exc.__class__.__name__}: {exc}", hint=False)) from None
+                f"did not answer SSH for {what}: {exc.__class__.__name__}: {exc}", hint=False)) from None
 
     def _death(self) -> Optional[VMError]:
         """The error for a VM that is not running any more, None while it runs."""
@@ -110,13 +117,13 @@ class VM:
 
     def put(self, local: Union[str, Path], remote: str) -> None:
         """Copy a local file into the VM over SFTP."""
-        with self._ssh.sftp() as sftp:
-            sftp.put(str(local), remote)
+        with open(local, "rb") as source, self._answering(f"copying {local} to {remote}"), self._ssh.sftp() as sftp:
+            sftp.putfo(source, remote)
 
     def get(self, remote: str, local: Union[str, Path]) -> None:
         """Copy a file out of the VM over SFTP."""
-        with self._ssh.sftp() as sftp:
-            sftp.get(remote, str(local))
+        with open(local, "wb") as target, self._answering(f"copying {remote} to {local}"), self._ssh.sftp() as sftp:
+            sftp.getfo(remote, target)
 
     def console_log(self, lines: Optional[int] = None) -> str:
         """The serial console output so far (the last `lines` lines if given)."""

@@ -144,8 +144,9 @@ def _define_and_start(conn: "libvirt.virConnect", xml: str, define: Callable[[st
 def remove(obj: Union["libvirt.virDomain", "libvirt.virNetwork"]) -> None:
     """Destroy and undefine a domain or network: the handle itself, never a name looked up again.
 
-    Only the ledger (state/ledger.py, which checks the owner label first) and a failed
-    start of the object just defined call this.
+    Only the ledger (state/ledger.py, which checks the owner label first), a failed start
+    or restore of the object just made, and a lab replacing its own running domain by a
+    restored one of the same name call this.
     """
     libvirt = libvirt_module()
     with contextlib.suppress(libvirt.libvirtError):

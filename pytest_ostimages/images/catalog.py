@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,22 @@ class Catalog:
             f"Install some (e.g. dnf install ost-images-el9stream-engine-installed "
             f"ost-images-el9stream-host-installed) or point --ost-images-dir at your images."
         )
+
+
+def backing_name(path: Path) -> Optional[str]:
+    """The backing file a qcow2 image names in its header, None for a whole image (or no qcow2)."""
+    try:
+        with open(path, "rb") as image:
+            header = image.read(20)
+            if len(header) < 20 or header[:4] != b"QFI\xfb":
+                return None
+            offset, size = struct.unpack(">QI", header[8:20])
+            if not offset:
+                return None
+            image.seek(offset)
+            return image.read(size).decode(errors="replace")
+    except OSError:
+        return None
 
 
 def _rpm_files(rpm: Sequence[str], directory: Path) -> list[tuple[Path, Package]]:

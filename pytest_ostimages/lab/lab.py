@@ -275,20 +275,20 @@ class Lab:
         nics = self._connect(specs)
         if not specs:
             return []
-        plans = [self._plan(spec, spec_nics, images[spec.role], environment) for spec, spec_nics in zip(specs, nics)]
+        plans = [self._plan(spec, spec_nics, images[spec.role]) for spec, spec_nics in zip(specs, nics)]
         self.specs.update((spec.role, spec) for spec in specs)
         try:
-            try:
-                return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
-            except WarmStartError as exc:
-                if environment is None:
-                    raise
-                self.progress(f"saved environment {environment.key} cannot be restored ({exc}): booting instead")
-                for plan in plans:  # those restored: the boot takes their names
-                    if plan.role in self.vms:
-                        virt.remove(self.vms.pop(plan.role).domain)
-                plans = [dataclasses.replace(p, saved=None, saved_in=None, strict=False) for p in plans]
-                return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
+            if environment is not None:
+                try:  # restored as saved: the environment's VMs may trust each other's keys
+                    return self.booter.boot(self.conn, [dataclasses.replace(
+                        plan, host_key=None, warm_key=None, saved=environment.vm(plan.role), saved_in=environment,
+                        strict=True) for plan in plans], self.inputs.key, self._started)
+                except WarmStartError as exc:
+                    self.progress(f"saved environment {environment.key} cannot be restored ({exc}): booting instead")
+                    for plan in plans:  # those restored (just now): the boot takes their names
+                        if plan.role in self.vms:
+                            virt.remove(self.vms.pop(plan.role).domain)
+            return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
         finally:
             self._write_access_files()
 
@@ -321,8 +321,7 @@ class Lab:
         return Addressing(network.subnet.prefixlen, network.gateway, network.domain,
                           network.subnet6.prefixlen if network.subnet6 is not None else None, network.gateway6)
 
-    def _plan(self, spec: VMSpec, nics: tuple[tuple[str, HostEntry], ...], image: Image,
-              environment: Optional[SavedState] = None) -> BootPlan:
+    def _plan(self, spec: VMSpec, nics: tuple[tuple[str, HostEntry], ...], image: Image) -> BootPlan:
         """Overlay, disks, identity (host key, NoCloud seed) and domain XML of one VM of a batch."""
         assert self.network is not None
         memory, vcpus = self.inputs.size(spec)
@@ -370,9 +369,6 @@ class Lab:
         guest_nics = tuple(GuestNIC(e, self.addressing(self.networks[role]), e is management) for role, e in nics)
         plan = BootPlan(spec.role, name, hostname, image, memory, vcpus, management, overlay, console, xml,
                         host_key, seed is not None, warm_key, nics, guest_nics)
-        if environment is not None:  # restored as saved: the environment's VMs may trust each other's keys
-            return dataclasses.replace(plan, host_key=None, warm_key=None, saved=environment.vm(spec.role),
-                                       saved_in=environment, strict=True)
         if warm_key is not None and self.warm_cache is not None:
             return dataclasses.replace(plan, saved=self.warm_cache.state(warm_key))
         return plan
@@ -446,7 +442,11 @@ class Lab:
         if damaged or not cache.use(state, self.workdir.path):
             raise WarmStartError(f"saved environment {state.key} is damaged or gone (VMs {damaged or roles})")
         start = time.monotonic()
-        each(lambda vm: self._restore_vm(vm, state.vm(vm.role)), list(self.vms.values()))
+        try:
+            each(lambda vm: self._restore_vm(vm, state.vm(vm.role)), list(self.vms.values()))
+        except (WarmStartError, OSError) as exc:  # the VMs it replaced are gone: no going back now
+            raise OstError(f"The VMs of run {self.run_id} could not be restored from saved environment "
+                           f"{state.key}: {exc}") from None
         self.current_environment = state.key
         self._write_access_files()
         self.progress(f"environment of {len(roles)} VMs restored from {state.key} in {time.monotonic() - start:.1f} s")
@@ -454,7 +454,7 @@ class Lab:
     def _restore_vm(self, vm: VM, saved: SavedState) -> None:
         fresh = vm.domain.XMLDesc()  # this session's names, networks, MACs and files
         vm.close()
-        vm.domain.destroy()  # transient: gone; its name is restored from the state
+        virt.remove(vm.domain)  # replaced in place: the restored domain takes its name (the ledger's)
         addresses, fresh_leases = move_to([GuestNIC(e, self.addressing(self.networks[role]),
                                                     role == self.management_role and vm.ip in e.addresses)
                                            for role, e in vm.nics])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import INNER, libvirt_objects, workdirs
+from .helpers import INNER, RESTORABLE, libvirt_objects, workdirs
 
 CONFTEST = """
     from pytest_ostimages import vm_fixture
@@ -47,6 +47,6 @@ def test_single_stack_network(pytester: pytest.Pytester, version: str) -> None:
     before = libvirt_objects(), workdirs()
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(TESTS[version])
-    result = pytester.runpytest_subprocess(*INNER, f"--ost-ip-version={version}")
+    result = pytester.runpytest_subprocess(*INNER, *RESTORABLE, f"--ost-ip-version={version}")
     result.assert_outcomes(passed=1)
     assert (libvirt_objects(), workdirs()) == before

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import INNER, libvirt_objects, workdirs
+from .helpers import INNER, RESTORABLE, libvirt_objects, workdirs
 
 
 
@@ -140,7 +140,7 @@ def test_xdist_workers_share_one_ost_deployment(pytester: pytest.Pytester, mini_
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     before = libvirt_objects(), workdirs()
     monkeypatch.setenv("OST_E2E_DEPLOYED", "deployed v1\n")  # deployed once, by one worker
-    result = pytester.runpytest_subprocess(*INNER, "-n", "2", "--ost-share",
+    result = pytester.runpytest_subprocess(*INNER, *RESTORABLE, "-n", "2", "--ost-share",
                                            f"--ost-init-config={mini_suite / 'ost.json'}",
                                            f"--ost-root={pytester.path}", str(mini_suite))
     result.assert_outcomes(passed=3)

@@ -158,3 +158,12 @@ def test_missing_backing_file_is_named_on_the_rpm_path_too(images_dir: Path, rpm
     assert "is not installed" not in message
     assert f"backing chain is broken: its backing file {base} does not exist" in message
     assert f"ost-images-{DISTRO}-engine-installed-1.0-7" in message
+
+
+def test_the_report_header_tells_whole_images_from_overlays(images_dir: Path) -> None:
+    from pytest_ostimages.config import OstConfig
+    from pytest_ostimages.report import header_lines
+
+    lines = header_lines(OstConfig(images_dir=images_dir, libvirt_uri="test:///default"), Catalog.discover(images_dir))
+    assert f"ost-images:   {DISTRO}-base (no package, whole image)" in lines
+    assert f"ost-images:   {DISTRO}-he-installed (no package, on {DISTRO}-host-installed.qcow2)" in lines
