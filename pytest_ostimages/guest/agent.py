@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +29,15 @@ def wait_for_agent(dom: "libvirt.virDomain", timeout: float) -> bool:
 
 
 def guest_exec(dom: "libvirt.virDomain", command: str, timeout: float = 60) -> None:
-    """Run `command` in the guest through its agent, which needs no network."""
+    """Run the shell script `command` in the guest through its agent, which needs no network."""
     pid = agent_command(dom, "guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})["pid"]
     status = poll(lambda: (lambda s: s if s.get("exited") else None)(agent_command(dom, "guest-exec-status",
                                                                                    {"pid": pid})),
                   timeout, 0.1)
     if status is None:
-        raise WarmStartError(f"{command!r} in the guest did not finish within {timeout:.0f} s")
+        raise WarmStartError(f"the script run in the guest by its agent did not finish within {timeout:.0f} s")
     if status.get("exitcode", 0) != 0:
-        raise WarmStartError(f"{command!r} in the guest exited with {status.get('exitcode')}")
+        # what the script said is the news; the script itself is ours and long
+        said = base64.b64decode(status.get("err-data", "") or status.get("out-data", "")).decode(errors="replace")
+        tail = " | ".join(said.strip().splitlines()[-5:]) or "nothing on stderr"
+        raise WarmStartError(f"the script run in the guest by its agent exited with {status.get('exitcode')}: {tail}")
