@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 
 from ..hypervisor.render import HostEntry
 
-# name of the NIC with MAC $1, once udev has named it (a hot-plugged NIC is renamed, e.g. eth0 -> enp1s0)
-FIND_NIC = """ost_nic() {
+# ost_nic: name of the NIC with MAC $1, once udev has named it (a hot-plugged NIC is renamed, e.g. eth0 -> enp1s0)
+GUEST_FUNCTIONS = """ost_nic() {
     for i in $(seq 50); do
         for d in /sys/class/net/*; do
             [ "$(cat "$d/address" 2>/dev/null)" = "$1" ] || continue
@@ -30,6 +30,16 @@ FIND_NIC = """ost_nic() {
     done
     echo "no NIC with MAC $1" >&2
     return 1
+}
+# give NIC $1 address $2 (and, for the management NIC, the default route via $3); again while a
+# hot-plugged NIC's own DHCP client (ifupdown's allow-hotplug) flushes it: "Nexthop has invalid gateway"
+ost_address() {
+    for i in $(seq 49); do
+        { ip addr replace "$2" brd + dev "$1" && { [ -z "$3" ] || ip route replace default via "$3" dev "$1"; }; } \
+            2>/dev/null && return 0
+        sleep 0.1
+    done
+    ip addr replace "$2" brd + dev "$1" && { [ -z "$3" ] || ip route replace default via "$3" dev "$1"; }
 }
 if command -v nmcli >/dev/null && nmcli -t -f RUNNING general 2>/dev/null | grep -qx running; then nm=1; else nm=; fi"""
 
@@ -57,17 +67,15 @@ class GuestNIC:
 def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
     """(commands that give every NIC its reserved addresses now, commands that take fresh leases in
     the background), for the guest agent; run the first before the guest's identity, the second after."""
-    now, later = [FIND_NIC, "set -e", '[ -n "$nm" ] || pkill -x dhclient || true'], []
+    now, later = [GUEST_FUNCTIONS, "set -e", '[ -n "$nm" ] || pkill -x dhclient || true'], []
     for number, nic in enumerate(nics):
         entry, network, var = nic.entry, nic.network, f"n{number}"
         now += [f"{var}=$(ost_nic {entry.mac})",
                 f'rm -f /var/lib/dhcp/dhclient.${var}.leases /var/lib/dhcp/dhclient6.${var}.leases',
                 f'ip addr flush dev "${var}" scope global']
         if entry.ip is not None:
-            # replace, not add: a hot-plugged NIC's own DHCP client (ifupdown's allow-hotplug) may be quicker
-            now.append(f'ip addr replace {entry.ip}/{network.prefix} brd + dev "${var}"')
-            if nic.management:
-                now.append(f'ip route replace default via {network.gateway} dev "${var}"')
+            gateway = network.gateway if nic.management else ""
+            now.append(f'ost_address "${var}" {entry.ip}/{network.prefix} "{gateway}"')
         if entry.ip6 is not None and network.prefix6 is not None:
             # with a lifetime: dhclient -6 starts by flushing the permanent global addresses
             now.append(f'ip -6 addr replace {entry.ip6}/{network.prefix6} dev "${var}" nodad valid_lft 3600 '

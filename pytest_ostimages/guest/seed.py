@@ -48,9 +48,11 @@ def user_data(hostname: str, fqdn: str, ip: str, authorized_key: str, host_key: 
     return message.as_string()
 
 
-def write_seed(path: Path, hostname: str, fqdn: str, ip: str, authorized_key: str, host_key: HostKey,
+def write_seed(path: Path, fqdn: str, ip: str, authorized_key: str, host_key: HostKey,
                extra: Optional[UserData] = None) -> str:
-    """Write the seed ISO for one VM; returns its instance-id."""
+    """Write the seed ISO for one VM, named `fqdn` (its first label the host name, as VM.identity
+    sets it without cloud-init); returns its instance-id."""
+    hostname = fqdn.split(".")[0]
     try:
         import pycdlib
     except ImportError:

@@ -341,7 +341,7 @@ class Lab:
         if self.inputs.cloud_init(image):
             host_key = host_key or HostKey.generate()  # cloud-init installs it either way
             seed = self.workdir.path / f"{name}.seed.iso"
-            write_seed(seed, spec.role, hostname, str(management.ip or management.ip6),
+            write_seed(seed, hostname, str(management.ip or management.ip6),
                        openssh_line(self.inputs.key), host_key, spec.user_data)
         ost = None
         if self.ost is not None:

@@ -51,7 +51,7 @@ def test_nocloud_seed_carries_identity_and_the_suites_user_data(tmp_path: Path) 
 
     key = HostKey.generate()
     seed = tmp_path / "seed.iso"
-    instance = write_seed(seed, "engine", "engine.ost.test", "192.0.2.10", "ssh-rsa AAAAroot", key,
+    instance = write_seed(seed, "ost-suite-engine.ost.test", "192.0.2.10", "ssh-rsa AAAAroot", key,
                           {"runcmd": [["touch", "/root/x"]]})
     assert "LABEL=\"cidata\"" in subprocess.run(["blkid", str(seed)], capture_output=True, text=True).stdout
     iso = pycdlib.PyCdlib()
@@ -62,12 +62,13 @@ def test_nocloud_seed_carries_identity_and_the_suites_user_data(tmp_path: Path) 
         iso.get_file_from_iso_fp(out, rr_path=f"/{name}")
         files[name] = out.getvalue().decode()
     iso.close()
-    assert files["meta-data"] == f"instance-id: {instance}\nlocal-hostname: engine\n"
+    assert files["meta-data"] == f"instance-id: {instance}\nlocal-hostname: ost-suite-engine\n"
     parts = [p.get_payload() for p in email.message_from_string(files["user-data"]).get_payload()]
     assert len(parts) == 2 and all(p.startswith("#cloud-config\n") for p in parts)
-    assert key.public in parts[0] and "ssh-rsa AAAAroot" in parts[0] and "engine.ost.test" in parts[0]
+    assert key.public in parts[0] and "ssh-rsa AAAAroot" in parts[0] and "ost-suite-engine.ost.test" in parts[0]
+    assert '"hostname": "ost-suite-engine"' in parts[0]  # OST's VM name, as without cloud-init
     assert "/root/x" in parts[1]
-    assert write_seed(tmp_path / "other.iso", "engine", "e", "192.0.2.10", "k", key) != instance
+    assert write_seed(tmp_path / "other.iso", "e", "192.0.2.10", "k", key) != instance
 
 
 def test_cloud_init_is_read_from_the_layers_package_list(tmp_path: Path) -> None:

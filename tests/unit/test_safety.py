@@ -315,7 +315,7 @@ def test_workers_share_an_environment_without_vms(roots, images: Path) -> None:
 def test_the_seed_with_the_private_host_key_is_private(tmp_path: Path) -> None:
     pytest.importorskip("pycdlib")
     seed = tmp_path / "vm.seed.iso"
-    write_seed(seed, "vm", "vm.ost.test", "192.168.1.10", "ssh-rsa AAAA x", HostKey.generate())
+    write_seed(seed, "vm.ost.test", "192.168.1.10", "ssh-rsa AAAA x", HostKey.generate())
     assert stat.S_IMODE(seed.stat().st_mode) == 0o600
 
 
