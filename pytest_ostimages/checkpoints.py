@@ -31,6 +31,7 @@ import pytest
 from .errors import OstError, WarmStartError
 from .guest.vm import VM
 from .lab.lab import Lab
+from .state.warmcache import recipe_key
 from .session import user_errors
 
 VM_KEY = "$vm"  # how a VM stands in a saved value: {"$vm": role}
@@ -68,6 +69,7 @@ def checkpoint(function: Optional[Callable[..., Any]] = None, *, name: Optional[
             [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in ("request", "ost_lab", *arguments)])
         fixture.__doc__ = func.__doc__
         fixture.__name__ = func.__name__
+        fixture.ost_checkpoint = True  # type: ignore[attr-defined]  # for the plugin's hooks: is_checkpoint
         return pytest.fixture(scope="session", name=name or func.__name__, params=params)(fixture)
 
     return make(function) if function is not None else make
@@ -88,21 +90,18 @@ def _run(request: pytest.FixtureRequest, lab: Lab, func: Callable[..., Any], fil
     parent = lab.current_environment or lab.environment_key(list(lab.specs.values()))
     inputs = {"fixture": f"{inspect.getfile(func)}:{inspect.getsourcelines(func)[1]} {name}",
               "files": sorted(files), "param": _param(request)}
-    # by content, not by place: the same suite checked out elsewhere finds its states
-    key = hashlib.sha256(json.dumps([parent, inspect.getsource(func), inputs["param"],
-                                     [[given, hashlib.sha256(path.read_bytes()).hexdigest()]
-                                      for given, path in sorted(files.items())]],
-                                    default=str).encode()).hexdigest()[:16]
+    key = checkpoint_key(parent, inspect.getsource(func), inputs["param"], files)
     state = cache.state(key)
     if state.exists():
         try:
             value = _rebuild(state.data()["value"], lab)
-            lab.restore_environment(state)
+            lab.restore_environment(state)  # when the VMs are next used: a deeper one may come first
         except (WarmStartError, KeyError, ValueError) as exc:
             lab.progress(f"checkpoint {name}: its saved state {key} cannot be used ({exc}): running it")
         else:
-            lab.progress(f"checkpoint {name}: restored from saved state {key}; its body did not run")
+            lab.progress(f"checkpoint {name}: saved state {key} found: its body does not run")
             return value
+    lab.settle()  # in the state this one starts from
     start = time.monotonic()
     value = func(**wanted)
     lab.progress(f"checkpoint {name}: ran in {time.monotonic() - start:.1f} s")
@@ -111,9 +110,23 @@ def _run(request: pytest.FixtureRequest, lab: Lab, func: Callable[..., Any], fil
     except TypeError as exc:
         lab.progress(f"checkpoint {name}: not saved: its value cannot be rebuilt from a saved state ({exc}); "
                      f"return a VM, a list or dict of VMs, or JSON-serialisable data")
+        lab.current_environment = recipe_key([parent, "then ran", key])  # what comes next builds on its effects
         return value
     lab.save_environment(key, {"name": name, "inputs": inputs, "value": saved, "parent": parent})
     return value
+
+
+def checkpoint_key(parent: str, source: str, param: Any, files: dict[str, Path]) -> str:
+    """The key of a checkpoint's saved state: the state it started from, its source, its parameter
+    and its files, by content, not by place (the same suite checked out elsewhere finds its states)."""
+    return hashlib.sha256(json.dumps([parent, source, param, [[given, hashlib.sha256(path.read_bytes()).hexdigest()]
+                                                              for given, path in sorted(files.items())]],
+                                     default=str).encode()).hexdigest()[:16]
+
+
+def is_checkpoint(fixture_function: Any) -> bool:
+    """Whether a fixture's function was made by @checkpoint (it does not need the VMs restored)."""
+    return getattr(fixture_function, "ost_checkpoint", False)
 
 
 def _param(request: pytest.FixtureRequest) -> Any:

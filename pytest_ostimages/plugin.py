@@ -32,7 +32,8 @@ from .inside.run import InsideRun
 from .lab.plan import Plan
 from .ost import initconfig
 from .ost.suite import OstSuite
-from .session import CATALOG_KEY, CONFIG_KEY, ITEM_KEY, LAB_KEY, PLAN_KEY, make_lab, reusing
+from .checkpoints import is_checkpoint
+from .session import CATALOG_KEY, CONFIG_KEY, ITEM_KEY, LAB_KEY, PLAN_KEY, make_lab, reusing, user_errors
 from .state import kept, ledger
 from .state.warmcache import WarmCache
 
@@ -161,6 +162,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_setup(item: pytest.Item) -> Any:
     item.config.stash[ITEM_KEY] = item
     return (yield)
+
+
+def _settle(config: pytest.Config, session: pytest.Session) -> None:
+    """The VMs are about to be used: restore the saved state checkpoint fixtures chose for them."""
+    lab = config.stash.get(LAB_KEY, None)
+    if lab is not None and lab.pending_environment is not None:
+        with user_errors(config, session):
+            lab.settle()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Any:
+    if not is_checkpoint(fixturedef.func):  # a checkpoint restored may be followed by a deeper one
+        _settle(request.config, request.session)
+    return (yield)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    _settle(item.config, item.session)
 
 
 class _Interrupts:

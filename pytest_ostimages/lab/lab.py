@@ -48,7 +48,17 @@ from .inputs import MANAGEMENT, Inputs, NetworkSpec, VMSpec
 from .networks import Network, entry, with_free_subnet
 from .workdir import WorkDir
 
-WARM_RECIPE = 1  # bump when what a saved state holds changes
+
+@functools.lru_cache(maxsize=None)
+def plugin_source_digest() -> str:
+    """The plugin's own code and templates: a saved state is used only by the code that saved it
+    (another version may provision guests differently: names, addresses, what runs in them)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".xml")):
+        digest.update(f"{path.relative_to(package)}\0".encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
 
 if TYPE_CHECKING:
     import libvirt
@@ -96,6 +106,7 @@ class Lab:
         self.ssh_key: Optional[Path] = None  # the distro's key as a 0600 file, once started
         self.ledger = Ledger()  # what close() removes, each object recorded before it exists
         self.current_environment: Optional[str] = None  # the saved environment the VMs are in now, if any
+        self.pending_environment: Optional[SavedState] = None  # chosen by restore_environment, not yet restored
         self.interrupted = False  # Ctrl-C or SIGTERM: close() tears down at once
         self._next_host: dict[str, int] = {}  # per network role
         self._conn: Optional["libvirt.virConnect"] = None
@@ -271,6 +282,9 @@ class Lab:
             if unknown:
                 raise OstError(f"VM {spec.role} has NICs on {unknown}, which this session does not "
                                f"have (its networks: {[n.role for n in self.topology]}).")
+        self.settle()
+        if specs and self.current_environment is not None:  # a saved environment, and then these
+            self.current_environment = recipe_key([self.current_environment, "then booted", self.fingerprint(specs)])
         self._start()
         nics = self._connect(specs)
         if not specs:
@@ -362,7 +376,7 @@ class Lab:
         # identity through the guest agent: a NoCloud seed is no reason to boot
         if (self.warm_cache is not None and not spec.shares and len(nics) == 1
                 and not disks and not spec.deploy_scripts):
-            warm_key = recipe_key([WARM_RECIPE, image.identity(), memory, vcpus, self.virt_type,
+            warm_key = recipe_key([plugin_source_digest(), image.identity(), memory, vcpus, self.virt_type,
                                    self.cpu_mode, self.inputs.templates.text("domain.xml"),
                                    self.config.identity, self.config.ip_version, firmware,
                                    self.config.secure_boot, seed is not None, spec.user_data])
@@ -398,7 +412,8 @@ class Lab:
 
     def environment_key(self, specs: list[VMSpec]) -> str:
         """The warm cache's key of the environment of `specs` as provisioned (booted, deployed)."""
-        return recipe_key([WARM_RECIPE, "environment", self.fingerprint(specs), self.virt_type, self.cpu_mode])
+        return recipe_key([plugin_source_digest(), "environment", self.fingerprint(specs), self.virt_type,
+                           self.cpu_mode])
 
     def save_environment(self, key: str, meta: dict[str, Any]) -> Optional[SavedState]:
         """Save every VM of the lab together, as state `key` of the warm cache, and let them go on.
@@ -407,6 +422,7 @@ class Lab:
         it was, on new overlays of its saved disks. `meta` is kept with the state (a
         checkpoint's name, inputs and value). None with --ost-warm=off or without VMs.
         """
+        self.settle()
         cache, vms = self.warm_cache, list(self.vms.values())
         if cache is None or not vms:
             return None
@@ -432,24 +448,37 @@ class Lab:
         return state
 
     def restore_environment(self, state: SavedState) -> None:
-        """Replace the lab's running VMs by those of `state` (saved by save_environment), each
-        on this session's networks with its own MACs and addresses, keeping its saved identity."""
+        """Have the lab's VMs in `state` (saved by save_environment) before they are next used
+        (settle): each on this session's networks with its own MACs and addresses, keeping its
+        saved identity. Until then another call replaces it: a checkpoint built on this one was
+        saved too, so a session restores only the deepest state it reaches. WarmStartError, with
+        nothing touched, if `state` does not fit these VMs or is damaged."""
         cache = self.warm_cache
         roles = state.data().get("roles", [])
         if cache is None or sorted(self.vms) != sorted(roles):
             raise WarmStartError(f"saved environment {state.key} holds VMs {roles}, this session {sorted(self.vms)}")
         damaged = [role for role in roles if not (state.vm(role).memory.is_file() and state.vm(role).disk.is_file())]
         if damaged or not cache.use(state, self.workdir.path):
-            raise WarmStartError(f"saved environment {state.key} is damaged or gone (VMs {damaged or roles})")
+            removed = bool(damaged) and cache.discard(state)
+            raise WarmStartError(f"saved environment {state.key} is damaged or gone (VMs {damaged or roles})"
+                                 + ("; removed, to be saved again" if removed else ""))
+        self.pending_environment = state
+        self.current_environment = state.key
+
+    def settle(self) -> None:
+        """Restore the environment restore_environment chose, if that is still to be done."""
+        state, self.pending_environment = self.pending_environment, None
+        if state is None:
+            return
         start = time.monotonic()
         try:
             each(lambda vm: self._restore_vm(vm, state.vm(vm.role)), list(self.vms.values()))
         except (WarmStartError, OSError) as exc:  # the VMs it replaced are gone: no going back now
             raise OstError(f"The VMs of run {self.run_id} could not be restored from saved environment "
                            f"{state.key}: {exc}") from None
-        self.current_environment = state.key
         self._write_access_files()
-        self.progress(f"environment of {len(roles)} VMs restored from {state.key} in {time.monotonic() - start:.1f} s")
+        self.progress(f"environment of {len(self.vms)} VMs restored from {state.key} in "
+                      f"{time.monotonic() - start:.1f} s")
 
     def _restore_vm(self, vm: VM, saved: SavedState) -> None:
         fresh = vm.domain.XMLDesc()  # this session's names, networks, MACs and files
@@ -468,6 +497,9 @@ class Lab:
         """Remove one VM of the lab before the session ends (its domain; its files go with the lab's)."""
         if self.vms.get(vm.role) is not vm:
             raise OstError(f"VM {vm.role} ({vm.name}) is not one of run {self.run_id}'s VMs.")
+        self.settle()
+        if self.current_environment is not None:
+            self.current_environment = recipe_key([self.current_environment, "then removed", vm.role])
         vm.close()
         del self.vms[vm.role]
         self.specs.pop(vm.role, None)

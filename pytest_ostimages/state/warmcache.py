@@ -173,6 +173,11 @@ class WarmCache:
                 removed.append(folder.name)
         return removed
 
+    def discard(self, state: SavedState) -> bool:
+        """Remove `state`, found damaged, unless a run or a later state uses it: a new save
+        of its key replaces it. Whether it was removed."""
+        return self._remove_unused(state)
+
     def remove_crashed_saves(self) -> list[str]:
         """Remove what saves of sessions that died left (a partial folder no save holds the lock of)."""
         removed = []

@@ -1,5 +1,6 @@
 """Checkpoint fixtures on one VM: run once and saved, then skipped with their effects present,
-built on each other; a value that cannot be rebuilt, or a damaged state, runs the fixture."""
+built on each other (only the deepest restored); a value that cannot be rebuilt, a damaged
+state or a changed source runs the fixture."""
 
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def warm_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def keys(output: str, name: str) -> list[str]:
-    return re.findall(rf"checkpoint {name}: restored from saved state (\w+)", output)
+def keys(output: str, what: str) -> list[str]:
+    return re.findall(rf"{what} (\w+)", output)
 
 
 def test_checkpoints_are_restored_with_their_effects(pytester: pytest.Pytester, warm_root: Path) -> None:
@@ -74,23 +75,38 @@ def test_checkpoints_are_restored_with_their_effects(pytester: pytest.Pytester, 
     first = pytester.runpytest_subprocess(*args)
     first.assert_outcomes(passed=2)
     first.stdout.fnmatch_lines(["*checkpoint configured: ran in *", "*environment of 1 VMs saved as *",
-                                "*checkpoint deeper: ran in *", "*RUNS 1*"])
+                                "*checkpoint deeper: ran in *", "*environment of 1 VMs saved as *", "*RUNS 1*"])
     first.stdout.fnmatch_lines(["*checkpoint odd: not saved: its value cannot be rebuilt from a saved state "
                                 "(a object)*"])
+    configured, deeper = keys(first.stdout.str(), "environment of 1 VMs saved as")
 
+    # both skipped, only the deeper one restored: its effects and those of the one below it
     second = pytester.runpytest_subprocess(*args)
     second.assert_outcomes(passed=2)
-    second.stdout.fnmatch_lines(["*checkpoint configured: restored from saved state *; its body did not run*",
-                                 "*checkpoint deeper: restored from saved state *; its body did not run*",
-                                 "*RUNS 1*"])  # its effects, from the one run of the first session
+    second.stdout.fnmatch_lines([f"*checkpoint configured: saved state {configured} found: its body does not run*",
+                                 f"*checkpoint deeper: saved state {deeper} found: its body does not run*",
+                                 f"*environment of 1 VMs restored from {deeper} in *",
+                                 "*RUNS 1*"])  # from the one run of the first session
+    assert keys(second.stdout.str(), "VMs restored from") == [deeper]
     assert "checkpoint odd: ran in" in second.stdout.str()  # never saved: it runs every time
 
-    # a damaged state: the fixture runs again (on the restored state before it), and says why
-    deeper_state = warm_root / "warm" / keys(second.stdout.str(), "deeper")[0]
-    next(deeper_state.glob("*/memory.save")).unlink()
-    damaged = pytester.runpytest_subprocess(*args)
-    damaged.assert_outcomes(passed=2)
-    damaged.stdout.fnmatch_lines(["*checkpoint configured: restored from saved state *",
-                                  "*checkpoint deeper: its saved state * cannot be used (saved environment * is "
-                                  "damaged or gone*): running it*", "*checkpoint deeper: ran in *"])
+    # a damaged state runs its fixture again and is saved anew; a changed source runs it again
+    next((warm_root / "warm" / configured).glob("*/memory.save")).unlink()
+    pytester.makeconftest(CONFTEST.replace("echo deeper >", "echo deeper >/dev/null; echo deeper >"))
+    third = pytester.runpytest_subprocess(*args)
+    third.assert_outcomes(passed=2)
+    third.stdout.fnmatch_lines([f"*checkpoint configured: its saved state {configured} cannot be used (saved "
+                                f"environment {configured} is damaged or gone (VMs ['box']); removed, to be saved "
+                                f"again): running it*", "*checkpoint configured: ran in *",
+                                f"*environment of 1 VMs saved as {configured} in *",
+                                "*checkpoint deeper: ran in *", "*RUNS 1*"])
+    assert "VMs restored from" not in third.stdout.str()
+    changed = keys(third.stdout.str(), "environment of 1 VMs saved as")[1]
+    assert changed != deeper
+
+    listing = pytester.runpytest_subprocess(f"--ost-workdir={warm_root}", "--ost-warm-list")
+    listing.stdout.fnmatch_lines([f"{configured} * MiB * h old  configured (box)  [fixture: *conftest.py:* configured; "
+                                  "files: ['data.txt']]  on *",
+                                  f"{changed} * MiB * h old  deeper (box)  [fixture: *conftest.py:* deeper]  "
+                                  f"on {configured}"], consecutive=False)
     assert (libvirt_objects(), workdirs()) == before

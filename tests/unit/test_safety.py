@@ -247,6 +247,18 @@ def saved(cache: WarmCache, key: str) -> None:
     assert cache.save(key, write, lambda _: None)
 
 
+def test_a_damaged_state_is_removed_unless_in_use(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path / "warm", limit=2**30)
+    saved(cache, "a" * 16)
+    saved(cache, "b" * 16)
+    run = tmp_path / "0bee0004"  # a run's work directory, alive while its owner record is there
+    run.mkdir()
+    (run / "owner.json").write_text("{}")
+    assert cache.use(cache.state("b" * 16), run)
+    assert cache.discard(cache.state("a" * 16)) and not cache.state("a" * 16).folder.exists()
+    assert not cache.discard(cache.state("b" * 16)) and cache.state("b" * 16).exists()  # its disks back the run's
+
+
 def test_a_state_backing_a_kept_run_is_never_evicted(roots) -> None:
     root, _ = roots
     cache = WarmCache(root / "warm", limit=0)

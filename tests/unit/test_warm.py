@@ -93,3 +93,21 @@ def test_eviction_stops_as_soon_as_the_cache_fits(tmp_path: Path) -> None:
     states = [make_state(tmp_path, k * 16, 1000, age) for k, age in (("a", 1), ("b", 2), ("c", 3), ("d", 4))]
     cache.evict(keep=states[3].key, progress=lambda _: None)
     assert [s.exists() for s in states] == [False, False, True, True]
+
+
+def test_a_checkpoints_key_follows_its_inputs_by_content_not_by_place(tmp_path: Path) -> None:
+    from pytest_ostimages.checkpoints import checkpoint_key
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for folder in (here, elsewhere):
+        folder.mkdir()
+        (folder / "service.conf").write_text("port = 8080\n")
+    key = checkpoint_key("parent", "def step(): ...", None, {"service.conf": here / "service.conf"})
+    assert checkpoint_key("parent", "def step(): ...", None, {"service.conf": elsewhere / "service.conf"}) == key
+    (elsewhere / "service.conf").write_text("port = 8081\n")
+    changed = [checkpoint_key("parent", "def step(): ...", None, {"service.conf": elsewhere / "service.conf"}),
+               checkpoint_key("other parent", "def step(): ...", None, {"service.conf": here / "service.conf"}),
+               checkpoint_key("parent", "def step(): return 1", None, {"service.conf": here / "service.conf"}),
+               checkpoint_key("parent", "def step(): ...", "param", {"service.conf": here / "service.conf"})]
+    assert key not in changed and len(set(changed)) == len(changed)
+
