@@ -31,15 +31,19 @@ GUEST_FUNCTIONS = """ost_nic() {
     echo "no NIC with MAC $1" >&2
     return 1
 }
-# give NIC $1 address $2 (and, for the management NIC, the default route via $3); again while a
-# hot-plugged NIC's own DHCP client (ifupdown's allow-hotplug) flushes it: "Nexthop has invalid gateway"
+# give NIC $1 address $2 (and, for the management NIC, the default route via $3): the link up
+# first (a hot-plugged NIC that no ifupdown stanza names stays down: "Nexthop has invalid
+# gateway"), and again while its own DHCP client (ifupdown's allow-hotplug) flushes it
 ost_address() {
-    for i in $(seq 49); do
-        { ip addr replace "$2" brd + dev "$1" && { [ -z "$3" ] || ip route replace default via "$3" dev "$1"; }; } \
-            2>/dev/null && return 0
+    for i in $(seq 50); do
+        { ip link set dev "$1" up && ip addr replace "$2" brd + dev "$1" &&
+            { [ -z "$3" ] || ip route replace default via "$3" dev "$1"; }; } 2>/dev/null && return 0
         sleep 0.1
     done
-    ip addr replace "$2" brd + dev "$1" && { [ -z "$3" ] || ip route replace default via "$3" dev "$1"; }
+    ip link set dev "$1" up && ip addr replace "$2" brd + dev "$1" &&
+        { [ -z "$3" ] || ip route replace default via "$3" dev "$1"; } && return 0
+    ip -br addr show dev "$1" >&2  # what it has, for the error
+    return 1
 }
 if command -v nmcli >/dev/null && nmcli -t -f RUNNING general 2>/dev/null | grep -qx running; then nm=1; else nm=; fi"""
 

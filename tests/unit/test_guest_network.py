@@ -36,15 +36,18 @@ def set_address(tmp_path: Path, refusals: int) -> tuple[subprocess.CompletedProc
 def test_the_default_route_is_set_again_after_a_dhcp_client_flushed_the_address(tmp_path: Path) -> None:
     done, calls = set_address(tmp_path, refusals=3)
     assert done.returncode == 0, done.stderr
+    assert calls[:3] == ["link set dev enp1s0 up", "addr replace 192.0.2.10/24 brd + dev enp1s0",
+                         "route replace default via 192.0.2.1 dev enp1s0"]  # up first: a hot-plugged NIC is down
     assert calls.count("addr replace 192.0.2.10/24 brd + dev enp1s0") == 4  # the address again each time
     assert calls[-1] == "route replace default via 192.0.2.1 dev enp1s0"
 
 
 def test_a_route_that_never_takes_fails_the_script_with_what_ip_said(tmp_path: Path) -> None:
     done, calls = set_address(tmp_path, refusals=1000)
-    assert done.returncode == 2
+    assert done.returncode == 1
     assert done.stderr.strip() == "Error: Nexthop has invalid gateway."  # once: the last try's
-    assert calls.count("route replace default via 192.0.2.1 dev enp1s0") == 50
+    assert calls.count("route replace default via 192.0.2.1 dev enp1s0") == 51
+    assert calls[-1] == "-br addr show dev enp1s0"  # what the NIC has, for the error
 
 
 @pytest.mark.parametrize("management", [True, False])
