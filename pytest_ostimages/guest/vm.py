@@ -260,6 +260,9 @@ class VM:
         """The VM runs in `domain` now, on `overlay`, and answers with `host_key` (a restore)."""
         self._ssh.close()
         self.domain, self.overlay = domain, overlay
+        # what belonged to the state it was in: its clean state, its checkpoints, its recipe's warm save
+        self.checkpoints.clear()
+        self.dirty, self.warm_key = None, None
         if host_key is not None:
             self._ssh.pin(host_key)
 

@@ -437,7 +437,11 @@ class Lab:
             return {**meta, "kind": "environment", "roles": sorted(self.vms), "parents": parents}
 
         if not cache.save(key, write, self.progress):
-            return state  # saved by another session meanwhile; these VMs were not touched
+            # saved by another session meanwhile (or damaged, and other states are built on it):
+            # these VMs, untouched, are in the state it names
+            self.current_environment = key
+            self.progress(f"environment {key} is saved already: these VMs go on unsaved")
+            return state
         for parent in parents:  # its disks are backed by theirs
             cache.use(cache.state(parent), state.folder)
         cache.use(state, self.workdir.path)

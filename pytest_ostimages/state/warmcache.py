@@ -137,7 +137,11 @@ class WarmCache:
             shutil.rmtree(partial, ignore_errors=True)  # a crashed save's (it held this lock)
             partial.mkdir(parents=True, mode=0o711)
             partial.chmod(0o711)  # qemu's user reaches the disk in it; nobody lists it
-            meta = write(partial)
+            try:
+                meta = write(partial)
+            except Exception:
+                shutil.rmtree(partial, ignore_errors=True)  # nothing half-saved stays behind
+                raise
             write_atomic(partial / "meta.json", json.dumps({"key": key, "saved": time.time(), **meta}))
             for path in partial.rglob("*"):
                 # guest memory and its variables hold whatever the guest had: keys, passwords;

@@ -1,6 +1,6 @@
 """Checkpoint fixtures on one VM: run once and saved, then skipped with their effects present,
 built on each other (only the deepest restored); a value that cannot be rebuilt, a damaged
-state or a changed source runs the fixture."""
+state (saved anew) or a changed source runs the fixture."""
 
 from __future__ import annotations
 
@@ -89,24 +89,32 @@ def test_checkpoints_are_restored_with_their_effects(pytester: pytest.Pytester, 
                                  "*RUNS 1*"])  # from the one run of the first session
     assert keys(second.stdout.str(), "VMs restored from") == [deeper]
     assert "checkpoint odd: ran in" in second.stdout.str()  # never saved: it runs every time
+    assert "saving its ready state" not in second.stdout.str()  # restored: no longer as booted
 
-    # a damaged state runs its fixture again and is saved anew; a changed source runs it again
-    next((warm_root / "warm" / configured).glob("*/memory.save")).unlink()
-    pytester.makeconftest(CONFTEST.replace("echo deeper >", "echo deeper >/dev/null; echo deeper >"))
+    # a damaged state: its fixture runs again (on the state before it), and it is saved anew
+    next((warm_root / "warm" / deeper).glob("*/memory.save")).unlink()
     third = pytester.runpytest_subprocess(*args)
     third.assert_outcomes(passed=2)
-    third.stdout.fnmatch_lines([f"*checkpoint configured: its saved state {configured} cannot be used (saved "
-                                f"environment {configured} is damaged or gone (VMs ['box']); removed, to be saved "
-                                f"again): running it*", "*checkpoint configured: ran in *",
-                                f"*environment of 1 VMs saved as {configured} in *",
-                                "*checkpoint deeper: ran in *", "*RUNS 1*"])
-    assert "VMs restored from" not in third.stdout.str()
-    changed = keys(third.stdout.str(), "environment of 1 VMs saved as")[1]
-    assert changed != deeper
+    third.stdout.fnmatch_lines([f"*checkpoint configured: saved state {configured} found*",
+                                f"*checkpoint deeper: its saved state {deeper} cannot be used (saved environment "
+                                f"{deeper} is damaged or gone (VMs ['box']); removed, to be saved again): running it*",
+                                f"*environment of 1 VMs restored from {configured} in *",
+                                "*checkpoint deeper: ran in *", f"*environment of 1 VMs saved as {deeper} in *",
+                                "*RUNS 1*"])
 
-    listing = pytester.runpytest_subprocess(f"--ost-workdir={warm_root}", "--ost-warm-list")
-    listing.stdout.fnmatch_lines([f"{configured} * MiB * h old  configured (box)  [fixture: *conftest.py:* configured; "
-                                  "files: ['data.txt']]  on *",
-                                  f"{changed} * MiB * h old  deeper (box)  [fixture: *conftest.py:* deeper]  "
-                                  f"on {configured}"], consecutive=False)
+    # a changed source: that checkpoint runs again, on the one below it, and is saved under a new key
+    pytester.makeconftest(CONFTEST.replace("echo deeper >", "echo deeper >/dev/null; echo deeper >"))
+    fourth = pytester.runpytest_subprocess(*args)
+    fourth.assert_outcomes(passed=2)
+    fourth.stdout.fnmatch_lines([f"*environment of 1 VMs restored from {configured} in *",
+                                 "*checkpoint deeper: ran in *", "*RUNS 1*"])
+    changed = keys(fourth.stdout.str(), "environment of 1 VMs saved as")[0]
+    assert changed not in (configured, deeper)
+
+    listing = pytester.runpytest_subprocess(f"--ost-workdir={warm_root}", "--ost-warm-list").stdout
+    for line in (f"{configured} * MiB * h old  configured (box)  [fixture: *conftest.py:* configured; "
+                 "files: ['data.txt']]  on *",
+                 f"{deeper} * MiB * h old  deeper (box)  [fixture: *conftest.py:* deeper]  on {configured}",
+                 f"{changed} * MiB * h old  deeper (box)  [fixture: *conftest.py:* deeper]  on {configured}"):
+        listing.fnmatch_lines([line])  # in the order of their last use
     assert (libvirt_objects(), workdirs()) == before

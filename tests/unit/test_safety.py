@@ -247,6 +247,18 @@ def saved(cache: WarmCache, key: str) -> None:
     assert cache.save(key, write, lambda _: None)
 
 
+def test_a_save_that_fails_leaves_no_partial_state(tmp_path: Path) -> None:
+    cache = WarmCache(tmp_path / "warm", limit=2**30)
+
+    def write(folder: Path) -> dict:
+        (folder / "memory.save").write_bytes(b"\0" * 1000)
+        raise OSError("no space left on device")
+
+    with pytest.raises(OSError, match="no space"):
+        cache.save("c" * 16, write, lambda _: None)
+    assert list((tmp_path / "warm").iterdir()) == []
+
+
 def test_a_damaged_state_is_removed_unless_in_use(tmp_path: Path) -> None:
     cache = WarmCache(tmp_path / "warm", limit=2**30)
     saved(cache, "a" * 16)
