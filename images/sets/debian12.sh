@@ -7,7 +7,6 @@
 DISTRO=debian12                 # no hyphen: the plugin splits <distro>-<layer> at the first one
 SUITE=bookworm
 DISK_SIZE_MIB=2048              # virtual size of the root disk
-PART_OFFSET=1048576             # the root partition starts at 1 MiB (sector 2048)
 
 # Base layer packages (mmdebstrap --variant=minbase plus these).
 BASE_PACKAGES=(
@@ -33,10 +32,7 @@ MBR_BIN=/usr/lib/syslinux/mbr/mbr.bin
 [ -r "$MBR_BIN" ] || die "missing $MBR_BIN (Debian package syslinux-common)"
 
 configure_base() {
-    local kver
-    kver=$(cd "$ROOT/boot" && ls vmlinuz-* | sed 's/^vmlinuz-//')
-    [ "$(echo "$kver" | wc -l)" = 1 ] || { echo "expected one kernel, got: $kver"; return 1; }
-    [ -e "$ROOT/boot/initrd.img-$kver" ] || { echo "no initrd for $kver"; return 1; }
+    find_kernel
 
     # Hostname comes from DHCP: Debian's dhclient-script sets it when the current
     # one is "localhost".
@@ -117,19 +113,6 @@ PasswordAuthentication no
 UseDNS no
 EOF
 
-    # Boot loader: no menu, boot at once; the kernel logs on the serial console.
-    mkdir -p "$ROOT/boot/extlinux"
-    cat >"$ROOT/boot/extlinux/extlinux.conf" <<EOF
-SERIAL 0 115200
-DEFAULT debian
-PROMPT 0
-TIMEOUT 1
-LABEL debian
-  LINUX /boot/vmlinuz-$kver
-  INITRD /boot/initrd.img-$kver
-  APPEND root=UUID=$ROOT_UUID ro console=ttyS0,115200n8 net.ifnames=0
-EOF
-
     # ifupdown-pre.service waits for "udevadm settle", i.e. for the whole coldplug
     # (slow under TCG), before networking.service may bring eth0 up. Wait for eth0
     # alone; settle as before if it does not show up.
@@ -140,46 +123,20 @@ ExecStart=
 ExecStart=/bin/sh -c 'udevadm wait --timeout=60 /sys/class/net/eth0 || udevadm settle'
 EOF
 
-    # Nothing periodic, no LVM snapshot reaping in a test VM.
-    local unit
-    for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
-                e2scrub_reap.service fstrim.timer dpkg-db-backup.timer; do
-        ln -sf /dev/null "$ROOT/etc/systemd/system/$unit"
-    done
-
-    echo base >"$ROOT/etc/ost-layer"
-    printf '%s base layer, build %s (%s)\n' "$DISTRO" "$fingerprint" "$(date -u +%FT%TZ)" \
-        >"$ROOT/etc/ost-layer-base"
+    finish_base_tree
 }
 
 make_base_disk() {
     pkglist "$ROOT/var/lib/dpkg" >"$OUT/$DISTRO-base-pkglist.txt"
     : >"$OUT/$DISTRO-base-pkglist-diff.txt"
-
-    local raw=$WORK/base.raw part_kib
-    rm -f "$raw"
-    truncate -s "${DISK_SIZE_MIB}M" "$raw"
-    echo "label: dos
-start=$((PART_OFFSET / 512)), type=83, bootable" | sfdisk --no-reread --no-tell-kernel "$raw"
-    part_kib=$(((DISK_SIZE_MIB * 1048576 - PART_OFFSET) / 1024))
-    mkfs.ext4 -F -q -L root -U "$ROOT_UUID" -E offset=$PART_OFFSET -d "$ROOT" "$raw" "${part_kib}k"
-    mkdir -p "$WORK/mnt"
-    mount_push "$WORK/mnt" -o loop,offset=$PART_OFFSET "$raw"
-    extlinux --install "$WORK/mnt/boot/extlinux"
-    umount_pop
-    wait_loop_detached "$raw"
-    dd if="$MBR_BIN" of="$raw" bs=440 count=1 conv=notrunc status=none
-    # Compressed (zstd: about 110 MB instead of 330, in 2 s; zlib takes 8 s), sparse.
-    qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$raw" "$OUT/$DISTRO-base.qcow2"
-    rm -f "$raw"
-    qemu-img info "$OUT/$DISTRO-base.qcow2"
+    make_mbr_disk "$OUT/$DISTRO-base.qcow2" "root=UUID=$ROOT_UUID ro console=ttyS0,115200n8 net.ifnames=0"
 }
 
 make_layer() {  # make_layer LAYER
     local layer=$1 mnt=$WORK/mnt-$1 img=$DISTRO-$1.qcow2
     # A real overlay, backing file referenced by its relative name.
     (cd "$OUT" && qemu-img create -f qcow2 -b "$DISTRO-base.qcow2" -F qcow2 "$img")
-    qsd_mount "$OUT/$img" "$WORK/$layer.raw" "$mnt" "$PART_OFFSET"
+    qsd_mount "$OUT/$img" "$WORK/$layer.raw" "$mnt" "$MBR_PART_OFFSET"
 
     install_layer_debs "$mnt" "$layer"
     if [ "$layer" = cloud-installed ]; then

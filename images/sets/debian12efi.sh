@@ -48,9 +48,7 @@ export MTOOLS_SKIP_CHECK=1      # mtools on an image file, no drive configuratio
 kernel_cmdline() { echo "root=UUID=$ROOT_UUID ro console=tty1 console=ttyS0,115200n8"; }
 
 configure_base() {
-    KVER=$(cd "$ROOT/boot" && ls vmlinuz-* | sed 's/^vmlinuz-//')
-    [ "$(echo "$KVER" | wc -l)" = 1 ] || { echo "expected one kernel, got: $KVER"; return 1; }
-    [ -e "$ROOT/boot/initrd.img-$KVER" ] || { echo "no initrd for $KVER"; return 1; }
+    find_kernel
     local f
     for f in usr/lib/shim/shimx64.efi.signed usr/lib/shim/mmx64.efi.signed \
              usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed; do
@@ -153,16 +151,7 @@ EOF
     # The journal persists across reboots, as on kiwi's images.
     mkdir -p "$ROOT/var/log/journal"
 
-    # Nothing periodic, no LVM snapshot reaping in a test VM.
-    local unit
-    for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
-                e2scrub_reap.service fstrim.timer dpkg-db-backup.timer; do
-        ln -sf /dev/null "$ROOT/etc/systemd/system/$unit"
-    done
-
-    echo base >"$ROOT/etc/ost-layer"
-    printf '%s base layer, build %s (%s)\n' "$DISTRO" "$fingerprint" "$(date -u +%FT%TZ)" \
-        >"$ROOT/etc/ost-layer-base"
+    finish_base_tree
 }
 
 # Debian's signed GRUB reads EFI/debian/grub.cfg on the ESP it started from. No
@@ -241,34 +230,7 @@ make_layer() {  # make_layer LAYER
 # set), same kernel command line, for benchmarks of UEFI against BIOS boot of the
 # same guest. Lands in the set's cache directory, not in an RPM.
 make_bios_twin() {
-    local raw=$WORK/twin.raw mnt=$WORK/mnt-twin part_kib offset=1048576
-    rm -f "$raw"
-    truncate -s "${DISK_SIZE_MIB}M" "$raw"
-    echo "label: dos
-start=$((offset / 512)), type=83, bootable" | sfdisk --no-reread --no-tell-kernel "$raw"
-    part_kib=$(((DISK_SIZE_MIB * 1048576 - offset) / 1024))
-    mkfs.ext4 -F -q -L root -U "$ROOT_UUID" -E offset=$offset -d "$ROOT" "$raw" "${part_kib}k"
-    mkdir -p "$mnt"
-    mount_push "$mnt" -o loop,offset=$offset "$raw"
-    mkdir -p "$mnt/boot/extlinux"
-    cat >"$mnt/boot/extlinux/extlinux.conf" <<EOF
-SERIAL 0 115200
-DEFAULT debian
-PROMPT 0
-TIMEOUT 1
-LABEL debian
-  LINUX /boot/vmlinuz-$KVER
-  INITRD /boot/initrd.img-$KVER
-  APPEND $(kernel_cmdline)
-EOF
-    extlinux --install "$mnt/boot/extlinux"
-    umount_pop
-    wait_loop_detached "$raw"
-    dd if="$MBR_BIN" of="$raw" bs=440 count=1 conv=notrunc status=none
-    mkdir -p "$WORK/cache-extra"
-    qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$raw" "$WORK/cache-extra/$DISTRO-base-bios.qcow2"
-    rm -f "$raw"
-    qemu-img info "$WORK/cache-extra/$DISTRO-base-bios.qcow2"
+    make_mbr_disk "$WORK/cache-extra/$DISTRO-base-bios.qcow2" "$(kernel_cmdline)"
 }
 
 build_set() {

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
+import secrets
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 if TYPE_CHECKING:
     import libvirt
@@ -66,3 +71,49 @@ def libvirt_objects(pid: Optional[int] = None) -> set[str]:
 def workdirs() -> set[str]:
     """Session work directories (they carry an owner label; the layer cache does not)."""
     return {p.parent.name for p in WORKDIR.glob("*/owner.json")}
+
+
+@contextlib.contextmanager
+def scratch_root(prefix: str) -> Iterator[Path]:
+    """A work directory root of a test's own under /var/tmp (where qemu's user reaches), removed after."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def users_own_objects() -> Iterator[str]:
+    """A defined (persistent) domain and a running network of the user's, both of the name
+    yielded, without a label of ours: what nothing we run may touch."""
+    import libvirt
+
+    conn = libvirt.open(LIBVIRT_URI)
+    name = f"users-{secrets.token_hex(3)}"
+    subnet = free_subnet(conn)
+    net = conn.networkDefineXML(f"<network><name>{name}</name><bridge name='{name[:15]}'/>"
+                                f"<ip address='{subnet.network_address + 1}' prefix='24'/></network>")
+    net.create()
+    dom = conn.defineXML(f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+                         f"<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
+    try:
+        yield name
+    finally:
+        dom.undefine()
+        net.destroy()
+        net.undefine()
+        conn.close()
+
+
+def read_until(proc: "subprocess.Popen[str]", marker: str, forbidden: Optional[str] = None) -> str:
+    """The output of `proc` up to the line with `marker`; fails if it ends first or says `forbidden`."""
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        assert forbidden is None or forbidden not in line, "".join(seen)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"never said {marker!r}:\n" + "".join(seen))

@@ -5,14 +5,12 @@ state (saved anew) or a changed source runs the fixture."""
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from .helpers import INNER, libvirt_objects, workdirs
+from .helpers import INNER, libvirt_objects, scratch_root, workdirs
 
 CONFTEST = """
     from pytest_ostimages import checkpoint, vm_fixture
@@ -55,10 +53,8 @@ TESTS = """
 @pytest.fixture
 def warm_root() -> Iterator[Path]:
     """A work root (and so a warm cache) of its own: nothing saved before this test."""
-    root = Path(tempfile.mkdtemp(prefix="ost-checkpoints-", dir="/var/tmp"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    with scratch_root("ost-checkpoints-") as root:
+        yield root
 
 
 def keys(output: str, what: str) -> list[str]:
@@ -97,7 +93,7 @@ def test_checkpoints_are_restored_with_their_effects(pytester: pytest.Pytester, 
     third.assert_outcomes(passed=2)
     third.stdout.fnmatch_lines([f"*checkpoint configured: saved state {configured} found*",
                                 f"*checkpoint deeper: its saved state {deeper} cannot be used (saved environment "
-                                f"{deeper} is damaged or gone (VMs ['box']); removed, to be saved again): running it*",
+                                f"{deeper} is damaged or gone (VMs ?'box'?); removed, to be saved again): running it*",
                                 f"*environment of 1 VMs restored from {configured} in *",
                                 "*checkpoint deeper: ran in *", f"*environment of 1 VMs saved as {deeper} in *",
                                 "*RUNS 1*"])
@@ -112,9 +108,9 @@ def test_checkpoints_are_restored_with_their_effects(pytester: pytest.Pytester, 
     assert changed not in (configured, deeper)
 
     listing = pytester.runpytest_subprocess(f"--ost-workdir={warm_root}", "--ost-warm-list").stdout
-    for line in (f"{configured} * MiB * h old  configured (box)  [fixture: *conftest.py:* configured; "
-                 "files: ['data.txt']]  on *",
-                 f"{deeper} * MiB * h old  deeper (box)  [fixture: *conftest.py:* deeper]  on {configured}",
-                 f"{changed} * MiB * h old  deeper (box)  [fixture: *conftest.py:* deeper]  on {configured}"):
+    for line in (f"{configured} * MiB * h old  configured (box)  ?fixture: *conftest.py:* configured; "
+                 "files: ?'data.txt'??  on *",
+                 f"{deeper} * MiB * h old  deeper (box)  ?fixture: *conftest.py:* deeper?  on {configured}",
+                 f"{changed} * MiB * h old  deeper (box)  ?fixture: *conftest.py:* deeper?  on {configured}"):
         listing.fnmatch_lines([line])  # in the order of their last use
     assert (libvirt_objects(), workdirs()) == before

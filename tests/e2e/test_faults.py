@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +23,11 @@ import pytest
 from pytest_ostimages import faults
 from pytest_ostimages.state.kept import KEPT_FILE
 
-from .helpers import INNER, LIBVIRT_URI, RESTORABLE, free_subnet, libvirt_objects
+from .helpers import INNER, LIBVIRT_URI, RESTORABLE, libvirt_objects, read_until, scratch_root, users_own_objects
 
 VM_TEST = "def test_vm(ost_vm):\n    assert ost_vm.ssh('true').returncode == 0\n"
 VM = ["--ost-image=engine-installed"]  # the bystanders and the sessions killed after boot: restorable
 NEXT_SESSION = "def test_net(ost_network):\n    pass\n"  # its reaper runs before it makes its network
-
-
-def work_root() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="ost-faults-", dir="/var/tmp"))
-    root.chmod(0o755)
-    return root
 
 
 def session(folder: Path, root: Path, *args: str, env: dict[str, str] | None = None,
@@ -68,60 +59,39 @@ class Bystanders:
 
 @pytest.fixture(scope="module")
 def bystanders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bystanders]:
-    import libvirt
-
-    conn = libvirt.open(LIBVIRT_URI)
     already = libvirt_objects()  # the outer session's own VMs, for one
-    foreign = f"users-{secrets.token_hex(3)}"
-    subnet = free_subnet(conn)
-    net = conn.networkDefineXML(f"<network><name>{foreign}</name><bridge name='{foreign[:15]}'/>"
-                                f"<ip address='{subnet.network_address + 1}' prefix='24'/></network>")
-    net.create()
-    dom = conn.defineXML(f"<domain type='qemu'><name>{foreign}</name><memory unit='MiB'>64</memory>"
-                         f"<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
-    kept_root, live_root = work_root(), work_root()
     folder = tmp_path_factory.mktemp("bystanders")
     release = folder / "release"
-    live = None
-    try:
-        kept = session(folder, kept_root, *VM, *RESTORABLE, "--ost-reuse")
-        assert kept.returncode == 0 and "keeping 1 VMs" in kept.stdout, kept.stdout + kept.stderr
-        (folder / "live").mkdir()
-        (folder / "live" / "test_live.py").write_text(textwrap.dedent(f"""
-            import time
-            from pathlib import Path
+    with users_own_objects() as foreign, scratch_root("ost-faults-") as kept_root, \
+            scratch_root("ost-faults-") as live_root:
+        live = None
+        try:
+            kept = session(folder, kept_root, *VM, *RESTORABLE, "--ost-reuse")
+            assert kept.returncode == 0 and "keeping 1 VMs" in kept.stdout, kept.stdout + kept.stderr
+            (folder / "live").mkdir()
+            (folder / "live" / "test_live.py").write_text(textwrap.dedent(f"""
+                import time
+                from pathlib import Path
 
-            def test_live(ost_vm):
-                print("LIVE-READY", flush=True)
-                while not Path({str(release)!r}).exists():
-                    time.sleep(0.5)
-        """))
-        live = subprocess.Popen([sys.executable, "-m", "pytest", *INNER, *RESTORABLE, "-s", f"--ost-workdir={live_root}",
-                                 *VM, "test_live.py"], cwd=folder / "live", stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-        assert live.stdout is not None
-        seen = []
-        for line in live.stdout:
-            seen.append(line)
-            if "LIVE-READY" in line:
-                break
-        else:
-            pytest.fail("the live session did not get its VM:\n" + "".join(seen))
-        them = Bystanders(foreign, kept_root, live_root, libvirt_objects() - already)
-        assert len(them.labelled) == 4, them.labelled  # two domains and two networks
-        yield them
-    finally:
-        release.touch()
-        if live is not None:
-            assert live.wait(timeout=300) == 0, live.stdout.read() if live.stdout else ""
-        cleanup = session(folder, kept_root, "--ost-cleanup")
-        assert cleanup.returncode == 0, cleanup.stdout
-        dom.undefine()
-        net.destroy()
-        net.undefine()
-        conn.close()
-        for root in (kept_root, live_root):
-            shutil.rmtree(root)
+                def test_live(ost_vm):
+                    print("LIVE-READY", flush=True)
+                    while not Path({str(release)!r}).exists():
+                        time.sleep(0.5)
+            """))
+            live = subprocess.Popen([sys.executable, "-m", "pytest", *INNER, *RESTORABLE, "-s",
+                                     f"--ost-workdir={live_root}", *VM, "test_live.py"], cwd=folder / "live",
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    stdin=subprocess.DEVNULL)
+            read_until(live, "LIVE-READY")
+            them = Bystanders(foreign, kept_root, live_root, libvirt_objects() - already)
+            assert len(them.labelled) == 4, them.labelled  # two domains and two networks
+            yield them
+        finally:
+            release.touch()
+            if live is not None:
+                assert live.wait(timeout=300) == 0, live.stdout.read() if live.stdout else ""
+            cleanup = session(folder, kept_root, "--ost-cleanup")
+            assert cleanup.returncode == 0, cleanup.stdout
 
 
 def step_args(step: str, folder: Path, root: Path) -> tuple[list[str], str]:
@@ -142,8 +112,7 @@ def step_args(step: str, folder: Path, root: Path) -> tuple[list[str], str]:
 
 @pytest.mark.parametrize("step", faults.STEPS)
 def test_a_session_killed_at_a_step_leaves_nothing(step: str, bystanders: Bystanders, tmp_path: Path) -> None:
-    root = work_root()
-    try:
+    with scratch_root("ost-faults-") as root:
         before = bystanders.state()
         args, test = step_args(step, tmp_path, root)
         if step == "adopt":  # something kept in this root, to adopt
@@ -158,5 +127,3 @@ def test_a_session_killed_at_a_step_leaves_nothing(step: str, bystanders: Bystan
         assert bystanders.state() == before  # the foreign, kept and live ones as they were; nothing of ours left
         assert sorted(p.name for p in root.iterdir()) in ([], ["warm"]), list(root.rglob("*"))
         assert not (root / "warm").exists() or list((root / "warm").iterdir()) == []
-    finally:
-        shutil.rmtree(root)

@@ -3,18 +3,16 @@ objects that the next run (or --ost-cleanup) removes."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from .helpers import INNER, LIBVIRT_URI, WORKDIR, free_subnet, libvirt_objects
+from .helpers import INNER, LIBVIRT_URI, WORKDIR, free_subnet, libvirt_objects, read_until, scratch_root
 
 
 def start_booting(pytester: pytest.Pytester) -> subprocess.Popen:
@@ -86,21 +84,14 @@ def test_sigkill_leftovers_are_reaped(pytester: pytest.Pytester, unchanged: None
 
 def test_sigterm_tears_down_at_once_without_saving_warm_states(pytester: pytest.Pytester, unchanged: None) -> None:
     pytester.makepyfile("def test_x(ost_vm):\n    print('VM-READY', flush=True)\n    __import__('time').sleep(300)\n")
-    workdir = Path(tempfile.mkdtemp(prefix="ost-sigterm-", dir="/var/tmp"))  # where qemu's user reaches
-    workdir.chmod(0o755)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "--ost-image=base", *INNER, "--ost-warm=on",
-                             f"--ost-workdir={workdir}"], cwd=pytester.path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:  # the VM is ready, its state would be saved at a normal end
-        seen.append(line)
-        if "VM-READY" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    output = "".join(seen) + proc.communicate(timeout=120)[0]
-    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
-    assert "[ost] removing the VMs, networks and work directory of run" in output
-    assert "saving its ready state" not in output and "state saved for warm starts" not in output, output
-    assert not (workdir / "warm").exists() or list((workdir / "warm").iterdir()) == []
-    shutil.rmtree(workdir)
+    with scratch_root("ost-sigterm-") as workdir:
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "--ost-image=base", *INNER, "--ost-warm=on",
+                                 f"--ost-workdir={workdir}"], cwd=pytester.path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        seen = read_until(proc, "VM-READY")  # the VM is ready, its state would be saved at a normal end
+        proc.send_signal(signal.SIGTERM)
+        output = seen + proc.communicate(timeout=120)[0]
+        assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+        assert "[ost] removing the VMs, networks and work directory of run" in output
+        assert "saving its ready state" not in output and "state saved for warm starts" not in output, output
+        assert not (workdir / "warm").exists() or list((workdir / "warm").iterdir()) == []

@@ -7,14 +7,13 @@ that: a libvirtd started outside its namespace, which it did not start.
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from .helpers import LIBVIRT_URI, free_subnet
+from .helpers import LIBVIRT_URI, users_own_objects
 
 LAB = Path(__file__).resolve().parents[2] / ".ci" / "lab"
 
@@ -22,21 +21,8 @@ LAB = Path(__file__).resolve().parents[2] / ".ci" / "lab"
 @pytest.fixture
 def users_own() -> Iterator[tuple[str, str]]:
     """A defined (persistent) domain and a running network of the user's: no label of ours."""
-    import libvirt
-
-    conn = libvirt.open(LIBVIRT_URI)
-    name = f"users-{secrets.token_hex(3)}"
-    subnet = free_subnet(conn)
-    net = conn.networkDefineXML(f"<network><name>{name}</name><bridge name='{name[:15]}'/>"
-                                f"<ip address='{subnet.network_address + 1}' prefix='24'/></network>")
-    net.create()
-    dom = conn.defineXML(f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
-                         f"<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
-    yield name, name
-    dom.undefine()
-    net.destroy()
-    net.undefine()
-    conn.close()
+    with users_own_objects() as name:
+        yield name, name
 
 
 def daemon() -> str:

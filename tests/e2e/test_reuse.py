@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .helpers import DISTRO, INNER, libvirt_objects
+from .helpers import DISTRO, INNER, libvirt_objects, read_until
 
 
 def boot_id(result: pytest.RunResult) -> str:
@@ -67,17 +67,11 @@ def test_reuse_skips_the_boot_until_something_changes(pytester: pytest.Pytester,
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "--ost-reuse", "test_sleep.py", *args,
                              "--ost-memory=640"], cwd=pytester.path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "reusing the VMs kept by an earlier run" in line:
-            break
-        assert "booting" not in line, "".join(seen)
+    seen = read_until(proc, "reusing the VMs kept by an earlier run", forbidden="booting")
     time.sleep(1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert proc.returncode == -signal.SIGKILL, seen
     left = libvirt_objects()
     assert any(o.startswith("domain") for o in left)
     pytester.makepyfile(test_sleep="def test_net(ost_network):\n    pass\n")

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from .helpers import IMAGES, INNER, RESTORABLE, libvirt_objects, workdirs
+from .helpers import IMAGES, INNER, RESTORABLE, libvirt_objects, scratch_root, workdirs
 
 EFI = "debian12efi"
 EXAMPLE_INSIDE = Path(__file__).resolve().parents[2] / "examples" / "inside"
@@ -90,10 +88,8 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def work_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="ost-uefi-", dir="/var/tmp"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    with scratch_root("ost-uefi-") as root:
+        yield root
 
 
 def run(suite: Path, root: Path, *args: str) -> subprocess.CompletedProcess:

@@ -3,16 +3,14 @@ addresses and names, several sessions at once; a changed input makes it boot."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from .helpers import DISTRO
+from .helpers import DISTRO, scratch_root
 
 SESSION = """
     def test_vms(engine, host0):
@@ -39,10 +37,8 @@ SESSION = """
 @pytest.fixture
 def warm_workdir() -> Iterator[Path]:
     """A work directory root of its own: its warm cache starts empty and is removed after."""
-    folder = Path(tempfile.mkdtemp(prefix="ost-warm-", dir="/var/tmp"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    with scratch_root("ost-warm-") as folder:
+        yield folder
 
 
 def boot_id(output: str) -> tuple[str, str]:

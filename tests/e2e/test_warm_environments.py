@@ -13,13 +13,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from .helpers import INNER, RESTORABLE, libvirt_objects, workdirs
+from .helpers import INNER, RESTORABLE, libvirt_objects, scratch_root, workdirs
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ost_suite"
 # the deploy effects, both NICs, the extra disks with their data, and the checkpoint's effects
@@ -29,10 +28,8 @@ SOME = "deploy_scripts or extra_disks or nic_on_each or enrolled or engines_serv
 @pytest.fixture(scope="module")
 def warm_root() -> Iterator[Path]:
     """Work root of this module's sessions (their saved states are the run's: RESTORABLE)."""
-    root = Path(tempfile.mkdtemp(prefix="ost-warm-env-", dir="/var/tmp"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    with scratch_root("ost-warm-env-") as root:
+        yield root
 
 
 def command(suite: Path, root: Path, *args: str) -> list[str]:
