@@ -7,6 +7,7 @@ that: a libvirtd started outside its namespace, which it did not start.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 from pathlib import Path
 from typing import Iterator
