@@ -539,6 +539,13 @@ def measure_warm_ost(repeat: int, results: dict) -> None:
             f"{n}: {max(v[:-1]):.1f} s ready, {v[-1]:.1f} s in all" for n, v in concurrent.items()), flush=True)
 
 
+# figures measured after the in-process baseline is closed, in this order: (repeat, results) each
+LATER: dict[str, tuple[Callable[[int, dict], None], ...]] = {
+    "inside": (measure_inside,), "identity": (measure_identity,), "warm": (measure_warm,),
+    "ost": (measure_ost, measure_ost_reuse), "ip": (measure_ip_versions,), "uefi": (measure_uefi,),
+    "warm-nm": (measure_warm_nm,), "warm-ost": (measure_warm_ost,)}
+
+
 # --- report -------------------------------------------------------------------------------
 
 FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity", "warm", "ost",
@@ -604,23 +611,10 @@ def main() -> None:
         baseline.close()
     if "suite" in wanted:
         measure_suite(results)
-    if "inside" in wanted:
-        measure_inside(args.repeat, results)
-    if "identity" in wanted:
-        measure_identity(args.repeat, results)
-    if "warm" in wanted:
-        measure_warm(args.repeat, results)
-    if "ost" in wanted:
-        measure_ost(args.repeat, results)
-        measure_ost_reuse(args.repeat, results)
-    if "ip" in wanted:
-        measure_ip_versions(args.repeat, results)
-    if "uefi" in wanted:
-        measure_uefi(args.repeat, results)
-    if "warm-nm" in wanted:
-        measure_warm_nm(args.repeat, results)
-    if "warm-ost" in wanted:
-        measure_warm_ost(args.repeat, results)
+    for name, measures in LATER.items():
+        if name in wanted:
+            for measure in measures:
+                measure(args.repeat, results)
     report(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

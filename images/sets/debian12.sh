@@ -37,12 +37,6 @@ configure_base() {
     # Hostname comes from DHCP: Debian's dhclient-script sets it when the current
     # one is "localhost".
     echo localhost >"$ROOT/etc/hostname"
-    cat >"$ROOT/etc/hosts" <<'EOF'
-127.0.0.1	localhost
-::1		localhost ip6-localhost ip6-loopback
-ff02::1		ip6-allnodes
-ff02::2		ip6-allrouters
-EOF
     rm -f "$ROOT/etc/resolv.conf"   # written by dhclient at boot
 
     echo "UUID=$ROOT_UUID / ext4 errors=remount-ro 0 1" >"$ROOT/etc/fstab"

@@ -66,12 +66,6 @@ configure_base() {
     # "localhost"): no static hostname, the kernel's is "localhost" until DHCP
     # answers. A NoCloud seed's hostname (cloud-init makes it the static one) wins.
     : >"$ROOT/etc/hostname"
-    cat >"$ROOT/etc/hosts" <<'EOF'
-127.0.0.1	localhost
-::1		localhost ip6-localhost ip6-loopback
-ff02::1		ip6-allnodes
-ff02::2		ip6-allrouters
-EOF
     rm -f "$ROOT/etc/resolv.conf"   # written by NetworkManager at boot
 
     # The ESP on /boot/efi as on kiwi's images, but mounted only when something

@@ -4,9 +4,10 @@ A restored guest wakes up with NICs that have new MACs (the old ones belonged to
 another session's networks). Each NIC is found by its MAC, never by a name: the
 older ost-images call the first one ``eth0``, kiwi-built ones ``enp1s0``. It gets
 its reserved addresses at once (so that SSH answers on them right away), the
-management NIC the default route and the resolver; then fresh leases are taken in
-the background, through NetworkManager where it runs (ost-images), else through
-ifupdown and dhclient. The old leases are forgotten: asking for them again costs
+management NIC the default route and the resolver. Where NetworkManager runs
+(ost-images), it takes each new NIC's fresh leases as it activates the NIC's profile,
+before the reserved addresses go on; elsewhere ifupdown and dhclient take them in the
+background afterwards. The old leases are forgotten: asking for them again costs
 a NAK and a round trip.
 """
 
@@ -45,6 +46,20 @@ ost_address() {
     ip -br addr show dev "$1" >&2  # what it has, for the error
     return 1
 }
+# wait until NetworkManager has activated NIC $1: it autoconnects a new NIC's profile by itself and
+# flushes the NIC's addresses as it does, so the reserved ones go on after that (and no later
+# "nmcli device connect", which would flush them again); connect it if it has not within
+# $nm_wait s; fails (ifupdown's then) if NetworkManager does not manage it
+nm_wait=15
+ost_nm_up() {
+    end=$(($(date +%s) + nm_wait))
+    while [ "$(date +%s)" -lt "$end" ]; do
+        case "$(nmcli -g GENERAL.STATE device show "$1" 2>/dev/null)" in 100*) return 0 ;; esac
+        sleep 0.2
+    done
+    case "$(nmcli -g GENERAL.STATE device show "$1" 2>/dev/null)" in "10 "*|"") return 1 ;; esac  # unmanaged
+    nmcli --wait 30 device connect "$1" >/dev/null
+}
 if command -v nmcli >/dev/null && nmcli -t -f RUNNING general 2>/dev/null | grep -qx running; then nm=1; else nm=; fi"""
 
 
@@ -74,9 +89,12 @@ def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
     now, later = [GUEST_FUNCTIONS, "set -e", '[ -n "$nm" ] || pkill -x dhclient || true'], []
     for number, nic in enumerate(nics):
         entry, network, var = nic.entry, nic.network, f"n{number}"
+        # NetworkManager's fresh leases are the reservations; ifupdown's old ones go, with their addresses
         now += [f"{var}=$(ost_nic {entry.mac})",
-                f'rm -f /var/lib/dhcp/dhclient.${var}.leases /var/lib/dhcp/dhclient6.${var}.leases',
-                f'ip addr flush dev "${var}" scope global']
+                f'if [ -n "$nm" ] && ost_nm_up "${var}"; then m{number}=1; else m{number}=',
+                f'    rm -f /var/lib/dhcp/dhclient.${var}.leases /var/lib/dhcp/dhclient6.${var}.leases',
+                f'    ip addr flush dev "${var}" scope global',
+                'fi']
         if entry.ip is not None:
             gateway = network.gateway if nic.management else ""
             now.append(f'ost_address "${var}" {entry.ip}/{network.prefix} "{gateway}"')
@@ -87,8 +105,7 @@ def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
         if nic.management:
             nameserver = network.gateway if entry.ip is not None else network.gateway6
             now.append(f"printf 'search {network.domain}\\nnameserver {nameserver}\\n' >/etc/resolv.conf")
-        # NetworkManager activates the NIC's profile (a keyfile per name) and takes its leases;
-        # without it, ifupdown's stanza for the NIC does, with dhclient
-        later.append(f'if [ -n "$nm" ]; then nmcli device connect "${var}"; else ifup --force "${var}"; fi')
+        # without NetworkManager (which has its leases already), ifupdown's stanza for the NIC takes them
+        later.append(f'[ -n "$m{number}" ] || ifup --force "${var}"')
     fresh = f"({'; '.join(later)}) </dev/null >/dev/null 2>&1 &"
     return "\n".join(now), fresh

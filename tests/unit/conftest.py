@@ -19,6 +19,16 @@ def qemu_img(*args: str) -> None:
 
 
 @pytest.fixture
+def conn():
+    """libvirt's test driver: a fresh in-memory hypervisor per open."""
+    from pytest_ostimages.hypervisor import connection as virt
+
+    c = virt.connect("test:///default")
+    yield c
+    c.close()
+
+
+@pytest.fixture
 def workdir() -> Iterator[Path]:
     """A work directory root that libvirt's qemu user could reach (not under /tmp/pytest-of-*)."""
     path = Path(tempfile.mkdtemp(prefix="ost-unit-", dir="/var/tmp"))

@@ -56,3 +56,54 @@ def test_only_the_management_nic_gets_the_default_route(management: bool) -> Non
     now, _ = move_to([GuestNIC(entry, Addressing(24, ipaddress.IPv4Address("192.0.2.1"), "lab"), management)])
     assert ('ost_address "$n0" 192.0.2.10/24 "192.0.2.1"' in now) is management
     assert ('ost_address "$n0" 192.0.2.10/24 ""' in now) is not management
+
+
+# NetworkManager autoconnects a new NIC's profile and flushes its addresses as it does: the
+# reserved addresses go on once it has activated the NIC, and nothing connects it again later
+NMCLI = """#!/bin/sh
+echo "$*" >>"{log}"
+case "$1 $2 $3 $4" in
+"-g GENERAL.STATE device show")
+    n=$(cat "{count}" 2>/dev/null || echo 0); echo $((n + 1)) >"{count}"
+    if [ "$n" -ge {polls} ]; then echo "{final}"; else echo "30 (disconnected)"; fi
+esac
+"""
+
+
+def nm_up(tmp_path: Path, polls: int, final: str = "100 (connected)", wait: int = 15) -> tuple[int, list[str]]:
+    bin_dir, log = tmp_path / "bin", tmp_path / "nmcli.log"
+    bin_dir.mkdir()
+    (bin_dir / "nmcli").write_text(NMCLI.format(log=log, count=tmp_path / "count", polls=polls, final=final))
+    (bin_dir / "nmcli").chmod(0o755)
+    done = subprocess.run(["sh", "-c", f'{GUEST_FUNCTIONS}\nnm_wait={wait}\nost_nm_up enp2s0'],
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True)
+    return done.returncode, [c for c in log.read_text().splitlines() if c != "-t -f RUNNING general"]
+
+
+def test_a_nic_networkmanager_activates_by_itself_is_not_connected_again(tmp_path: Path) -> None:
+    code, calls = nm_up(tmp_path, polls=3)
+    assert code == 0
+    assert calls == ["-g GENERAL.STATE device show enp2s0"] * 4  # waited for it, nothing else
+
+
+def test_a_nic_networkmanager_leaves_alone_is_connected(tmp_path: Path) -> None:
+    code, calls = nm_up(tmp_path, polls=10**6, wait=1)
+    assert code == 0
+    assert calls[-1] == "--wait 30 device connect enp2s0"
+
+
+def test_a_nic_networkmanager_does_not_manage_is_ifupdowns(tmp_path: Path) -> None:
+    code, calls = nm_up(tmp_path, polls=0, final="10 (unmanaged)", wait=1)
+    assert code == 1
+    assert not [call for call in calls if "connect" in call]
+
+
+def test_the_reserved_addresses_go_on_after_networkmanager_activated_the_nic() -> None:
+    entry = HostEntry("host-0", "52:54:00:00:00:0a", ipaddress.IPv4Address("192.0.2.10"),
+                      ipaddress.IPv6Address("fd00::a"))
+    now, later = move_to([GuestNIC(entry, Addressing(24, ipaddress.IPv4Address("192.0.2.1"), "lab", 64,
+                                                     ipaddress.IPv6Address("fd00::1")), True)])
+    assert now.index('ost_nm_up "$n0"') < now.index('ost_address "$n0" 192.0.2.10/24')
+    assert now.index('ost_nm_up "$n0"') < now.index("ip -6 addr replace fd00::a/64")
+    assert "nmcli" not in later and '[ -n "$m0" ] || ifup --force "$n0"' in later
+    assert subprocess.run(["sh", "-n", "-c", f"{now}\n{later}"]).returncode == 0

@@ -21,13 +21,6 @@ def dead_pid() -> int:
     return child.pid
 
 
-@pytest.fixture
-def conn():
-    c = virt.connect("test:///default")
-    yield c
-    c.close()
-
-
 def define(conn, label: Label | None, name: str, octet: int) -> None:
     tmpl = Templates()
     subnet = ipaddress.IPv4Network(f"192.168.{octet}.0/24")

@@ -48,13 +48,6 @@ def roots() -> Iterator[tuple[Path, Path]]:
     shutil.rmtree(top)
 
 
-@pytest.fixture
-def conn():
-    c = virt.connect("test:///default")
-    yield c
-    c.close()
-
-
 def dead_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()

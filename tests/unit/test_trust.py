@@ -20,7 +20,6 @@ from typing import Iterator
 import paramiko
 import pytest
 
-from pytest_ostimages.hypervisor import connection as virt
 from pytest_ostimages.lab import networks, reuse
 from pytest_ostimages.state import files
 from pytest_ostimages.state import ledger as reaper
@@ -48,13 +47,6 @@ def root() -> Iterator[Path]:
     (top / "victim" / "precious").write_text("not yours\n")
     yield top / "work"
     shutil.rmtree(top)
-
-
-@pytest.fixture
-def conn():
-    c = virt.connect("test:///default")
-    yield c
-    c.close()
 
 
 def lab_for(root: Path) -> Lab:

@@ -24,13 +24,6 @@ from pytest_ostimages.hypervisor.render import HostEntry, Templates, domain_xml,
 LABEL = Label("feedbeef", 1, "testhost", "/w")
 
 
-@pytest.fixture
-def conn():
-    c = virt.connect("test:///default")  # a fresh in-memory hypervisor per open
-    yield c
-    c.close()
-
-
 def make_network(conn, subnet: ipaddress.IPv4Network, name: str = "ost-feedbeef"):
     xml = network_xml(Templates().load("network.xml"), name=name, bridge=name, subnet=subnet,
                       domain="ost.test", hosts=[], label=LABEL)
