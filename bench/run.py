@@ -68,7 +68,8 @@ from pytest_ostimages.guest.ssh import SSH  # noqa: E402
 
 MEMORY, VCPUS = 512, 1
 LAYER = "engine-installed"
-SETTINGS = {"ost_memory": str(MEMORY), "ost_vcpus": str(VCPUS), "ost_warm": "off"}  # boots unless said
+# the project's BIOS test images (as pytest.ini's ost_distro for the suites run here); boots unless said
+SETTINGS = {"ost_distro": "debian12", "ost_memory": str(MEMORY), "ost_vcpus": str(VCPUS), "ost_warm": "off"}
 
 
 def config(**settings: str):
