@@ -89,9 +89,13 @@ def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
     now, later = [GUEST_FUNCTIONS, "set -e", '[ -n "$nm" ] || pkill -x dhclient || true'], []
     for number, nic in enumerate(nics):
         entry, network, var = nic.entry, nic.network, f"n{number}"
-        # NetworkManager's fresh leases are the reservations; ifupdown's old ones go, with their addresses
+        # NetworkManager's fresh leases are the reservations. With ifupdown, a DHCP client that a
+        # hot-plug ifup may have started on the new NIC is stopped and the NIC marked down (one
+        # "ifup" later, not two: a second dhclient replacing the first removes its addresses, the
+        # reserved ones), and the old leases go, with their addresses
         now += [f"{var}=$(ost_nic {entry.mac})",
                 f'if [ -n "$nm" ] && ost_nm_up "${var}"; then m{number}=1; else m{number}=',
+                f'    ifdown --force "${var}" >/dev/null 2>&1 || true',
                 f'    rm -f /var/lib/dhcp/dhclient.${var}.leases /var/lib/dhcp/dhclient6.${var}.leases',
                 f'    ip addr flush dev "${var}" scope global',
                 'fi']
@@ -105,7 +109,8 @@ def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
         if nic.management:
             nameserver = network.gateway if entry.ip is not None else network.gateway6
             now.append(f"printf 'search {network.domain}\\nnameserver {nameserver}\\n' >/etc/resolv.conf")
-        # without NetworkManager (which has its leases already), ifupdown's stanza for the NIC takes them
-        later.append(f'[ -n "$m{number}" ] || ifup --force "${var}"')
+        # without NetworkManager (which has its leases already), ifupdown's stanza for the NIC takes them,
+        # unless a hot-plug ifup did meanwhile (ifupdown serialises the two; the second does nothing)
+        later.append(f'[ -n "$m{number}" ] || ifup "${var}"')
     fresh = f"({'; '.join(later)}) </dev/null >/dev/null 2>&1 &"
     return "\n".join(now), fresh

@@ -105,5 +105,15 @@ def test_the_reserved_addresses_go_on_after_networkmanager_activated_the_nic() -
                                                      ipaddress.IPv6Address("fd00::1")), True)])
     assert now.index('ost_nm_up "$n0"') < now.index('ost_address "$n0" 192.0.2.10/24')
     assert now.index('ost_nm_up "$n0"') < now.index("ip -6 addr replace fd00::a/64")
-    assert "nmcli" not in later and '[ -n "$m0" ] || ifup --force "$n0"' in later
+    assert "nmcli" not in later and '[ -n "$m0" ] || ifup "$n0"' in later
     assert subprocess.run(["sh", "-n", "-c", f"{now}\n{later}"]).returncode == 0
+
+
+def test_without_networkmanager_a_nic_is_brought_up_once() -> None:
+    """A hot-plugged NIC that ifupdown names allow-hotplug gets a hot-plug ifup of its own: its
+    DHCP client is stopped before the reserved addresses go on, and the later ifup is not forced
+    (a second dhclient on the NIC made the first remove the reserved IPv6 address)."""
+    entry = HostEntry("engine", "52:54:00:00:00:0a", ipaddress.IPv4Address("192.0.2.10"), None)
+    now, later = move_to([GuestNIC(entry, Addressing(24, ipaddress.IPv4Address("192.0.2.1"), "lab"), True)])
+    assert now.index('ifdown --force "$n0"') < now.index('ost_address "$n0"')
+    assert "--force" not in later
