@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
+from typing import Optional
 
 import ansible_runner
 import pytest
@@ -32,6 +33,13 @@ def virsh(*args: str) -> str:
     return subprocess.run(["virsh", *args], check=True, capture_output=True, text=True).stdout
 
 
+def dumpxml(command: str, name: str) -> Optional[ET.Element]:
+    """The XML of a listed domain or network; None if it went meanwhile (another session's, whose
+    end removed it: several sessions run side by side)."""
+    done = subprocess.run(["virsh", command, name], capture_output=True, text=True)
+    return ET.fromstring(done.stdout) if done.returncode == 0 else None
+
+
 class Backend:
     """Hostname -> network role -> addresses, and deploy scripts, as ost_utils' VirshBackend finds them."""
 
@@ -40,8 +48,8 @@ class Backend:
         for name in virsh("net-list", "--name").split():
             if not name.startswith("ost"):
                 continue
-            xml = ET.fromstring(virsh("net-dumpxml", name))
-            working_dir = xml.find(f"./metadata/{OST}/ost-working-dir[@comment]")
+            xml = dumpxml("net-dumpxml", name)
+            working_dir = None if xml is None else xml.find(f"./metadata/{OST}/ost-working-dir[@comment]")
             if working_dir is None or working_dir.get("comment") != deployment:
                 continue
             role = xml.find(f"./metadata/{OST}/ost-network-role[@comment]").get("comment")
@@ -54,8 +62,8 @@ class Backend:
         for libvirt_name in virsh("list", "--name").split():
             if libvirt_name[8:13] != "-ost-":
                 continue
-            xml = ET.fromstring(virsh("dumpxml", libvirt_name))
-            working_dir = xml.find(f"./metadata/{OST}/ost-working-dir[@comment]")
+            xml = dumpxml("dumpxml", libvirt_name)
+            working_dir = None if xml is None else xml.find(f"./metadata/{OST}/ost-working-dir[@comment]")
             if working_dir is None or working_dir.get("comment") != deployment:
                 continue
             name = libvirt_name[9:]
