@@ -2,7 +2,7 @@
 
 from .checkpoints import checkpoint
 from .config import OstConfig
-from .errors import BootError, ImageError, OstError, SSHCommandError, VirtError, VMError
+from .errors import BootError, ImageError, OstError, SessionError, SSHCommandError, VirtError, VMError
 from .fixtures import LayerFactory, VMFactory, clean_vm_fixture, vm_fixture, vm_group_fixture, vm_member_fixture
 from .guest.ssh import CommandResult
 from .guest.vm import VM
@@ -16,6 +16,6 @@ from .state.environment import Environment
 __all__ = [
     "BootError", "Catalog", "CommandResult", "Environment", "Image", "ImageError", "Lab", "LayerFactory",
     "LayerRecipe", "Network", "build_layer",
-    "OstConfig", "OstError", "SSHCommandError", "VM", "VMFactory", "VMSpec", "VirtError", "VMError",
+    "OstConfig", "OstError", "SessionError", "SSHCommandError", "VM", "VMFactory", "VMSpec", "VirtError", "VMError",
     "checkpoint", "clean_vm_fixture", "vm_fixture", "vm_group_fixture", "vm_member_fixture",
 ]

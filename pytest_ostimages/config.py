@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import pwd
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,16 @@ class PerRole:
         return self.roles.get(role, self.roles.get(role_kind(role), self.default))
 
 
+def default_workdir() -> Path:
+    """``/var/tmp/pytest-ostimages-<user>``: every user a work root of their own (their runs, kept VMs
+    and saved states), traversable by libvirt's qemu user."""
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        user = str(os.getuid())
+    return Path(f"/var/tmp/pytest-ostimages-{user}")
+
+
 def role_kind(role: str) -> str:
     """A role's family: ``host0`` and ``host-1`` are ``host``; an unnumbered role is its own."""
     return role.rstrip("0123456789-_") or role
@@ -61,7 +72,7 @@ class OstConfig:
     vcpus: PerRole = PerRole(2)
     hosts: int = 2
     boot_timeout: float = 600.0
-    workdir: Path = Path("/var/tmp/pytest-ostimages")
+    workdir: Path = field(default_factory=default_workdir)
     keep: bool = False
     templates: Optional[Path] = None
     subnet_pool: ipaddress.IPv4Network = ipaddress.IPv4Network("192.168.128.0/17")
@@ -171,7 +182,7 @@ def _absolute_path(raw: str) -> Path:
     path = _path(raw)
     if not path.is_absolute():
         raise ValueError("expected an absolute path (libvirt's qemu user opens the files in it), "
-                         "e.g. /var/tmp/pytest-ostimages")
+                         "e.g. /var/tmp/pytest-ostimages-me")
     return path
 
 
@@ -257,8 +268,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_boots", _max_boots, "how many VMs may boot at once on this host, across all "
             "sessions and workers: auto (CPUs + 1, the default), 0 (no limit) or a number"),
     Setting("boot_timeout", _seconds, "seconds to wait for a VM to answer SSH (default 600)"),
-    Setting("workdir", _absolute_path, "where session work directories are made; must be traversable "
-            "by libvirt's qemu user (default /var/tmp/pytest-ostimages)"),
+    Setting("workdir", _absolute_path, "where session work directories are made, one root per user; must be "
+            "traversable by libvirt's qemu user (default /var/tmp/pytest-ostimages-<user>)"),
     Setting("keep", _bool, "keep the work directory (overlays, console logs) after the session", flag=True),
     Setting("templates", _path, "directory with your own domain.xml / network.xml templates"),
     Setting("subnet_pool", _subnet_pool, "IPv4 range from which /24 management networks are taken "

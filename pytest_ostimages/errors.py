@@ -2,7 +2,13 @@
 
 Every message says what was expected, what was found and what to do next. The
 plugin turns an OstError into a short test error without a traceback from inside
-the plugin.
+the plugin. Two kinds, on purpose:
+
+- :class:`SessionError`: what makes every VM of the session impossible (the images,
+  their key, the templates, libvirt, the host, the work root). It is reported in full
+  once and stops the session: every later test would only repeat it.
+- any other :class:`OstError` (a VM that does not boot, a command that fails, a VM
+  asked for twice): it fails the tests that need what failed; the others go on.
 """
 
 
@@ -10,11 +16,15 @@ class OstError(Exception):
     """A problem with the images, the host or the VMs that the user can fix."""
 
 
-class ImageError(OstError):
+class SessionError(OstError):
+    """A problem that makes every VM of the session impossible: it stops the session."""
+
+
+class ImageError(SessionError):
     """An image, its backing chain or its SSH key cannot be used."""
 
 
-class VirtError(OstError):
+class VirtError(SessionError):
     """libvirt is missing, unreachable or refused to create something."""
 
 

@@ -9,6 +9,7 @@ declares its own variant in one line. Every VM fixture carries the VMs it needs
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -103,7 +104,8 @@ class VMFactory:
     def __call__(self, image: str, role: Optional[str] = None, memory: Optional[int] = None,
                  vcpus: Optional[int] = None, user_data: Optional[UserData] = None) -> VM:
         """`user_data`: cloud-config (a dict or text) for a layer with cloud-init."""
-        role = role or f"vm{len(self._lab.vms)}"
+        # the first free one: a VM removed before leaves a gap, and a role must be unique
+        role = role or next(f"vm{n}" for n in itertools.count() if f"vm{n}" not in self._lab.vms)
         return self.many([VMSpec(role, image, memory, vcpus, user_data=user_data)])[0]
 
     def remove(self, vm: VM) -> None:

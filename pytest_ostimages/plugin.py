@@ -85,6 +85,11 @@ def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
 
 def pytest_configure(config: pytest.Config) -> None:
     settings = config.stash[CONFIG_KEY] = ostconfig.from_pytest(config)
+    if settings.reuse and config.getoption("numprocesses", None):
+        # each worker is a session of its own: they would take each other's kept VMs
+        raise pytest.UsageError("--ost-reuse keeps one session's VMs for the next session; with "
+                                "-n/--numprocesses each xdist worker is a session of its own. Drop one of them "
+                                "(--ost-share gives the workers one environment for the run).")
     if settings.run_inside is not None and not hasattr(config, "workerinput"):
         if config.getoption("numprocesses", None):
             raise pytest.UsageError("--ost-run-inside runs the tests in one VM; drop -n/--numprocesses.")

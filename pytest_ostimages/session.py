@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 import pytest
 
 from .config import OstConfig
-from .errors import BootError, OstError, SSHCommandError, VMError
+from .errors import OstError, SessionError
 from .images.catalog import Catalog
 from .lab.inputs import VMSpec
 from .lab.lab import Lab
@@ -47,8 +47,8 @@ def make_lab(config: pytest.Config) -> tuple[Lab, Optional[Share]]:
 
 
 def reusing(config: pytest.Config) -> bool:
-    """--ost-reuse, which xdist workers ignore: they would take each other's kept VMs."""
-    return config.stash[CONFIG_KEY].reuse and not hasattr(config, "workerinput")
+    """--ost-reuse (never in an xdist worker: plugin.pytest_configure refuses the two together)."""
+    return config.stash[CONFIG_KEY].reuse
 
 
 def planned(config: pytest.Config) -> list[VMSpec]:
@@ -65,19 +65,20 @@ def planned(config: pytest.Config) -> list[VMSpec]:
 def user_errors(config: pytest.Config, session: pytest.Session, teardown: bool = False) -> Iterator[None]:
     """Report an OstError as a short failure, without the plugin's traceback.
 
-    An input error (images, key, templates, libvirt) makes every VM of the session
-    impossible: it is reported in full once and stops the session (a `teardown` runs anyway).
+    A SessionError (images, key, templates, libvirt, the host) makes every VM of the
+    session impossible: it is reported in full once and stops the session (a `teardown`
+    runs anyway). Any other OstError fails the test that needed what failed.
     """
     if FAILED_KEY in config.stash and not teardown:
         pytest.fail(f"pytest-ostimages cannot boot VMs in this session: {config.stash[FAILED_KEY]} "
                     f"(reported in full above)", pytrace=False)
     try:
         yield
-    except (BootError, VMError, SSHCommandError) as exc:  # this VM's trouble, not the session's
-        raise pytest.fail.Exception(str(exc), pytrace=False) from None
-    except OstError as exc:
+    except SessionError as exc:
         first_line = str(exc).splitlines()[0]
         config.stash[FAILED_KEY] = first_line
         session.shouldstop = f"pytest-ostimages: {first_line}"
         # "from None": the plugin's own exception would only repeat the message
+        raise pytest.fail.Exception(str(exc), pytrace=False) from None
+    except OstError as exc:  # this VM's or this request's trouble, not the session's
         raise pytest.fail.Exception(str(exc), pytrace=False) from None

@@ -18,7 +18,7 @@ from email.mime.text import MIMEText
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..errors import OstError
+from ..errors import OstError, SessionError
 from .identity import hosts_line
 from .keys import HostKey
 
@@ -56,7 +56,7 @@ def write_seed(path: Path, fqdn: str, ip: str, authorized_key: str, host_key: Ho
     try:
         import pycdlib
     except ImportError:
-        raise OstError("This layer has cloud-init, and its NoCloud seed is made with pycdlib, which is "
+        raise SessionError("This layer has cloud-init, and its NoCloud seed is made with pycdlib, which is "
                        "not installed: pip install 'pytest-ostimages[cloud-init]' (or pycdlib), or "
                        "--ost-cloud-init=off to treat the layer as one without cloud-init.") from None
     instance_id = f"ost-{uuid.uuid4()}"

@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Protocol, Sequence
 
 from lxml import etree
 
-from ..errors import OstError
+from ..errors import SessionError
 
 DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"  # libvirt's pass-through of dnsmasq options
 OST_NS = "OST:metadata"  # what OST's ost_utils/backend/virsh reads (see docs/ost.md)
@@ -77,7 +77,7 @@ class Templates:
     def __init__(self, directory: Optional[Path] = None) -> None:
         self.directory = directory
         if directory is not None and not directory.is_dir():
-            raise OstError(f"Template directory {directory} does not exist; it should hold "
+            raise SessionError(f"Template directory {directory} does not exist; it should hold "
                            f"network.xml and/or domain.xml (copies of the packaged ones).")
 
     def _source(self, name: str) -> tuple[str, bytes]:
@@ -95,7 +95,7 @@ class Templates:
         try:
             return etree.fromstring(text, etree.XMLParser(remove_comments=True, remove_blank_text=True))
         except etree.XMLSyntaxError as exc:
-            raise OstError(f"Template {source} is not valid XML: {exc}. Fix it, or remove it "
+            raise SessionError(f"Template {source} is not valid XML: {exc}. Fix it, or remove it "
                            f"to use the packaged template.") from None
 
 
@@ -291,7 +291,7 @@ def domain_xml(
     devices = _child(root, "devices")
     disk_node = devices.find("disk[@device='disk']")
     if disk_node is None:
-        raise OstError("The domain template has no <disk device='disk'> in <devices>; "
+        raise SessionError("The domain template has no <disk device='disk'> in <devices>; "
                        "the plugin puts the VM's overlay there.")
     disk_node.set("type", "file")
     _child(disk_node, "driver").set("type", "qcow2")
@@ -344,7 +344,7 @@ def _set_firmware(root: etree._Element, firmware: str, secure_boot: bool, nvram:
         os_node.attrib.pop("firmware", None)
         return q35
     if secure_boot and not q35:
-        raise OstError(f"Secure Boot (--ost-secure-boot) needs a q35 machine; the domain template's "
+        raise SessionError(f"Secure Boot (--ost-secure-boot) needs a q35 machine; the domain template's "
                        f"is {machine or 'not set'}. Use machine='q35' in it, or --ost-secure-boot=off.")
     os_node.set("firmware", "efi")
     for bios in os_node.findall("bios"):  # SeaBIOS's

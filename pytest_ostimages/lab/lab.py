@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..config import OstConfig
-from ..errors import OstError, VMError, WarmStartError
+from ..errors import OstError, SessionError, VMError, WarmStartError
 from ..guest.keys import HostKey, openssh_line, public_key
 from ..guest.network import Addressing, GuestNIC, move_to
 from ..guest.seed import write_seed
@@ -276,11 +276,11 @@ class Lab:
         self._check_firmware(list(images.values()))
         for spec in specs:
             if spec.nics and self.management_role not in spec.nics:
-                raise OstError(f"VM {spec.role} has no NIC on the management network (its NICs: "
+                raise SessionError(f"VM {spec.role} has no NIC on the management network (its NICs: "
                                f"{', '.join(spec.nics)}); the plugin reaches VMs over it.")
             unknown = sorted(set(spec.nics) - {n.role for n in self.topology})
             if unknown:
-                raise OstError(f"VM {spec.role} has NICs on {unknown}, which this session does not "
+                raise SessionError(f"VM {spec.role} has NICs on {unknown}, which this session does not "
                                f"have (its networks: {[n.role for n in self.topology]}).")
         self.settle()
         if specs and self.current_environment is not None:  # a saved environment, and then these
@@ -314,7 +314,7 @@ class Lab:
         machine = self.inputs.templates.load("domain.xml").find("os/type").get("machine", "")
         choices = virt.firmware_choices(self.conn, self.virt_type, machine)
         if choices is not None and "efi" not in choices:
-            raise OstError(f"Image {uefi[0].path} boots with UEFI, but libvirt at {self.config.libvirt_uri} has no "
+            raise SessionError(f"Image {uefi[0].path} boots with UEFI, but libvirt at {self.config.libvirt_uri} has no "
                            f"UEFI firmware for {machine or 'its default'} machines (its domain capabilities list "
                            f"{', '.join(choices) or 'none'}). Install OVMF (Debian, Ubuntu: apt install ovmf; EL, "
                            f"Fedora: dnf install edk2-ovmf) and restart libvirtd, or pass --ost-firmware=bios for an "
@@ -478,7 +478,7 @@ class Lab:
         try:
             each(lambda vm: self._restore_vm(vm, state.vm(vm.role)), list(self.vms.values()))
         except (WarmStartError, OSError) as exc:  # the VMs it replaced are gone: no going back now
-            raise OstError(f"The VMs of run {self.run_id} could not be restored from saved environment "
+            raise SessionError(f"The VMs of run {self.run_id} could not be restored from saved environment "
                            f"{state.key}: {exc}") from None
         self._write_access_files()
         self.progress(f"environment of {len(self.vms)} VMs restored from {state.key} in "
@@ -546,11 +546,11 @@ class Lab:
         the VMs if this session dies.
         """
         if self.ledger or self.vms:
-            raise OstError(f"Run {self.run_id} has made VMs or networks already; it cannot attach to "
+            raise SessionError(f"Run {self.run_id} has made VMs or networks already; it cannot attach to "
                            f"run {env.run_id} as well.")
         suite = self.ost.suite if self.ost is not None else None
         if env.suite != suite or [n.role for n in env.networks] != [n.role for n in self.topology]:
-            raise OstError(f"Run {env.run_id} was booted for another topology (suite {env.suite}, networks "
+            raise SessionError(f"Run {env.run_id} was booted for another topology (suite {env.suite}, networks "
                            f"{[n.role for n in env.networks]}); this session cannot attach to it.")
         management = next(n.role for n in env.networks if n.management)
         key = self.inputs.key

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import pytest
 
 from ..config import OstConfig
-from ..errors import OstError
+from ..errors import SessionError
 from .inputs import VMSpec
 
 SpecsOf = Callable[[OstConfig], list[VMSpec]]
@@ -99,7 +99,7 @@ class Plan:
                 for spec in specs(config):
                     earlier = chosen.setdefault(spec.role, (where, spec))
                     if earlier[1] != spec:
-                        raise OstError(
+                        raise SessionError(
                             f"Two VM fixtures give the role {spec.role!r} different VMs in one "
                             f"session: {earlier[0]} boots {earlier[1]} and {where} boots {spec}. "
                             f"A session has one VM per role: give one of them another role.")

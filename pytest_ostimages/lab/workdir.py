@@ -12,9 +12,10 @@ import stat
 import subprocess
 from pathlib import Path
 
-from ..errors import ImageError, OstError
+from ..errors import ImageError, SessionError
 from ..images.catalog import Image
 from ..images.overlay import create_overlay
+from ..state.folders import PRIVATE_ROOT, own_folder
 from ..state.owner import OWNER_FILE, Label
 
 
@@ -25,23 +26,18 @@ class WorkDir:
         self.path = root / run_id
 
     def create(self, owner: Label) -> None:
-        root = self.path.parent
-        try:
-            root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OstError(f"Cannot create the work directory {root}: {exc.strerror}. "
-                           f"Choose a writable place with --ost-workdir.") from None
+        root = own_folder(self.path.parent, "work root", "--ost-workdir")
         # qemu runs as another user (libvirt-qemu) and must reach the overlays.
         for folder in [root, *root.parents]:
             if not folder.stat().st_mode & stat.S_IXOTH:
-                raise OstError(
+                raise SessionError(
                     f"The work directory {self.path} is inside {folder}, which other users "
                     f"cannot traverse (mode {stat.filemode(folder.stat().st_mode)}), so libvirt's "
                     f"qemu user cannot open the overlays. Use --ost-workdir under a directory "
-                    f"with o+x (default /var/tmp/pytest-ostimages), or chmod o+x {folder}."
+                    f"with o+x (default /var/tmp/pytest-ostimages-<user>), or chmod o+x {folder}."
                 )
-        self.path.mkdir(mode=0o755)
-        os.chmod(self.path, 0o755)  # whatever the umask
+        self.path.mkdir(mode=PRIVATE_ROOT)
+        os.chmod(self.path, PRIVATE_ROOT)  # whatever the umask: nobody else lists what is inside
         owner.write(self.path)  # so that the reaper knows whose it is
 
     def overlay(self, image: Image, name: str) -> Path:
@@ -55,7 +51,7 @@ class WorkDir:
         result = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
                                 capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise OstError(f"Cannot create the disk {path} ({size} bytes): {result.stderr.strip()}")
+            raise SessionError(f"Cannot create the disk {path} ({size} bytes): {result.stderr.strip()}")
         return path
 
     def private_key(self, key: Path) -> Path:

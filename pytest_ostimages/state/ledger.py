@@ -157,18 +157,31 @@ class Ledger:
         self._items = []
 
 
-def run_owner(label: Label) -> tuple[Label, bool]:
-    """Who owns `label`'s run now, and whether it is kept for --ost-reuse.
+def run_gone(label: Label) -> bool:
+    """Whether the run of `label` is certainly gone, so that its objects may be removed.
 
-    Read from the run's own work directory (the one the label names, whatever the
-    asking session's work root): its record, which an attaching session takes over,
-    else the label itself.
+    Asked of the run's own work directory (the one the label names, whatever the asking
+    session's work root): its record, which an attaching session takes over, says who owns
+    the run now and whether it is kept for --ost-reuse. What cannot be read or proven dead
+    is alive, whoever owns it: a work directory of another user (its record, its kept.json,
+    its owner's process may all be out of reach) or one that cannot be looked at. Only a
+    directory that is gone leaves the label's own owner to decide.
     """
     folder = Path(label.workdir)
+    try:
+        st = folder.lstat()
+    except FileNotFoundError:
+        return not label.owner_alive()
+    except OSError:  # e.g. inside another user's private folder
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return False  # another user's run (or not a run's directory at all): not ours to judge
     record = run_workdir(folder, label.run_id)
-    if record is None:
-        return label, False
-    return record.owner, record.kept and kept.kept_run(folder.parent) == label.run_id
+    if record is None:  # ours, without a record of this run: the label is all there is
+        return not label.owner_alive()
+    if record.kept and kept.kept_run(folder.parent) == label.run_id:
+        return False
+    return not record.owner.owner_alive()
 
 
 def find(conn: "libvirt.virConnect", workdir_root: Path) -> list[Leftover]:
@@ -180,8 +193,7 @@ def find(conn: "libvirt.virConnect", workdir_root: Path) -> list[Leftover]:
 
     def removable(label: Label) -> bool:
         if label.run_id not in gone:
-            owner, is_kept = run_owner(label)
-            gone[label.run_id] = not is_kept and not owner.owner_alive()
+            gone[label.run_id] = run_gone(label)
         return gone[label.run_id]
 
     objects: list[Leftover] = []
@@ -193,11 +205,21 @@ def find(conn: "libvirt.virConnect", workdir_root: Path) -> list[Leftover]:
                 continue
             if label is not None and removable(label):
                 objects.append(Leftover(kind, obj.name(), label))
-    for folder in sorted(workdir_root.iterdir()) if workdir_root.is_dir() else []:
+    for folder in _folders(workdir_root):
         record = run_workdir(folder)
         if record is not None and removable(Label(**{**record.owner.to_dict(), "workdir": str(folder)})):
             objects.append(Leftover("workdir", str(folder), record.owner))
     return objects  # domains before the networks they use, files last
+
+
+def _folders(root: Path) -> list[Path]:
+    """What is in `root`, a work root of this user's (another user's is not ours to look into)."""
+    try:
+        if root.lstat().st_uid != os.getuid():
+            return []
+        return sorted(root.iterdir())
+    except OSError:  # none yet, or not readable
+        return []
 
 
 def reap(conn: "libvirt.virConnect", workdir_root: Path) -> list[Leftover]:

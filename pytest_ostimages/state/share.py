@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..errors import OstError
+from ..errors import OstError, SessionError
 from .environment import Environment
 from .files import locked, write_atomic
 
@@ -51,13 +51,13 @@ class Share:
         self.directory.mkdir(parents=True, exist_ok=True)
         with locked(self.lock):
             if self.failure.exists():
-                raise OstError(f"The shared environment could not be booted by another worker:\n"
+                raise SessionError(f"The shared environment could not be booted by another worker:\n"
                                f"{self.failure.read_text()}")
             if self.state.exists():
                 try:
                     env = Environment.from_json(self.state.read_text(), lab.workdir_root)
                 except ValueError as exc:
-                    raise OstError(f"The shared environment's record {self.state} is damaged "
+                    raise SessionError(f"The shared environment's record {self.state} is damaged "
                                    f"({exc}); the run cannot attach to it.") from None
                 lab.attach(env)
             else:

@@ -13,11 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
+from pytest_ostimages.config import default_workdir
+
 if TYPE_CHECKING:
     import libvirt
 
 IMAGES = Path(os.environ.get("OST_IMAGES_DIR", "/usr/share/ost-images"))
-WORKDIR = Path(os.environ.get("OST_WORKDIR", "/var/tmp/pytest-ostimages"))
+WORKDIR = Path(os.environ.get("OST_WORKDIR") or default_workdir())
 LIBVIRT_URI = os.environ.get("OST_LIBVIRT_URI", "qemu:///system")
 # The project's test images (images/build-test-images), whatever else is installed beside them:
 # BIOS, ifupdown and eth0, layers as overlays on base

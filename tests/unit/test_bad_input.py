@@ -4,6 +4,7 @@ and tiny images of the test's own (no VM boots here; see tests/e2e for those).""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -110,6 +111,18 @@ def test_work_directory_not_traversable(run, real_key: None, tmp_path: Path) -> 
     run(f"--ost-workdir={private}/work").stdout.fnmatch_lines(
         [f"*is inside {private}, which other users cannot traverse (mode drwx------)*"])
     assert [p.name for p in (private / "work").iterdir()] == []  # the session's dir is gone again
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="makes a folder of another user (needs root)")
+def test_work_root_of_another_user(run, real_key: None, tmp_path: Path) -> None:
+    # the first user of a shared default work root made it; a second user's session must say so
+    theirs = tmp_path / "pytest-ostimages"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 12345, 12345)
+    run(f"--ost-workdir={theirs}").stdout.fnmatch_lines(
+        [f"*The work root {theirs} belongs to uid 12345, not to you (root): each user needs one of their own*"
+         "--ost-workdir=/var/tmp/pytest-ostimages-root*"])
+    assert list(theirs.iterdir()) == []
 
 
 def test_subnet_pool_exhausted(run, real_key: None) -> None:

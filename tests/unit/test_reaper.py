@@ -82,3 +82,31 @@ def test_cleanup_option_reports_and_exits(pytester: pytest.Pytester, tmp_path: P
     result.stdout.fnmatch_lines([f"removed workdir {tmp_path}/w/dead0001 (run dead0001, pid * gone)",
                                  "pytest-ostimages: removed 1 leftovers at test:///default*"])
     assert not Path(dead.workdir).exists()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="makes files of another user (needs root)")
+def test_another_users_runs_are_never_reaped(conn, tmp_path: Path) -> None:
+    # another user's work root: a run kept for --ost-reuse (its owner ended long ago) and a run
+    # whose record cannot be read; both owners' pids are gone, as they are for a kept run
+    from pytest_ostimages.state import kept
+    from pytest_ostimages.state.environment import Environment
+    from pytest_ostimages.state.owner import RunRecord
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    host = Label.current("x", tmp_path).host
+    kept_label = Label("4e910001", dead_pid(), host, str(theirs / "4e910001"))
+    hidden = Label("4e910002", dead_pid(), host, str(theirs / "4e910002"))
+    define(conn, kept_label, "kept", 211)
+    define(conn, hidden, "hidden", 212)
+    for label in (kept_label, hidden):
+        Path(label.workdir).mkdir()
+    RunRecord(kept_label, kept=True).write(Path(kept_label.workdir))
+    kept.write(theirs, "fingerprint", Environment(kept_label.run_id, kept_label, Path(kept_label.workdir), (), ()))
+    (Path(hidden.workdir) / "owner.json").write_text("{}")  # not a record this user can make sense of
+    for path in [theirs, *theirs.rglob("*")]:
+        os.chown(path, 12345, 12345)
+    (Path(hidden.workdir) / "owner.json").chmod(0o600)
+
+    assert reaper.reap(conn, tmp_path) == []
+    assert {"kept-vm", "kept-net", "hidden-vm", "hidden-net"} <= names(conn)

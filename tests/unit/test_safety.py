@@ -365,6 +365,16 @@ def test_a_bad_value_is_a_usage_error_naming_the_option(pytester: pytest.Pyteste
     result.stderr.fnmatch_lines([f"ERROR: {option}={value!r}: *{message}*"])
 
 
+@pytest.mark.parametrize("share", [[], ["--ost-share"]])
+def test_xdist_workers_cannot_reuse(pytester: pytest.Pytester, share: list[str]) -> None:
+    # each worker would attach to (or drop) the one kept environment of the work root
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("-n", "2", "--ost-reuse", *share)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --ost-reuse keeps one session's VMs for the next session; with "
+                                 "-n/--numprocesses each xdist worker is a session of its own*"])
+
+
 def test_an_init_config_vm_off_the_management_network_is_refused_before_anything(pytester: pytest.Pytester,
                                                                                   roots) -> None:
     root, _ = roots

@@ -65,6 +65,27 @@ def test_each_test_gets_its_own_directory_s_vm_fixture(pytester: pytest.Pytester
     both.stdout.fnmatch_lines(["*Two VM fixtures give the role 'engine' different VMs in one session*"])
 
 
+def test_a_vm_error_fails_only_the_tests_that_need_it(pytester: pytest.Pytester, session) -> None:
+    # a VM that does not boot, or one asked for wrongly, is that test's failure; the session goes on
+    pytester.makepyfile("""
+        from pytest_ostimages import VMSpec
+
+        def test_same_role_twice(ost_vm_factory):
+            ost_vm_factory.many([VMSpec("a", "engine-installed"), VMSpec("a", "base")])
+
+        def test_never_answers(ost_vm_factory):
+            ost_vm_factory("base", role="b")
+
+        def test_goes_on(ost_network):
+            pass
+    """)
+    result = session()
+    result.assert_outcomes(failed=2, passed=1)
+    result.stdout.fnmatch_lines(["*VM roles must be unique in a session; got ?'a', 'a'?*",
+                                 "*VM b (ost-*-b, image testos-base) * within 1 s*"])
+    assert "Interrupted" not in result.stdout.str()
+
+
 def test_an_input_error_is_reported_once_and_stops_the_session(pytester: pytest.Pytester, session) -> None:
     pytester.makepyfile("""
         def test_1(ost_vm): pass

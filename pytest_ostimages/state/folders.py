@@ -1,0 +1,50 @@
+"""The folders a user's sessions keep their things in: work roots, the warm cache, custom layers.
+
+Each is this user's own: made if missing, traversable by everyone (libvirt's qemu user
+opens the disks inside by path) but listable by its owner only (mode 0711), so that
+another user neither sees nor reaches what is inside except the files handed to qemu.
+A folder that belongs to another user is an error that names it and says what to do:
+each user has a work root of their own (config.default_workdir).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from pathlib import Path
+
+from ..errors import SessionError
+
+PRIVATE_ROOT = 0o711  # others may traverse to a file they are given, never list
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def own_folder(path: Path, what: str, option: str) -> Path:
+    """`path`, a folder of this user's (made with its parents if missing), mode 0711.
+
+    `what` names it in errors ("work root"), `option` the setting that chooses it.
+    """
+    try:
+        path.mkdir(mode=PRIVATE_ROOT, parents=True, exist_ok=True)
+        st = path.lstat()
+    except OSError as exc:
+        raise SessionError(f"Cannot create the {what} {path}: {exc.strerror}. Choose a folder you may "
+                       f"write with {option}.") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise SessionError(f"The {what} {path} is not a folder (a symlink or a file). Remove it, or "
+                       f"choose another folder with {option}.")
+    if st.st_uid != os.getuid():
+        me = user_name(os.getuid())
+        raise SessionError(f"The {what} {path} belongs to {user_name(st.st_uid)}, not to you ({me}): each user "
+                       f"needs one of their own (the default is /var/tmp/pytest-ostimages-<user>). Choose "
+                       f"another with {option}, e.g. {option}=/var/tmp/pytest-ostimages-{me}.")
+    if stat.S_IMODE(st.st_mode) != PRIVATE_ROOT:
+        os.chmod(path, PRIVATE_ROOT)  # made by an earlier version (0755), or under another umask
+    return path
