@@ -153,6 +153,12 @@ class Booter:
             if plan.strict:
                 raise WarmStartError(f"the saved state {top.key} of {plan.role} is gone")
             return None
+        damage = warm.damage(state)
+        if damage is not None:
+            if plan.strict:
+                raise WarmStartError(f"the saved state {top.key} of {plan.role} is damaged: {damage}")
+            self.progress(f"{plan.role}: saved state {state.key} is damaged ({damage}): booting")
+            return None
         try:
             # its own identity in the same agent command: one SSH login, with the new host key
             identity = (fixup_script(plan.hostname.split(".")[0], plan.hostname, str(plan.ip), plan.host_key,

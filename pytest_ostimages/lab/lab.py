@@ -433,10 +433,24 @@ class Lab:
             for vm in vms:
                 vm.close()
                 vm.domain.suspend()  # all of them, before any is saved
-            each(lambda vm: warm.save_vm(vm, folder / vm.role), vms)
+            saved = each(lambda vm: _outcome(warm.save_vm, vm, folder / vm.role), vms)
+            failed = [outcome for outcome in saved if isinstance(outcome, Exception)]
+            if failed:  # all of them back, running where they were: the state is not saved
+                for vm, outcome in zip(vms, saved):
+                    if isinstance(outcome, warm.SavedVM):
+                        outcome.undo()
+                    elif vm.state() == "paused":
+                        vm.domain.resume()
+                raise failed[0]
             return {**meta, "kind": "environment", "roles": sorted(self.vms), "parents": parents}
 
-        if not cache.save(key, write, self.progress):
+        try:
+            fresh = cache.save(key, write, self.progress)
+        except (WarmStartError, OSError, virt.libvirt_error()) as exc:
+            message = exc.get_error_message() if isinstance(exc, virt.libvirt_error()) else str(exc)
+            self.progress(f"environment {key} could not be saved ({message}); the VMs go on unsaved")
+            return None
+        if not fresh:
             # saved by another session meanwhile (or damaged, and other states are built on it):
             # these VMs, untouched, are in the state it names
             self.current_environment = key
@@ -461,11 +475,13 @@ class Lab:
         roles = state.data().get("roles", [])
         if cache is None or sorted(self.vms) != sorted(roles):
             raise WarmStartError(f"saved environment {state.key} holds VMs {roles}, this session {sorted(self.vms)}")
-        damaged = [role for role in roles if not (state.vm(role).memory.is_file() and state.vm(role).disk.is_file())]
+        # every chain checked before any VM is touched: a running VM is replaced only by a whole state
+        damaged = {role: why for role in roles if (why := warm.damage(state.vm(role))) is not None}
         if damaged or not cache.use(state, self.workdir.path):
             removed = bool(damaged) and cache.discard(state)
-            raise WarmStartError(f"saved environment {state.key} is damaged or gone (VMs {damaged or roles})"
-                                 + ("; removed, to be saved again" if removed else ""))
+            why = "; ".join(f"{role}: {reason}" for role, reason in damaged.items())
+            raise WarmStartError(f"saved environment {state.key} is damaged or gone (VMs {list(damaged) or roles}"
+                                 + (f": {why}" if why else "") + ")" + ("; removed, to be saved again" if removed else ""))
         self.pending_environment = state
         self.current_environment = state.key
 
@@ -589,38 +605,56 @@ class Lab:
     def close(self) -> None:
         """Remove every domain, network and file this lab made (or attached to).
 
-        VMs whose ready state is new to the warm-start cache are saved first, unless
-        the session is being interrupted (then everything is torn down at once).
+        VMs whose ready state is new to the warm-start cache are saved first, all at once,
+        unless the session is being interrupted; an interrupt (Ctrl-C, SIGTERM) during the
+        saves stops them, and everything is removed all the same.
         """
-        if not self.interrupted:
-            self._save_warm_states()
-        if self.ledger:
-            self.progress(f"removing the VMs, networks and work directory of run {self.run_id}")
-        for vm in self.vms.values():
-            vm.close()
         try:
-            if self.ledger.workdir() is not None and self.config.keep:
-                self.workdir.disown()
-            self.ledger.remove_all(self._conn, keep_workdir=self.config.keep)
+            if not self.interrupted:
+                self._save_warm_states()
+        except BaseException:
+            self.interrupted = True
+            raise
         finally:
-            self.vms.clear()
-            self.networks = {}
-            self._close_connection()
+            if self.ledger:
+                self.progress(f"removing the VMs, networks and work directory of run {self.run_id}")
+            for vm in self.vms.values():
+                vm.close()
+            try:
+                if self.ledger.workdir() is not None and self.config.keep:
+                    self.workdir.disown()
+                self.ledger.remove_all(self._conn, keep_workdir=self.config.keep)
+            finally:
+                self.vms.clear()
+                self.networks = {}
+                self._close_connection()
 
     def _save_warm_states(self) -> None:
-        for vm in self.vms.values():
-            if self.warm_cache is None or vm.warm_key is None or vm.state() != "running":
-                continue
+        cache = self.warm_cache
+        if cache is None:
+            return
+
+        def save(vm: VM) -> None:
             self.progress(f"{vm.role}: saving its ready state for warm starts")
             try:
-                warm.save_state(self.warm_cache, vm, vm.warm_key, self.progress)
+                warm.save_state(cache, vm, vm.warm_key or "", self.progress)
             except Exception as exc:  # noqa: BLE001 - a cache must never keep a session from ending
                 self.progress(f"{vm.role}: its state could not be saved ({exc.__class__.__name__}: {exc})")
+
+        each(save, [vm for vm in self.vms.values() if vm.warm_key is not None and vm.state() == "running"])
 
     def _close_connection(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _outcome(work: Callable[..., Any], *args: Any) -> Any:
+    """What `work(*args)` returned, or the error it raised (for work whose every outcome counts)."""
+    try:
+        return work(*args)
+    except Exception as exc:  # noqa: BLE001 - handed back, not swallowed
+        return exc
 
 
 def _answers_with_pinned_key(vm: VM) -> None:

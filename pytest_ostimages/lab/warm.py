@@ -34,9 +34,11 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 from lxml import etree
 
@@ -44,10 +46,12 @@ from .. import faults
 from ..errors import ImageError, WarmStartError
 from ..guest.agent import guest_exec, wait_for_agent
 from ..hypervisor.connection import libvirt_module, remove
+from ..images.catalog import backing_chain
 from ..images.overlay import create_overlay
 from ..hypervisor.saveimage import found, on_saved_disk, patch_save_image, restored_xml
 from ..guest.keys import openssh_line
 from ..state.files import write_atomic
+from ..state.owner import RUN_ID
 from ..state.warmcache import SavedState, WarmCache
 
 if TYPE_CHECKING:
@@ -90,9 +94,33 @@ def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], N
                  f"({state.size() // 2**20} MiB, {state.folder})")
 
 
-def save_vm(vm: "VM", folder: Path) -> None:
+@dataclass
+class SavedVM:
+    """A VM that save_vm put into an environment's state folder: how to take it back, running, while
+    the state is not complete (another VM's save failed)."""
+
+    vm: "VM"
+    memory: Path
+    moved: list[tuple[Path, Path]] = field(default_factory=list)  # (its disk, the state's layer) renamed
+
+    def undo(self) -> None:
+        """The VM running again where it was, on its own disks (the state's folder is then thrown away)."""
+        for disk, layer in reversed(self.moved):
+            os.replace(layer, disk)
+        self.moved.clear()
+        conn = self.vm.domain.connect()
+        conn.restore(str(self.memory))  # as it was saved (paused, in an environment's save)
+        domain = conn.lookupByName(self.vm.name)
+        if domain.state()[0] == libvirt_module().VIR_DOMAIN_PAUSED:
+            domain.resume()
+        self.vm.replace_domain(domain, self.vm.overlay, self.vm.host_key)
+
+
+def save_vm(vm: "VM", folder: Path) -> SavedVM:
     """Save `vm` (paused) into `folder`, a VM's part of an environment's state: its memory, its disks
-    (they become the state's read-only layers) and its UEFI variables. Its domain stops."""
+    (they become the state's read-only layers, each whole above what outlives the run: the image, or
+    an earlier state) and its UEFI variables. Its domain stops. If anything fails, the VM runs
+    again where it was before the error is raised."""
     dom = vm.domain
     for snapshot in dom.listAllSnapshots():  # they would stay in the saved disk, unreachable
         snapshot.delete()
@@ -100,17 +128,73 @@ def save_vm(vm: "VM", folder: Path) -> None:
     vm.dirty, vm.warm_key = None, None  # superseded: clean_vm and warm start begin from this state
     live = etree.fromstring(dom.XMLDesc().encode())
     (folder / "disks").mkdir(parents=True)
-    dom.save(str(folder / "memory.save"))
-    faults.point("warm-save")
     state = SavedState(folder)
-    for disk, layer in _disk_layers(live, state):
-        os.replace(found(disk, "source").get("file", ""), layer)
-    nvram = live.findtext("os/nvram")
-    if nvram:
-        shutil.copyfile(nvram, state.nvram)
-    assert vm.host_key is not None
-    write_atomic(state.meta, json.dumps({"role": vm.role, "image": str(vm.image.path),
-                                         "host_key": openssh_line(vm.host_key)}))
+    dom.save(str(state.memory))
+    saved = SavedVM(vm, state.memory)
+    try:
+        faults.point("warm-save")
+        for disk, layer in _disk_layers(live, state):
+            _freeze(Path(found(disk, "source").get("file", "")), layer, saved)
+        nvram = live.findtext("os/nvram")
+        if nvram:
+            shutil.copyfile(nvram, state.nvram)
+        assert vm.host_key is not None
+        write_atomic(state.meta, json.dumps({"role": vm.role, "image": str(vm.image.path),
+                                             "host_key": openssh_line(vm.host_key)}))
+    except BaseException:
+        saved.undo()
+        raise
+    return saved
+
+
+def _freeze(disk: Path, layer: Path, saved: SavedVM) -> None:
+    """`disk` (the VM's, in its run's folder) as the state's read-only `layer`.
+
+    Renamed when it can be (the same filesystem: it costs nothing, and is undone on failure),
+    else copied; the VM's own disk stays as it was then. A disk whose chain has other layers
+    in the run's folder (checkpoints: clean_vm on UEFI, the warm start's ready state) would be
+    backed by files that go with the run: their data is merged into the layer (qemu-img rebase,
+    safe mode: the clusters that differ), which is then backed by the first layer that outlives
+    the run (the image, or an earlier state).
+    """
+    try:
+        chain, _ = backing_chain(disk, None)
+    except ImageError as exc:
+        raise WarmStartError(f"the disk {disk} cannot be saved: {exc}") from None
+    base = next((path for path in chain[1:] if path.parent != disk.parent), None)
+    try:
+        if disk.stat().st_dev == layer.parent.stat().st_dev:
+            os.replace(disk, layer)
+            saved.moved.append((disk, layer))
+        else:
+            shutil.copyfile(disk, layer)
+    except OSError as exc:
+        raise WarmStartError(f"cannot copy the disk {disk} into the saved state at {layer}: {exc.strerror}") from None
+    if len(chain) > 1 and chain[1].parent == disk.parent:
+        rebase = ["qemu-img", "rebase", "-f", "qcow2", "-b", str(base) if base else "", "-F", "qcow2", str(layer)]
+        result = subprocess.run(rebase, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise WarmStartError(f"cannot merge the run's layers below {disk} into the saved state at {layer}: "
+                                 f"{result.stderr.strip() or f'qemu-img exited with {result.returncode}'}")
+
+
+def damage(saved: SavedState) -> Optional[str]:
+    """Why the VM state `saved` cannot be restored (None: it can): a file missing, or a disk whose
+    chain is broken or reaches into a run's work directory (which goes with that run)."""
+    if not saved.memory.is_file():
+        return f"{saved.memory} is missing"
+    disks = [saved.disk, *sorted((saved.folder / "disks").glob("*.qcow2"))]
+    for disk in disks:
+        if not disk.is_file():
+            return f"{disk} is missing"
+        try:
+            chain, _ = backing_chain(disk, None)
+        except ImageError as exc:
+            return str(exc).splitlines()[0]
+        private = [path for path in chain[1:] if RUN_ID.fullmatch(path.parent.name)]
+        if private:
+            return f"{disk} is backed by {private[0]}, a file of a run's work directory"
+    return None
 
 
 def resume_saved(vm: "VM", saved: SavedState) -> None:

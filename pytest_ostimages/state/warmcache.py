@@ -139,8 +139,8 @@ class WarmCache:
             partial.chmod(0o711)  # qemu's user reaches the disk in it; nobody lists it
             try:
                 meta = write(partial)
-            except Exception:
-                shutil.rmtree(partial, ignore_errors=True)  # nothing half-saved stays behind
+            except BaseException:  # an interrupt too: nothing half-saved stays behind
+                shutil.rmtree(partial, ignore_errors=True)
                 raise
             write_atomic(partial / "meta.json", json.dumps({"key": key, "saved": time.time(), **meta}))
             for path in partial.rglob("*"):

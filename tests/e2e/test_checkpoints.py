@@ -93,7 +93,8 @@ def test_checkpoints_are_restored_with_their_effects(pytester: pytest.Pytester, 
     third.assert_outcomes(passed=2)
     third.stdout.fnmatch_lines([f"*checkpoint configured: saved state {configured} found*",
                                 f"*checkpoint deeper: its saved state {deeper} cannot be used (saved environment "
-                                f"{deeper} is damaged or gone (VMs ?'box'?); removed, to be saved again): running it*",
+                                f"{deeper} is damaged or gone (VMs ?'box'?: box: *memory.save is missing); removed, to be saved "
+                                f"again): running it*",
                                 f"*environment of 1 VMs restored from {configured} in *",
                                 "*checkpoint deeper: ran in *", f"*environment of 1 VMs saved as {deeper} in *",
                                 "*RUNS 1*"])

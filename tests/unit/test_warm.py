@@ -111,3 +111,102 @@ def test_a_checkpoints_key_follows_its_inputs_by_content_not_by_place(tmp_path: 
                checkpoint_key("parent", "def step(): ...", "param", {"service.conf": here / "service.conf"})]
     assert key not in changed and len(set(changed)) == len(changed)
 
+
+
+# --- saved disks are whole above what outlives the run; a failed save leaves the VM running -------
+
+def qemu(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(list(args), capture_output=True, text=True, check=True).stdout
+
+
+def layered_disk(tmp_path: Path) -> tuple[Path, Path]:
+    """An installed-like image, and a run's disk on it through a checkpoint layer in the run's folder
+    (as clean_vm and warm start leave a UEFI guest's disk), each layer with its own data."""
+    image, run = tmp_path / "images" / "base.qcow2", tmp_path / "0123abcd"
+    image.parent.mkdir()
+    run.mkdir()
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M")
+    qemu("qemu-io", "-c", "write -P 0x11 0 64k", str(image))
+    frozen, disk = run / "vm.ost-clean.qcow2", run / "vm.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(frozen))
+    qemu("qemu-io", "-c", "write -P 0x22 64k 64k", str(frozen))
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(frozen), str(disk))
+    qemu("qemu-io", "-c", "write -P 0x33 128k 64k", str(disk))
+    return image, disk
+
+
+def reads(path: Path) -> bool:
+    """Whether the disk reads as layered_disk wrote it, through its chain."""
+    return all("Pattern verification failed" not in qemu("qemu-io", "-r", "-c", f"read -P {pattern} {offset}k 64k",
+                                                         str(path))
+               for pattern, offset in (("0x11", 0), ("0x22", 64), ("0x33", 128)))
+
+
+def vm_on(conn, disk: Path, image: Path):
+    import ipaddress
+
+    import paramiko
+
+    from pytest_ostimages.guest.keys import HostKey
+    from pytest_ostimages.guest.ssh import SSH
+    from pytest_ostimages.guest.vm import VM
+    from pytest_ostimages.images.catalog import Image
+
+    domain = conn.createXML(f"<domain type='test'><name>ost-0123abcd-vm</name><memory>1024</memory>"
+                            f"<os><type>hvm</type></os><devices><disk type='file' device='disk'>"
+                            f"<source file='{disk}'/><target dev='vda'/></disk></devices></domain>")
+    ssh = SSH("127.0.0.1", paramiko.RSAKey.generate(1024), host_key=HostKey.generate().pkey())
+    return VM("ost-0123abcd-vm", "vm", "vm.ost.test", ipaddress.IPv4Address("127.0.0.1"), "52:54:00:00:00:01",
+              Image("testos", "base", image, (image,), ("qcow2",)), disk, disk.with_suffix(".log"), domain, ssh)
+
+
+def test_a_saved_disk_takes_the_layers_of_the_run_with_it(conn, tmp_path: Path) -> None:
+    from pytest_ostimages.lab import warm
+
+    image, disk = layered_disk(tmp_path)
+    vm = vm_on(conn, disk, image)
+    folder = tmp_path / "warm" / "k" / "vm"
+    folder.parent.mkdir(parents=True)
+    warm.save_vm(vm, folder)
+    state = SavedState(folder)
+    info = json.loads(qemu("qemu-img", "info", "-U", "--backing-chain", "--output=json", str(state.disk)))
+    assert [Path(layer["filename"]) for layer in info] == [state.disk, image]  # whole above the image
+    assert reads(state.disk)
+    assert warm.damage(state) is None
+    shutil.rmtree(tmp_path / "0123abcd")  # the run ends: the state still reads the same
+    assert reads(state.disk) and warm.damage(state) is None
+
+
+def test_a_state_backed_by_a_runs_file_is_damage(tmp_path: Path) -> None:
+    from pytest_ostimages.lab import warm
+
+    image, disk = layered_disk(tmp_path)
+    folder = tmp_path / "warm" / "k" / "vm"
+    folder.mkdir(parents=True)
+    (folder / "memory.save").write_bytes(b"saved")
+    shutil.copy(disk, folder / "disk.qcow2")  # what the old code saved: only the top layer
+    why = warm.damage(SavedState(folder))
+    assert why is not None and "is backed by" in why and "0123abcd/vm.ost-clean.qcow2" in why
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="mounts a small filesystem (needs root)")
+def test_a_save_that_fails_on_another_filesystem_leaves_the_vm_running(conn, tmp_path: Path) -> None:
+    import subprocess
+
+    from pytest_ostimages.lab import warm
+
+    image, disk = layered_disk(tmp_path)
+    qemu("qemu-io", "-c", "write -P 0x44 1M 4M", str(disk))  # more than the small filesystem holds
+    vm = vm_on(conn, disk, image)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(WarmStartError, match=f"cannot copy the disk {disk} into the saved state"):
+            warm.save_vm(vm, small / "vm")
+        assert vm.state() == "running" and vm.domain.name() == "ost-0123abcd-vm"
+        assert reads(disk)  # its own disk, as it was
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
