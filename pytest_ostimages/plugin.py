@@ -144,6 +144,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return report.header_lines(settings, catalog)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    report.summary(config, terminalreporter)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """A failed test that used VMs gets their console and journal tails in its report."""

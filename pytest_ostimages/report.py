@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .state.warmcache import WarmCache
 
 log = logging.getLogger("pytest_ostimages")
+WARNINGS_KEY = pytest.StashKey[list[str]]()  # shown again in the terminal summary
 
 CONSOLE_TAIL = 30
 JOURNAL_TAIL = 30
@@ -96,3 +97,23 @@ def progress(config: pytest.Config) -> Callable[[str], None]:
                 reporter.write_line(f"[ost] {message}")
 
     return report
+
+
+def warning(config: pytest.Config) -> Callable[[str], None]:
+    """A progress line for what went wrong without failing anything, repeated in the summary."""
+    show = progress(config)
+
+    def warn(message: str) -> None:
+        config.stash.setdefault(WARNINGS_KEY, []).append(message)
+        show(f"WARNING: {message}")
+
+    return warn
+
+
+def summary(config: pytest.Config, terminal: "pytest.TerminalReporter") -> None:
+    """The warnings of the session (cloud-init errors nobody asked about, ...), once more at the end."""
+    found = config.stash.get(WARNINGS_KEY, [])
+    if found:
+        terminal.section("pytest-ostimages warnings", sep="-", yellow=True)
+        for message in found:
+            terminal.write_line(message)

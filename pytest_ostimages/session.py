@@ -15,7 +15,7 @@ from .images.catalog import Catalog
 from .lab.inputs import VMSpec
 from .lab.lab import Lab
 from .lab.plan import Plan
-from .report import progress
+from .report import progress, warning
 from .state.share import Share
 
 CONFIG_KEY = pytest.StashKey[OstConfig]()
@@ -40,7 +40,7 @@ def make_lab(config: pytest.Config) -> tuple[Lab, Optional[Share]]:
         share = Share(base / f"ost-share-{worker['testrunuid']}")
     # A shared environment belongs to the xdist controller, which outlives every worker.
     lab = Lab(settings, progress(config), owner_pid=os.getppid() if share else None,
-              catalog=config.stash.get(CATALOG_KEY, None))
+              catalog=config.stash.get(CATALOG_KEY, None), warn=warning(config))
     config.stash[LAB_KEY] = lab
     config.stash[SHARE_KEY] = share
     return lab, share

@@ -21,7 +21,7 @@ from ..hypervisor.checkpoint import Checkpoint
 from ..hypervisor.connection import domain_state, libvirt_module
 from ..hypervisor.render import HostEntry
 from ..images.catalog import Image
-from . import testinfra_host
+from . import cloudinit, testinfra_host
 from .identity import fixup_script
 from .keys import HostKey
 from .ssh import SSH, CommandResult, HostKeyMismatch, NotReady
@@ -183,22 +183,37 @@ class VM:
             raise BootError(self.describe_failure(f"does not offer the host key it was given: {exc}",
                                                   hint=False)) from None
 
-    def finish_cloud_init(self, key: HostKey, timeout: float) -> float:
-        """Wait until cloud-init has finished (it gave the guest `key`); pin `key`. Seconds."""
+    def finish_cloud_init(self, key: HostKey, timeout: float,
+                          asked: Optional[frozenset[str]]) -> tuple[float, list[str]]:
+        """Wait until cloud-init has finished (its seed gave the guest `key`); pin `key`.
+
+        The boot failed if cloud-init did not finish within `timeout` s, or failed in a stage
+        or in a module of `asked` (cloudinit.py; None: any module). Returns the seconds it
+        took and the errors that do not fail the boot, for a warning.
+        """
         start = time.monotonic()
         try:
-            done = self.ssh("cloud-init status --wait", timeout=timeout)
+            done = self.ssh("cloud-init status --wait >/dev/null 2>&1; echo $?; cat /run/cloud-init/status.json",
+                            timeout=timeout)
         except OstError:
             done = None
-        if done is None or done.returncode != 0:
+        status, _, record = done.stdout.partition("\n") if done is not None else ("", "", "")
+        try:
+            report = cloudinit.Report.parse(record)
+        except ValueError:
+            report = None
+        failures = ([f"it did not finish within {timeout:.0f} s"] if done is None
+                    else [f"it exited with {status} and left no readable /run/cloud-init/status.json"]
+                    if report is None else report.failures(asked))
+        if failures:
             log = self.ssh("cloud-init status --long; tail -n 30 /var/log/cloud-init-output.log", timeout=60)
             raise BootError(self.describe_failure(
-                f"answers SSH, but cloud-init did not finish well within {timeout:.0f} s "
-                f"({'timed out' if done is None else f'exit status {done.returncode}'}):\n{log.stdout}",
-                hint=False))
+                "answers SSH, but cloud-init did not do what was asked of it: " + "; ".join(failures)
+                + f"\n{log.stdout}", hint=False))
         self._ssh.pin(key.pkey())
         self.ssh("true", check=True)  # sshd offers the key cloud-init installed
-        return time.monotonic() - start
+        assert report is not None
+        return time.monotonic() - start, report.warnings(asked)
 
     def wait_for_address(self, ip: "ipaddress.IPv4Address | ipaddress.IPv6Address", timeout: float = 30) -> bool:
         """Whether the guest holds `ip` (e.g. its DHCPv6 lease, which comes after IPv4) within `timeout` s."""

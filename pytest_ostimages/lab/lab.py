@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..config import OstConfig
 from ..errors import OstError, SessionError, VMError, WarmStartError
+from ..guest import cloudinit
 from ..guest.keys import HostKey, openssh_line, public_key
 from ..guest.network import Addressing, GuestNIC, move_to
 from ..guest.seed import write_seed
@@ -94,9 +95,11 @@ class Run:
 
 class Lab:
     def __init__(self, config: OstConfig, progress: Callable[[str], None] = lambda _: None,
-                 owner_pid: Optional[int] = None, catalog: Optional[Catalog] = None) -> None:
+                 owner_pid: Optional[int] = None, catalog: Optional[Catalog] = None,
+                 warn: Optional[Callable[[str], None]] = None) -> None:
         self.config = config
         self.progress = progress
+        self.warn = warn or progress  # what the person must know even when all went well
         self.inputs = Inputs(config, catalog)
         self.run = Run.new(config.workdir, owner_pid)
         self.vms: dict[str, VM] = {}
@@ -155,7 +158,7 @@ class Lab:
     def booter(self) -> Booter:
         if self._booter is None:
             self._booter = Booter(BootSlots(self.config.max_boots), self.config.boot_timeout,
-                                  self.virt_type, self.progress, self.warm_cache)
+                                  self.virt_type, self.progress, self.warm_cache, self.warn)
         return self._booter
 
     # --- creating things ----------------------------------------------------------
@@ -382,7 +385,8 @@ class Lab:
                                    self.config.secure_boot, seed is not None, spec.user_data])
         guest_nics = tuple(GuestNIC(e, self.addressing(self.networks[role]), e is management) for role, e in nics)
         plan = BootPlan(spec.role, name, hostname, image, memory, vcpus, management, overlay, console, xml,
-                        host_key, seed is not None, warm_key, nics, guest_nics)
+                        host_key, seed is not None, cloudinit.asked_modules(spec.user_data), warm_key, nics,
+                        guest_nics)
         if warm_key is not None and self.warm_cache is not None:
             return dataclasses.replace(plan, saved=self.warm_cache.state(warm_key))
         return plan

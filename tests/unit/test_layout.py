@@ -20,7 +20,7 @@ PACKAGE = ROOT / "pytest_ostimages"
 DISTRIBUTIONS = {"libvirt": "libvirt-python", "libvirt_qemu": "libvirt-python", "paramiko": "paramiko",
                  "lxml": "lxml", "tenacity": "tenacity", "pytest": "pytest", "xdist": "pytest-xdist",
                  "cryptography": "cryptography", "psutil": "psutil", "pycdlib": "pycdlib",
-                 "testinfra": "pytest-testinfra", "ansible_runner": "ansible-runner"}
+                 "testinfra": "pytest-testinfra", "ansible_runner": "ansible-runner", "yaml": "pyyaml"}
 
 
 def module_name(path: Path) -> str:
