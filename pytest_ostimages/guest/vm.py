@@ -15,10 +15,10 @@ import paramiko
 from lxml import etree
 
 from .. import faults
-from ..errors import BootError, OstError, VMError
+from ..errors import BootError, OstError, VirtError, VMError
 from ..hypervisor import checkpoint
 from ..hypervisor.checkpoint import Checkpoint
-from ..hypervisor.connection import domain_state, libvirt_module
+from ..hypervisor.connection import domain_state, kvm_failure, libvirt_module
 from ..hypervisor.render import HostEntry
 from ..images.catalog import Image
 from . import cloudinit, testinfra_host
@@ -152,6 +152,10 @@ class VM:
         try:
             self._ssh.wait_ready(timeout, died)
         except NotReady as exc:
+            kvm = kvm_failure(self.domain) if self.state() == "paused" else None
+            if kvm is not None:  # every VM of the host would stop the same way
+                raise VirtError(self.describe_failure(f"was stopped by KVM while booting: {kvm.rstrip('.')}",
+                                                     hint=False)) from None
             raise BootError(self.describe_failure(str(exc))) from None
         except HostKeyMismatch as exc:
             raise BootError(self.describe_failure(f"is not the machine it should be: {exc}", hint=False)) from None

@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import contextlib
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from urllib.parse import urlsplit
 
 from .. import faults
 from ..errors import VirtError
@@ -133,7 +136,7 @@ def _define_and_start(conn: "libvirt.virConnect", xml: str, define: Callable[[st
         message = exc.get_error_message()
         hint = ("\nlibvirt's qemu user must be able to read every image of the chain and traverse "
                 "their directories (ost-images installs them 0444 under a 0755 directory)."
-                if "Permission denied" in message else "")
+                if "Permission denied" in message else f"\n{KVM_HINT}" if KVM_FAILURE.search(message) else "")
         raise VirtError(f"Cannot start {kind} {obj.name()}: {message}{hint}") from None
     except BaseException:  # interrupted: leave nothing behind
         remove(obj)
@@ -160,6 +163,36 @@ def remove(obj: Union["libvirt.virDomain", "libvirt.virNetwork"]) -> None:
             return
     with contextlib.suppress(libvirt.libvirtError):  # a network, or a driver without those flags
         obj.undefine()
+
+
+# What QEMU logs when KVM cannot run a guest it started (nested or paravirtualized hosts: the
+# guest stops at once, paused), or cannot even set the CPU up for it.
+KVM_FAILURE = re.compile(r"KVM internal error.*|emulation failure.*|failed to set MSR.*|kvm_.*Assertion.*")
+KVM_HINT = ("This host's KVM cannot run the guest (common on nested or paravirtualized hosts). Run the VMs under "
+            "emulation with --ost-virt-type=qemu (slower), or fix KVM on the host.")
+
+
+def qemu_log(dom: "libvirt.virDomain") -> Optional[Path]:
+    """libvirt's log of a domain's QEMU, where this process can read it (a local daemon's)."""
+    parts = urlsplit(dom.connect().getURI())
+    if parts.scheme not in ("qemu", "qemu+unix") or parts.netloc:
+        return None
+    folder = Path("/var/log/libvirt/qemu") if parts.path == "/system" else \
+        Path.home() / ".cache" / "libvirt" / "qemu" / "log"
+    return folder / f"{dom.name()}.log"
+
+
+def kvm_failure(dom: "libvirt.virDomain") -> Optional[str]:
+    """Why KVM stopped the domain, quoting libvirt's log of it, with what to do; None if it did not."""
+    log = qemu_log(dom)
+    try:
+        lines = log.read_text(errors="replace").splitlines()[-200:] if log is not None else []
+    except OSError:
+        return None
+    said = list(dict.fromkeys(m.group(0).strip() for line in lines if (m := KVM_FAILURE.search(line))))
+    if not said:
+        return None
+    return f"libvirt's log of it ({log}) says {' / '.join(repr(line) for line in said[:3])}. {KVM_HINT}"
 
 
 STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",

@@ -108,3 +108,21 @@ def test_image_unreadable_for_qemu(pytester: pytest.Pytester, unchanged: None,
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*Cannot start domain ost-*-vm:*Permission denied*",
                                  "*qemu user must be able to read every image of the chain*"])
+
+
+@pytest.mark.parametrize("cpu_mode, said", [
+    ("default", "*stopped by KVM while booting: libvirt's log of it (*) says 'KVM internal error. Suberror: 1'*"),
+    ("auto", "*Cannot start domain ost-*-vm: *failed to set MSR*"),  # host-passthrough
+])
+def test_kvm_that_cannot_run_the_guest_is_named(pytester: pytest.Pytester, unchanged: None, cpu_mode: str,
+                                                said: str) -> None:
+    # a host whose /dev/kvm opens but whose KVM cannot run the guest (nested, paravirtualized: this
+    # lab's machines): --ost-virt-type=auto would pick kvm, and the error must say what to do
+    pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
+    result = pytester.runpytest_subprocess("--ost-image=base", "--ost-virt-type=kvm", f"--ost-cpu-mode={cpu_mode}",
+                                           *INNER)
+    if result.ret == 0:
+        pytest.skip("this host's KVM runs the guest: its failure cannot be shown here")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([said, "*This host's KVM cannot run the guest (common on nested or paravirtualized "
+                                       "hosts)*--ost-virt-type=qemu*"])
