@@ -26,11 +26,13 @@ from typing import Callable, Optional, Sequence
 
 from .config import OstConfig, from_environment
 from .errors import OstError
+from .hypervisor.connection import libvirt_error, qemu_ids
 from .guest.vm import VM
 from .images.catalog import Image
 from .lab.inputs import VMSpec
 from .lab.lab import Lab
 from .state.files import locked
+from .state.folders import own_folder, share_with_qemu
 from .waiting import poll
 
 INBOX = "/root/ost-layer"  # where the files and the script land in the guest
@@ -70,8 +72,7 @@ def build_layer(config: OstConfig, recipe: LayerRecipe,
     try:
         lab.inputs.choose_distro([recipe.parent])
         parent = lab.inputs.image(recipe.parent)
-        cache = config.workdir / "layers"
-        cache.mkdir(mode=0o755, parents=True, exist_ok=True)
+        cache = own_folder(config.workdir / "layers", "custom layer cache", "--ost-workdir")
         target = cache / f"{parent.distro}-{recipe.name}-{_digest(recipe, parent)}.qcow2"
         with locked(cache / f"{target.name}.lock"):  # two sessions build it once
             if target.exists():
@@ -92,9 +93,12 @@ def build_layer(config: OstConfig, recipe: LayerRecipe,
                    f"echo localhost >/etc/hostname; sed -i '/# ost-identity$/d' /etc/hosts; sync",
                    check=True)
             _shut_down(vm)
-            _store(vm.overlay, target, len(parent.chain) + 1, recipe.squash_above)
+            _store(vm.overlay, target, len(parent.chain) + 1, recipe.squash_above,
+                   qemu_ids(lab.conn, lab.virt_type))
             progress(f"layer {recipe.name}: built {target} in {time.monotonic() - start:.0f} s")
             return target
+    except libvirt_error() as exc:
+        raise OstError(f"Layer {recipe.name!r} could not be built: libvirt says {exc.get_error_message()!r}.") from None
     finally:
         lab.close()
 
@@ -105,14 +109,21 @@ def _shut_down(vm: VM, timeout: float = 300) -> None:
         raise OstError(vm.describe_failure(f"did not power off within {timeout:.0f} s"))
 
 
-def _store(overlay: Path, target: Path, depth: int, squash_above: Optional[int]) -> None:
-    """Move (or flatten) the builder's overlay into the cache, read-only."""
+def _store(overlay: Path, target: Path, depth: int, squash_above: Optional[int],
+           qemu: Optional[tuple[int, int]]) -> None:
+    """Move (or flatten) the builder's overlay into the cache, read-only, readable by qemu's user only
+    (it holds what the build put into the guest, and the builder's host keys)."""
     partial = target.with_suffix(".partial")
     if squash_above is not None and depth > squash_above:
-        subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(overlay), str(partial)], check=True)
+        done = subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(overlay), str(partial)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise OstError(f"Cannot flatten the layer into {target} (--squash-above {squash_above}): "
+                           f"{done.stderr.strip() or f'qemu-img exited with {done.returncode}'}")
     else:
         os.replace(overlay, partial)  # still backed by the parent, by absolute path
-    partial.chmod(0o444)
+    share_with_qemu(partial, qemu)
     os.replace(partial, target)
 
 

@@ -20,7 +20,8 @@ from lxml import etree
 
 from ..errors import VMError
 from ..images.overlay import create_overlay
-from .connection import libvirt_module
+from ..state.folders import share_with_qemu
+from .connection import libvirt_module, qemu_ids
 from .saveimage import found, on_saved_disk
 
 if TYPE_CHECKING:
@@ -48,13 +49,15 @@ def take(dom: "libvirt.virDomain", overlay: Path, nvram: Optional[Path], name: s
     memory = overlay.with_name(f"{overlay.stem}.{name}.save")
     disk = overlay.with_name(f"{overlay.stem}.{name}.qcow2")
     try:
+        virt_type = etree.fromstring(dom.XMLDesc().encode()).get("type", "kvm")
         dom.save(str(memory))  # the domain stops; its memory is in the file
         overlay.rename(disk)
-        disk.chmod(0o444)
+        share_with_qemu(disk, qemu_ids(conn, virt_type))  # below the new overlay: libvirt does not relabel it
         copy = None
         if nvram is not None:
             copy = nvram.with_name(f"{nvram.name}.{name}")
             shutil.copyfile(nvram, copy)
+            copy.chmod(0o600)
         create_overlay(disk, overlay)
         root = etree.fromstring(conn.saveImageGetXMLDesc(str(memory), 0).encode())
         on_saved_disk(found(root, "devices/disk[@device='disk']"), overlay, disk)

@@ -68,6 +68,20 @@ def resolve_virt_type(conn: "libvirt.virConnect", requested: str) -> str:
         return "qemu"
 
 
+def qemu_ids(conn: "libvirt.virConnect", virt_type: str) -> Optional[tuple[int, int]]:
+    """The uid and gid libvirt runs `virt_type` guests as (its DAC security model's base label), None if
+    it does not say (libvirt's test driver, a driver without DAC)."""
+    from lxml import etree
+
+    try:
+        caps = etree.fromstring(conn.getCapabilities().encode())
+    except libvirt_error():
+        return None
+    label = caps.findtext(f"host/secmodel[model='dac']/baselabel[@type='{virt_type}']") or ""
+    found = re.fullmatch(r"\+?(\d+):\+?(\d+)", label.strip())
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
 def firmware_choices(conn: "libvirt.virConnect", virt_type: str, machine: str) -> Optional[list[str]]:
     """The firmware kinds libvirt can give a `machine` domain ("efi", "bios"); None if it cannot say."""
     try:

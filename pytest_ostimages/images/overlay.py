@@ -17,4 +17,5 @@ def create_overlay(backing: Path, path: Path) -> Path:
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise ImageError(f"Cannot create an overlay of {backing} at {path}: {result.stderr.strip()}")
+    path.chmod(0o600)  # the guest's own data; libvirt gives it to qemu's user while the VM runs
     return path

@@ -152,7 +152,8 @@ class Lab:
         """The host-wide saved states (next to the custom layers), None with --ost-warm=off."""
         if not self.config.warm:
             return None
-        return WarmCache(self.config.warm_root, self.config.warm_cache_size * 2**30)
+        return WarmCache(self.config.warm_root, self.config.warm_cache_size * 2**30,
+                         virt.qemu_ids(self.conn, self.virt_type))
 
     @property
     def booter(self) -> Booter:
@@ -634,7 +635,8 @@ class Lab:
                 self._close_connection()
 
     def _save_warm_states(self) -> None:
-        cache = self.warm_cache
+        ready = [vm for vm in self.vms.values() if vm.warm_key is not None and vm.state() == "running"]
+        cache = self.warm_cache if ready else None
         if cache is None:
             return
 
@@ -645,7 +647,7 @@ class Lab:
             except Exception as exc:  # noqa: BLE001 - a cache must never keep a session from ending
                 self.progress(f"{vm.role}: its state could not be saved ({exc.__class__.__name__}: {exc})")
 
-        each(save, [vm for vm in self.vms.values() if vm.warm_key is not None and vm.state() == "running"])
+        each(save, ready)
 
     def _close_connection(self) -> None:
         if self._conn is not None:

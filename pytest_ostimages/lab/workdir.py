@@ -52,6 +52,7 @@ class WorkDir:
                                 capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise SessionError(f"Cannot create the disk {path} ({size} bytes): {result.stderr.strip()}")
+        path.chmod(0o600)  # libvirt gives it to qemu's user while the VM runs
         return path
 
     def private_key(self, key: Path) -> Path:

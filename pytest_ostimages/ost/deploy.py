@@ -58,7 +58,7 @@ def deploy(lab: Lab, specs: Iterable[VMSpec], root: Path) -> None:
     if not jobs:
         return
     logs = lab.workdir.path / "deploy"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir(mode=0o700, exist_ok=True)  # what the scripts print may be secret
     start = time.monotonic()
 
     def run(job: tuple["VM", tuple[Path, ...]]) -> Optional[DeployError]:

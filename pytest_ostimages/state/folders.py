@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+import struct
 from pathlib import Path
+from typing import Optional
 
 from ..errors import SessionError
 
@@ -48,3 +50,37 @@ def own_folder(path: Path, what: str, option: str) -> Path:
     if stat.S_IMODE(st.st_mode) != PRIVATE_ROOT:
         os.chmod(path, PRIVATE_ROOT)  # made by an earlier version (0755), or under another umask
     return path
+
+
+def share_with_qemu(path: Path, qemu: Optional[tuple[int, int]]) -> None:
+    """Let libvirt's qemu user (`qemu`: its uid and gid) read `path`, a file it opens as a backing
+    file (libvirt relabels a VM's own disks, never what is below them): a saved state's disk, a
+    checkpoint's frozen layer, a custom layer. They hold guest data (host keys, whatever the
+    guest wrote), so nobody else may read them. Through qemu's group (0640, as root or a member
+    of it), else a POSIX ACL for qemu's user. `qemu` None (libvirt does not say, e.g. its test
+    driver): this user only."""
+    if qemu is None:
+        path.chmod(0o600)
+        return
+    uid, gid = qemu
+    try:
+        os.chown(path, -1, gid)
+        path.chmod(0o640)
+        return
+    except PermissionError:  # neither root nor in qemu's group: an ACL entry for qemu's user
+        pass
+    path.chmod(0o600)
+    try:
+        os.setxattr(path, "system.posix_acl_access", _acl_with_reader(uid))
+    except OSError as exc:
+        raise SessionError(f"Cannot let libvirt's qemu user (uid {uid}) read {path}: neither its group (gid {gid}) "
+                           f"nor an ACL ({exc.strerror}) can be set here. Run as root or as a member of that group, "
+                           f"or put --ost-workdir on a filesystem with ACLs.") from None
+
+
+def _acl_with_reader(uid: int) -> bytes:
+    """A POSIX access ACL (the kernel's xattr format, version 2): rw for the owner, r for `uid`,
+    nothing for the group and others."""
+    undefined = 0xFFFFFFFF
+    entries = [(0x01, 6, undefined), (0x02, 4, uid), (0x04, 0, undefined), (0x10, 4, undefined), (0x20, 0, undefined)]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, id_) for tag, perm, id_ in entries)

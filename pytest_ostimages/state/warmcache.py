@@ -19,9 +19,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .files import host_lock, host_lock_if_free, write_atomic
+from .folders import PRIVATE_ROOT, own_folder, share_with_qemu
 from .owner import OWNER_FILE, RUN_ID
 
 USERS = "users"  # <state>/users/<id>: the runs (and later states) whose disks are backed by the state
@@ -88,9 +89,10 @@ class WarmCache:
     running, kept (--ost-reuse) or shared (--ost-share) VM is never removed.
     """
 
-    def __init__(self, root: Path, limit: int) -> None:
+    def __init__(self, root: Path, limit: int, qemu: Optional[tuple[int, int]] = None) -> None:
         self.root = root
         self.limit = limit
+        self.qemu = qemu  # libvirt's qemu user, who reads the saved disks (folders.share_with_qemu)
 
     def state(self, key: str) -> SavedState:
         return SavedState(self.root / key)
@@ -133,10 +135,10 @@ class WarmCache:
         with host_lock(f"warm-{key}"):
             if state.exists():
                 return False  # another session saved it meanwhile
-            partial = self.root / f"{key}{PARTIAL}"
+            partial = own_folder(self.root, "warm cache", "--ost-warm-dir") / f"{key}{PARTIAL}"
             shutil.rmtree(partial, ignore_errors=True)  # a crashed save's (it held this lock)
-            partial.mkdir(parents=True, mode=0o711)
-            partial.chmod(0o711)  # qemu's user reaches the disk in it; nobody lists it
+            partial.mkdir(mode=PRIVATE_ROOT)
+            partial.chmod(PRIVATE_ROOT)  # qemu's user reaches the disk in it; nobody lists it
             try:
                 meta = write(partial)
             except BaseException:  # an interrupt too: nothing half-saved stays behind
@@ -144,9 +146,14 @@ class WarmCache:
                 raise
             write_atomic(partial / "meta.json", json.dumps({"key": key, "saved": time.time(), **meta}))
             for path in partial.rglob("*"):
-                # guest memory and its variables hold whatever the guest had: keys, passwords;
-                # qemu's user reads the disks (they back every restore's overlays)
-                path.chmod(0o711 if path.is_dir() else 0o644 if path.suffix == ".qcow2" else 0o600)
+                # guest memory, disks and variables hold whatever the guest had: keys, passwords;
+                # qemu's user (only) reads the disks: they back every restore's overlays
+                if path.is_dir():
+                    path.chmod(0o700 if path.name == USERS else PRIVATE_ROOT)
+                elif path.suffix == ".qcow2":
+                    share_with_qemu(path, self.qemu)
+                else:
+                    path.chmod(0o600)
             os.replace(partial, state.folder)
         self.evict(keep=key, progress=progress)
         return True

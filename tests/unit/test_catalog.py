@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -136,13 +137,15 @@ def test_custom_layer_squash_flattens_the_chain(images_dir: Path, tmp_path: Path
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
                     str(images_dir / f"{DISTRO}-he-installed.qcow2"), str(overlay)], check=True)
     kept, flat = tmp_path / "kept.qcow2", tmp_path / "flat.qcow2"
-    _store(overlay, kept, depth=4, squash_above=None)  # moved as it is: still an overlay
+    qemu = (os.getuid() + 1, os.getgid())  # qemu's user reads layers through its group
+    _store(overlay, kept, depth=4, squash_above=None, qemu=qemu)  # moved as it is: still an overlay
     assert len(Catalog.discover(images_dir).image_from_path(kept, DISTRO).chain) == 4
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
                     str(images_dir / f"{DISTRO}-he-installed.qcow2"), str(overlay)], check=True)
-    _store(overlay, flat, depth=4, squash_above=2)
+    _store(overlay, flat, depth=4, squash_above=2, qemu=qemu)
     assert Catalog.discover(images_dir).image_from_path(flat, DISTRO).chain == (flat,)
-    assert oct(flat.stat().st_mode & 0o777) == "0o444"
+    for layer in (kept, flat):  # what the build put into the guest: for qemu's group only
+        assert (oct(layer.stat().st_mode & 0o777), layer.stat().st_gid) == ("0o640", os.getgid())
 
 
 def test_missing_backing_file_is_named_on_the_rpm_path_too(images_dir: Path, rpm_db) -> None:

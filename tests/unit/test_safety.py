@@ -336,14 +336,46 @@ def test_the_seed_with_the_private_host_key_is_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(seed.stat().st_mode) == 0o600
 
 
-def test_a_saved_guest_memory_is_private(roots) -> None:
+def test_a_saved_state_is_for_its_owner_and_qemu_only(roots) -> None:
     root, _ = roots
-    cache = WarmCache(root / "warm", limit=2**30)
+    cache = WarmCache(root / "warm", limit=2**30, qemu=(64055, os.getgid()))
     saved(cache, "e" * 16)
     state = cache.state("e" * 16)
-    assert stat.S_IMODE(state.memory.stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.memory.stat().st_mode) == 0o600  # guest memory: keys, passwords
     assert stat.S_IMODE(state.meta.stat().st_mode) == 0o600
-    assert not stat.S_IMODE(state.folder.stat().st_mode) & 0o044  # nobody lists it
+    # the guest's disk (its host keys are in it, and restores keep them): qemu's group reads it
+    assert (stat.S_IMODE(state.disk.stat().st_mode), state.disk.stat().st_gid) == (0o640, os.getgid())
+    for folder in (state.folder, cache.root):  # nobody lists them
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o711
+
+
+QEMU_UID = 64055  # a user in no group of the test's: as libvirt's qemu user is to a session's user
+
+
+def as_user(uid: int, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None, reason="runs as other users (root, setpriv)")
+def test_a_user_outside_qemus_group_shares_a_backing_file_with_qemu_alone() -> None:
+    # a user who may not chgrp to qemu's group: an ACL entry for qemu's user, nobody else
+    user, other = 23456, 34567
+    folder = Path(tempfile.mkdtemp(prefix="ost-unit-", dir="/var/tmp"))  # where other users reach
+    try:
+        folder.chmod(0o711)
+        layer = folder / "disk.qcow2"
+        layer.write_text("guest data")
+        os.chown(layer, user, user)
+        done = as_user(user, sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path.cwd())!r}); "
+                       f"from pathlib import Path; from pytest_ostimages.state.folders import share_with_qemu; "
+                       f"share_with_qemu(Path({str(layer)!r}), ({QEMU_UID}, {QEMU_UID}))")
+        assert done.returncode == 0, done.stderr
+        assert stat.S_IMODE(layer.stat().st_mode) & 0o007 == 0 and layer.stat().st_gid == user
+        assert as_user(QEMU_UID, "cat", str(layer)).stdout == "guest data"
+        assert as_user(other, "cat", str(layer)).returncode != 0
+    finally:
+        shutil.rmtree(folder)
 
 
 # --- 10: inputs that must be usage errors at configure time -------------------------------------
