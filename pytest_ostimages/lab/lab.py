@@ -577,7 +577,7 @@ class Lab:
         key = self.inputs.key
         vms = []
         for v in env.vms:
-            domain = self.conn.lookupByName(v.name)
+            domain = self._lookup(self.conn.lookupByName, f"VM {v.role} of run {env.run_id}", v.name)
             reservation = next(e for role, e in v.nics if role == management and v.ip in e.addresses)
             vm = VM(v.name, v.role, v.hostname, v.ip, reservation.mac, self.inputs.image(str(v.image)),
                     v.overlay, v.console, domain,
@@ -593,12 +593,22 @@ class Lab:
         if adopt:
             RunRecord(Label.current(env.run_id, env.workdir)).write(env.workdir)
         self.networks = {net.role: Network(net.name, net.name, net.subnet, net.domain,
-                                           self.conn.networkLookupByName(net.name), net.role, net.versions,
-                                           net.management) for net in env.networks}
+                                           self._lookup(self.conn.networkLookupByName,
+                                                        f"network {net.role} of run {env.run_id}", net.name),
+                                           net.role, net.versions, net.management) for net in env.networks}
         self._next_host = {net.role: net.next_host for net in env.networks}
         self.vms = {vm.role: vm for vm in vms}
         self.ssh_key = self.workdir.private_key(self.inputs.key_path)
         self.progress(f"attached to {len(self.vms)} VMs of run {self.run_id}")
+
+    @staticmethod
+    def _lookup(lookup: Callable[[str], Any], what: str, name: str) -> Any:
+        """A domain or network of an environment being attached to; an OstError if it is gone."""
+        try:
+            return lookup(name)
+        except virt.libvirt_error() as exc:
+            raise SessionError(f"Cannot attach to {what}: libvirt has no {name} ({exc.get_error_message()}); it "
+                               f"was removed meanwhile.") from None
 
     def release(self) -> None:
         """Close connections but leave every VM, network and file for the others."""

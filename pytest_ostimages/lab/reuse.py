@@ -42,8 +42,10 @@ def attach_kept(lab: Lab, specs: list[VMSpec]) -> bool:
         if run is None or not run.kept:  # an adoption that crashed half-way: the reaper's now
             kept.forget(root)
             return False
-        why = "images, templates or settings changed"
-        if kept_fingerprint == fingerprint(lab, specs) and _alive(lab, env):
+        stopped = _not_running(lab, env)
+        why = ("images, templates or settings changed" if kept_fingerprint != fingerprint(lab, specs)
+               else f"{stopped} is not running any more" if stopped else "")
+        if not why:
             try:
                 lab.attach(env, adopt=True, verify=True)  # the run's record names this session first
             except OstError as exc:
@@ -54,7 +56,7 @@ def attach_kept(lab: Lab, specs: list[VMSpec]) -> bool:
                 lab.progress(f"reusing the VMs kept by an earlier run ({env.run_id})")
                 return True
         kept.forget(root)
-    lab.progress(f"the kept VMs do not match this session ({why}): removing them")
+    lab.progress(f"the kept VMs cannot be reused ({why}): removing them")
     _remove(lab, env)
     return False
 
@@ -99,8 +101,10 @@ def _remove(lab: Lab, env: Environment) -> None:
     ledger.remove_all(lab.conn)
 
 
-def _alive(lab: Lab, env: Environment) -> bool:
-    """Whether every VM and network of `env` still runs."""
+def _not_running(lab: Lab, env: Environment) -> str:
+    """The first VM or network of `env` that does not run any more ("" if all do)."""
     running = {d.name() for d in lab.conn.listAllDomains() if d.isActive()}
     running |= {n.name() for n in lab.conn.listAllNetworks() if n.isActive()}
-    return all(vm.name in running for vm in env.vms) and all(n.name in running for n in env.networks)
+    stopped = [f"VM {vm.role} ({vm.name})" for vm in env.vms if vm.name not in running]
+    stopped += [f"network {net.name}" for net in env.networks if net.name not in running]
+    return stopped[0] if stopped else ""

@@ -126,7 +126,8 @@ def test_an_ost_suite_is_reused_whole_without_deploying_again(pytester: pytest.P
     monkeypatch.setenv("OST_E2E_DEPLOYED", "deployed v2\n")
     changed = pytester.runpytest_subprocess(*args)
     changed.assert_outcomes(passed=3)
-    changed.stdout.fnmatch_lines(["*the kept VMs do not match this session*removing them*",
+    changed.stdout.fnmatch_lines(["*the kept VMs cannot be reused (images, templates or settings changed): "
+                                  "removing them*",
                                   "*engine: deploy script scripts/deploy.sh done in *"])
     deployment, boot_id = seen(pytester.path)["seen-main"]
     assert deployment != booted[0] and boot_id != booted[1]

@@ -58,7 +58,8 @@ def test_reuse_skips_the_boot_until_something_changes(pytester: pytest.Pytester,
 
     changed = pytester.runpytest_subprocess("--ost-reuse", *args, "--ost-memory=640")
     changed.assert_outcomes(passed=3)
-    changed.stdout.fnmatch_lines(["*the kept VMs do not match this session*removing them*",
+    changed.stdout.fnmatch_lines(["*the kept VMs cannot be reused (images, templates or settings changed): "
+                                  "removing them*",
                                   f"*vm: booting {DISTRO}-base*640 MiB*"])
     assert boot_id(changed) != boot_id(first)
 

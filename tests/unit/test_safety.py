@@ -153,6 +153,24 @@ def test_attaching_adopts_the_run_before_anyone_can_reap_it(roots, conn, images:
     assert not (root / first.run_id).exists()
 
 
+def test_a_kept_environment_that_stopped_is_not_blamed_on_changed_inputs(roots, conn, images: Path) -> None:
+    root, _ = roots
+    config = OstConfig(libvirt_uri="test:///default", workdir=root, images_dir=images,
+                       subnet_pool=ipaddress.IPv4Network("127.105.0.0/24"))
+    first = Lab(config, owner_pid=dead_pid())
+    first.ensure_network()
+    reuse.keep(first, [])
+    conn.networkLookupByName(f"ost-{first.run_id}").destroy()  # stopped behind the plugin's back
+    said: list[str] = []
+    second = Lab(config, progress=said.append)
+    try:
+        assert not reuse.attach_kept(second, [])
+        assert said == [f"the kept VMs cannot be reused (network ost-{first.run_id} is not running any "
+                        f"more): removing them"]
+    finally:
+        second.close()
+
+
 # --- 3: only whole, ready environments are kept -----------------------------------------------
 
 
