@@ -88,7 +88,7 @@ def progress(config: pytest.Config) -> Callable[[str], None]:
         # looked up now: made before pytest's own plugins are configured, they may be missing then
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         capture = config.pluginmanager.get_plugin("capturemanager")
-        if reporter is None or config.get_verbosity() < 0:
+        if reporter is None or config.get_verbosity() < 0 or _live_log_shows_info(config):
             return
         with lock:
             # fixtures run with output captured; progress is for the person waiting
@@ -97,6 +97,17 @@ def progress(config: pytest.Config) -> Callable[[str], None]:
                 reporter.write_line(f"[ost] {message}")
 
     return report
+
+
+def _live_log_shows_info(config: pytest.Config) -> bool:
+    """Whether pytest's live log (log_cli) prints our INFO records on the terminal already."""
+    level = config.getoption("log_cli_level", None) or config.getini("log_cli_level") or \
+        config.getoption("log_level", None) or config.getini("log_level")
+    enabled = config.getini("log_cli") or config.getoption("log_cli_level", None) is not None
+    if not enabled:
+        return False
+    number = logging.getLevelName(str(level).upper()) if level else logging.WARNING
+    return isinstance(number, int) and number <= logging.INFO
 
 
 def warning(config: pytest.Config) -> Callable[[str], None]:

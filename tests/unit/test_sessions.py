@@ -86,6 +86,14 @@ def test_a_vm_error_fails_only_the_tests_that_need_it(pytester: pytest.Pytester,
     assert "Interrupted" not in result.stdout.str()
 
 
+@pytest.mark.parametrize("logging", [[], ["-o", "log_cli=true", "-o", "log_cli_level=INFO"], ["--log-cli-level=DEBUG"]])
+def test_each_progress_line_is_shown_once(pytester: pytest.Pytester, session, logging: list[str]) -> None:
+    # with pytest's live log on, the log record is the line: the progress is not written again
+    pytester.makepyfile("def test_net(ost_network):\n    pass\n")
+    output = session(*logging).stdout.str()
+    assert output.count("removing the VMs, networks and work directory of run") == 1, output
+
+
 def test_an_input_error_is_reported_once_and_stops_the_session(pytester: pytest.Pytester, session) -> None:
     pytester.makepyfile("""
         def test_1(ost_vm): pass
