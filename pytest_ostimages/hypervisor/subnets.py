@@ -13,7 +13,11 @@ from typing import TYPE_CHECKING, Optional
 
 from lxml import etree
 
+from ..errors import SessionError
 from .connection import libvirt_error
+
+MISSING_IP = ("The ip command is not installed; the plugin needs it to find the subnets this host uses (routes and "
+              "addresses) before it makes a network. Install iproute2 (Debian) or iproute (EL, Fedora).")
 
 if TYPE_CHECKING:
     import libvirt
@@ -26,7 +30,9 @@ def host_networks() -> list[ipaddress.IPv4Network]:
     try:
         routes = _ip_json("-4", "route", "show", "table", "all")
         addresses = _ip_json("-4", "addr", "show")
-    except (OSError, subprocess.CalledProcessError, ValueError):
+    except FileNotFoundError:
+        raise SessionError(MISSING_IP) from None
+    except (OSError, subprocess.CalledProcessError, ValueError):  # an ip without -j: the main table at least
         return host_routes()
     used = [ipaddress.IPv4Network(route["dst"] if "/" in route["dst"] else f"{route['dst']}/32", strict=False)
             for route in routes if route.get("dst") not in (None, "default")]

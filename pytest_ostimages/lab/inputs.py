@@ -9,10 +9,12 @@ what to do, raised before the first libvirt object or file exists.
 from __future__ import annotations
 
 import functools
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
+from ..errors import SessionError
 from ..images.catalog import Catalog, Image
 from ..config import OstConfig
 from ..hypervisor.render import Templates
@@ -129,6 +131,9 @@ class Inputs:
     def check(self, specs: Iterable[VMSpec]) -> dict[str, Image]:
         """Every input `specs` need, checked; returns role -> image."""
         specs = list(specs)
+        if shutil.which("qemu-img") is None:
+            raise SessionError("qemu-img is not installed; the plugin checks images and makes each VM's overlay "
+                               "with it. Install qemu-utils (Debian) or qemu-img (EL, Fedora).")
         self.choose_distro(s.image for s in specs)
         images = {s.role: self.image(s.image) for s in specs}
         for image in images.values():

@@ -125,6 +125,25 @@ def test_work_root_of_another_user(run, real_key: None, tmp_path: Path) -> None:
     assert list(theirs.iterdir()) == []
 
 
+def path_without(tmp_path: Path, *tools: str) -> str:
+    """A PATH with every command of this one but `tools` (a host without them)."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        for command in Path(directory).glob("*") if Path(directory).is_dir() else []:
+            if command.name not in tools and not (folder / command.name).exists():
+                (folder / command.name).symlink_to(command)
+    return str(folder)
+
+
+@pytest.mark.parametrize("tool, package", [("qemu-img", "qemu-utils"), ("ip", "iproute2")])
+def test_a_tool_the_plugin_needs_is_missing(run, real_key: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            tool: str, package: str) -> None:
+    monkeypatch.setenv("PATH", path_without(tmp_path, tool))
+    run().stdout.fnmatch_lines([f"*{'qemu-img is' if tool == 'qemu-img' else 'The ip command is'} not installed*"
+                                f"Install {package} (Debian)*"])
+
+
 def test_subnet_pool_exhausted(run, real_key: None) -> None:
     # the test driver's own "default" network holds 192.168.122.0/24
     run("--ost-subnet-pool=192.168.122.0/24").stdout.fnmatch_lines(
