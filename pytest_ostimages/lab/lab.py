@@ -305,7 +305,7 @@ class Lab:
                     self.progress(f"saved environment {environment.key} cannot be restored ({exc}): booting instead")
                     for plan in plans:  # those restored (just now): the boot takes their names
                         if plan.role in self.vms:
-                            virt.remove(self.vms.pop(plan.role).domain)
+                            self._replace(self.vms.pop(plan.role))
             return self.booter.boot(self.conn, plans, self.inputs.key, self._started)
         finally:
             self._write_access_files()
@@ -508,7 +508,7 @@ class Lab:
     def _restore_vm(self, vm: VM, saved: SavedState) -> None:
         fresh = vm.domain.XMLDesc()  # this session's names, networks, MACs and files
         vm.close()
-        virt.remove(vm.domain)  # replaced in place: the restored domain takes its name (the ledger's)
+        self._replace(vm)  # the restored domain takes its name (the ledger's)
         addresses, fresh_leases = move_to([GuestNIC(e, self.addressing(self.networks[role]),
                                                     role == self.management_role and vm.ip in e.addresses)
                                            for role, e in vm.nics])
@@ -517,6 +517,13 @@ class Lab:
         vm.replace_domain(domain, overlay, public_key(saved.host_key()))
         vm.backed_by = saved.folder.parent.name
         vm.wait_for_ssh(self.config.boot_timeout)
+
+    def _replace(self, vm: VM) -> None:
+        """Remove `vm`'s domain, which another of the same name (still in the ledger) replaces: through
+        the ledger's own removal, its label checked."""
+        if not ledger.remove(self.conn, ledger.Owned("domain", vm.name, self.owner)):
+            raise SessionError(f"Domain {vm.name} is not run {self.run_id}'s any more (its label changed, or it is "
+                               f"gone): it is not replaced.")
 
     def remove_vm(self, vm: VM) -> None:
         """Remove one VM of the lab before the session ends (its domain; its files go with the lab's)."""
