@@ -19,6 +19,7 @@ STEPS = (
     "identity",  # guest/vm.py: the guest has its new host key, not yet pinned
     "deploy",  # ost/deploy.py: a deploy script is in the guest
     "warm-save",  # lab/warm.py: the memory is saved, the state not yet complete
+    "warm-saved",  # lab/warm.py: at the end of the session, a state is complete, the VMs not yet removed
     "keep",  # lab/reuse.py: kept.json is written, the run's record does not say kept yet
     "adopt",  # lab/reuse.py: the run's record names this session, kept.json still names the run
 )

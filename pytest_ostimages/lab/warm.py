@@ -92,6 +92,7 @@ def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], N
         state = cache.state(key)
         progress(f"{vm.role}: state saved for warm starts in {time.monotonic() - start:.1f} s "
                  f"({state.size() // 2**20} MiB, {state.folder})")
+        faults.point("warm-saved")
 
 
 @dataclass
