@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import shlex
 import threading
 import time
 from dataclasses import dataclass, field
@@ -219,12 +220,22 @@ class VM:
         assert report is not None
         return time.monotonic() - start, report.warnings(asked)
 
-    def wait_for_address(self, ip: "ipaddress.IPv4Address | ipaddress.IPv6Address", timeout: float = 30) -> bool:
-        """Whether the guest holds `ip` (e.g. its DHCPv6 lease, which comes after IPv4) within `timeout` s."""
-        tries = max(1, int(timeout * 5))
-        result = self.ssh(f"for i in $(seq {tries}); do ip -o addr show to {ip} | grep -q . && exit 0; "
-                          f"sleep 0.2; done; exit 1", timeout=timeout + 30)
-        return result.returncode == 0
+    def wait_for_network(self, ip6: Optional[ipaddress.IPv6Address],
+                         names: dict[str, list["ipaddress.IPv4Address | ipaddress.IPv6Address"]],
+                         timeout: float) -> list[str]:
+        """Wait up to `timeout` s until the guest holds `ip6` (if given) and resolves each of `names` over
+        DNS (not /etc/hosts) to each of its addresses; what is still missing then ([] when nothing)."""
+        checks = ([f'ip -o addr show to {ip6} | grep -q . || echo "address {ip6}"'] if ip6 is not None else [])
+        for name, addresses in names.items():
+            for ip in addresses:
+                checks.append(f"getent -s dns ahostsv{ip.version} {shlex.quote(name)} | cut -d' ' -f1 | "
+                              f"grep -qx {ip} || echo \"name {name} (IPv{ip.version}: {ip})\"")
+        script = "\n".join([f"end=$(($(date +%s) + {int(timeout)}))", "while :; do",
+                             f"    missing=$({'; '.join(checks)})", '    [ -z "$missing" ] && exit 0',
+                             '    [ "$(date +%s)" -ge "$end" ] && { echo "$missing"; exit 1; }', "    sleep 0.2",
+                             "done"])
+        result = self.ssh(script, timeout=timeout + 30)
+        return [line for line in result.stdout.splitlines() if line.strip()] if result.returncode else []
 
     def pin_offered_key(self) -> None:
         """Keep the guest as it is; accept only the host key it offered at first contact."""

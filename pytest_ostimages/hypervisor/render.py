@@ -162,6 +162,10 @@ def network_xml(
         dhcp4 = _ip(root, template_ip, subnet, rng=(subnet.network_address + 100, subnet.broadcast_address - 1))
     if subnet6 is not None:
         dhcp6 = _ip(root, template_ip, subnet6, rng=(subnet6.network_address + 0x100, subnet6.network_address + 0x1FF))
+        if dns:
+            # a DHCPv6 client writes the resolver from its own lease (Debian's dhclient-script replaces
+            # resolv.conf): without the search domain there, short names stop resolving
+            _dnsmasq_option(root, f"dhcp-option=option6:domain-search,{domain}")
     for entry in hosts:
         # Reserved addresses are below the dynamic range: host numbers 10 - 99.
         if dhcp4 is not None and entry.ip is not None:

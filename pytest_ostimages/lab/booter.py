@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import faults
-from ..errors import WarmStartError
+from ..errors import BootError, WarmStartError
 from ..guest.agent import wait_for_agent
 from ..guest.identity import fixup_script
 from ..guest.keys import HostKey, fingerprint, public_key
@@ -34,6 +34,9 @@ from . import warm
 if TYPE_CHECKING:
     import libvirt
     import paramiko
+
+
+NETWORK_WAIT = 30.0  # seconds a booted VM may take for its IPv6 address and its resolver after SSH answers
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ class Booter:
 
     def _boot_one(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
                   started: Callable[[VM], None]) -> VM:
-        """Restore or start one domain once a host-wide boot slot is free, and wait for its SSH."""
+        """Restore or start one domain once a host-wide boot slot is free, and wait for its SSH; then,
+        the slot free for the next VM's boot, its identity, its addresses and names, its agent."""
         with self.slots.take(self.abort) as waited:
             if waited >= 1:
                 self.progress(f"{plan.role}: waited {waited:.1f} s for a boot slot")
@@ -110,39 +114,52 @@ class Booter:
                               f"{plan.memory} MiB, {self.virt_type}) at {plan.ip}")
             faults.point("ssh-wait")
             seconds = vm.wait_for_ssh(self.boot_timeout, self.abort)
-            if plan.cloud_init and plan.host_key is not None and vm.origin == "booted":
-                left = max(1.0, self.boot_timeout - seconds)
-                done, unasked = vm.finish_cloud_init(plan.host_key, left, plan.cloud_init_asks)
-                identity = f", cloud-init done in {done:.1f} s"
-                for error in unasked:  # the VM is as asked; what else failed is for the person to know
-                    self.warn(f"{plan.role}: cloud-init reported an error in what it was not asked to do: {error}")
-            elif plan.host_key is not None and vm.origin != "booted":
-                identity = ", own identity given through the guest agent"
-            elif vm.origin != "booted":
-                identity = ", the saved state's identity kept"
-            elif plan.host_key is not None:
-                identity = f", own identity in {vm.take_identity(plan.host_key):.1f} s"
+        if plan.cloud_init and plan.host_key is not None and vm.origin == "booted":
+            left = max(1.0, self.boot_timeout - seconds)
+            done, unasked = vm.finish_cloud_init(plan.host_key, left, plan.cloud_init_asks)
+            identity = f", cloud-init done in {done:.1f} s"
+            for error in unasked:  # the VM is as asked; what else failed is for the person to know
+                self.warn(f"{plan.role}: cloud-init reported an error in what it was not asked to do: {error}")
+        elif plan.host_key is not None and vm.origin != "booted":
+            identity = ", own identity given through the guest agent"
+        elif vm.origin != "booted":
+            identity = ", the saved state's identity kept"
+        elif plan.host_key is not None:
+            identity = f", own identity in {vm.take_identity(plan.host_key):.1f} s"
+        else:
+            vm.pin_offered_key()
+            identity = ", image's identity kept"
+        self._wait_for_network(vm, plan)
+        if plan.warm_key is not None and vm.origin == "booted":
+            # a restore needs the agent (its new lease and identity come through it)
+            if wait_for_agent(vm.domain, 30):
+                vm.snapshot(warm.SNAPSHOT)  # this ready state is saved for warm starts at the end
+                vm.warm_key = plan.warm_key
             else:
-                vm.pin_offered_key()
-                identity = ", image's identity kept"
-            # (a restored VM got its addresses through the agent, no need to wait for DHCPv6)
-            if (plan.entry.ip6 is not None and plan.ip != plan.entry.ip6 and vm.origin == "booted"
-                    and not vm.wait_for_address(plan.entry.ip6)):
-                # not fatal: an image without DHCPv6 by DUID-LL works over IPv4
-                self.progress(f"{plan.role}: no IPv6 address {plan.entry.ip6} within 30 s: does the image ask "
-                              f"for it by DHCPv6 with a DUID-LL (NetworkManager: dhcp-duid=ll)?")
-            if plan.warm_key is not None and vm.origin == "booted":
-                # a restore needs the agent (its new lease and identity come through it)
-                if wait_for_agent(vm.domain, 30):
-                    vm.snapshot(warm.SNAPSHOT)  # this ready state is saved for warm starts at the end
-                    vm.warm_key = plan.warm_key
-                else:
-                    self.progress(f"{plan.role}: its guest agent does not answer: no warm start from it")
+                self.progress(f"{plan.role}: its guest agent does not answer: no warm start from it")
         assert vm.host_key is not None
         vm.ready = True  # its identity taken and its host key pinned: it may be kept and attached to
         self.progress(f"{plan.role}: ssh ready in {seconds:.1f} s{identity}, host key "
                       f"{fingerprint(vm.host_key)}")
         return vm
+
+    def _wait_for_network(self, vm: VM, plan: BootPlan) -> None:
+        """Until the VM has its IPv6 address and resolves its own names over DNS (the session's
+        names on the management network), for at most NETWORK_WAIT s. A VM that does not resolve them
+        is not handed over (its DHCP clients set its resolver in the background after SSH answers:
+        a test would race them); one without its DHCPv6 address is (an image without DHCPv6 by
+        DUID-LL works over IPv4)."""
+        names = {name: plan.entry.addresses for name in (plan.hostname.split(".")[0], plan.hostname)}
+        missing = vm.wait_for_network(plan.entry.ip6 if plan.ip != plan.entry.ip6 else None, names, NETWORK_WAIT)
+        unresolved = [line for line in missing if not line.startswith("address ")]
+        if unresolved:
+            raise BootError(vm.describe_failure(
+                f"does not resolve its own names over DNS within {NETWORK_WAIT:.0f} s ({'; '.join(unresolved)}): its "
+                f"resolver is not the session network's. The guest's /etc/resolv.conf:\n{vm.diagnostic('cat /etc/resolv.conf')}",
+                hint=False))
+        if missing:
+            self.progress(f"{plan.role}: no IPv6 address {plan.entry.ip6} within {NETWORK_WAIT:.0f} s: does the image "
+                          f"ask for it by DHCPv6 with a DUID-LL (NetworkManager: dhcp-duid=ll)?")
 
     def _restore(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
                  started: Callable[[VM], None]) -> Optional[VM]:

@@ -161,3 +161,14 @@ def test_guests_never_resolve_the_hosts_etc_hosts() -> None:
                                         domain="d", hosts=[], label=LABEL))
     ns = "{http://libvirt.org/schemas/network/dnsmasq/1.0}"
     assert [o.get("value") for o in root.findall(f"{ns}options/{ns}option")] == ["no-hosts"]
+
+
+def test_dhcpv6_gives_the_search_domain_where_dns_names_are() -> None:
+    # a guest's DHCPv6 client may write its resolver last, from its own lease (Debian's dhclient-script):
+    # without the search domain there, short names stopped resolving, one run in a few
+    ns = "{http://libvirt.org/schemas/network/dnsmasq/1.0}"
+    for dns, expected in ((True, ["no-hosts", "dhcp-option=option6:domain-search,ost.test"]), (False, ["no-hosts"])):
+        root = etree.fromstring(network_xml(Templates().load("network.xml"), name="n", bridge="n", subnet=SUBNET,
+                                            subnet6=ipaddress.IPv6Network("fd00:1::/64"), domain="ost.test",
+                                            hosts=[], label=LABEL, dns=dns))
+        assert [o.get("value") for o in root.findall(f"{ns}options/{ns}option")] == expected
