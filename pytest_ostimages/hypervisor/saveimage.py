@@ -7,12 +7,15 @@ API, so each restore gets a copy of the save image with its own domain XML.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import shutil
 import struct
+import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lxml import etree
 
@@ -22,14 +25,14 @@ MAGIC = b"LibvirtQemudSave"
 HEADER = struct.Struct("<16s19I")  # magic, version, data_len, was_running, format, cookieOffset, unused[14]
 
 
-def patch_save_image(source: Path, target: Path, edit: Callable[[etree._Element], None]) -> None:
-    """Copy libvirt save image `source` to `target` with its domain XML changed by `edit`.
+def changed_header(source: Path, edit: Callable[[etree._Element], None]) -> tuple[bytes, int]:
+    """The start of libvirt save image `source` with its domain XML changed by `edit`, and where the
+    saved memory stream begins in `source` (everything from there on stays as it is).
 
     Layout (libvirt's qemu_saveimage.h): a 92-byte header (magic, version, data_len,
-    was_running, format, cookieOffset, 14 unused), then data_len bytes of data (the
-    domain XML, NUL-terminated, then at cookieOffset the cookie), then the memory
-    stream. The copy gets the new XML and a header that says how long it is; the
-    cookie and the stream are copied as they are.
+    was_running, format, cookieOffset, 14 unused), then data_len bytes of data (the domain
+    XML, NUL-terminated, then at cookieOffset the cookie), then the memory stream. The new
+    start has the new XML, the cookie as it was, and a header that says how long they are.
     """
     with open(source, "rb") as src:
         fields = list(HEADER.unpack(src.read(HEADER.size)))
@@ -38,18 +41,72 @@ def patch_save_image(source: Path, target: Path, edit: Callable[[etree._Element]
             raise WarmStartError(f"{source} is not a libvirt save image this plugin knows "
                                  f"(magic {magic!r}, version {version})")
         data = src.read(data_len)
-        xml_end = cookie_offset or data_len
-        root = etree.fromstring(data[:xml_end].split(b"\0", 1)[0],
-                                etree.XMLParser(remove_blank_text=True))
-        edit(root)
-        xml = etree.tostring(root, encoding="unicode").encode() + b"\0"
-        cookie = data[xml_end:] if cookie_offset else b""
-        fields[2] = len(xml) + len(cookie)
-        fields[5] = len(xml) if cookie_offset else 0
-        with open(target, "wb") as out:
-            out.write(HEADER.pack(*fields) + xml + cookie)
-            shutil.copyfileobj(src, out, 16 << 20)  # the memory stream
+    xml_end = cookie_offset or data_len
+    root = etree.fromstring(data[:xml_end].split(b"\0", 1)[0], etree.XMLParser(remove_blank_text=True))
+    edit(root)
+    xml = etree.tostring(root, encoding="unicode").encode() + b"\0"
+    cookie = data[xml_end:] if cookie_offset else b""
+    fields[2] = len(xml) + len(cookie)
+    fields[5] = len(xml) if cookie_offset else 0
+    return HEADER.pack(*fields) + xml + cookie, HEADER.size + data_len
+
+
+def patch_save_image(source: Path, target: Path, edit: Callable[[etree._Element], None]) -> None:
+    """Copy libvirt save image `source` to `target` with its domain XML changed by `edit`."""
+    start, stream = changed_header(source, edit)
+    with open(source, "rb") as src, open(target, "wb") as out:
+        out.write(start)
+        src.seek(stream)
+        shutil.copyfileobj(src, out, 16 << 20)  # the memory stream
     target.chmod(0o600)  # guest memory; libvirtd reads it as root
+
+
+@contextlib.contextmanager
+def streamed(source: Path, fifo: Path, edit: Callable[[etree._Element], None]) -> Iterator[Path]:
+    """A FIFO at `fifo` that gives, to the one reader that opens it (libvirt's restore), save image
+    `source` with its domain XML changed by `edit`: the new start, then the saved memory stream
+    from `source` itself. A restore under another name and UUID (libvirt refuses to change either
+    for a save image) copies nothing to disk: the state is read once, as it is. The FIFO is gone
+    when the block ends, whether or not it was read."""
+    start, stream = changed_header(source, edit)
+    fifo.unlink(missing_ok=True)  # a crashed session's
+    os.mkfifo(fifo, 0o600)
+    failure: list[BaseException] = []
+    done = threading.Event()  # the block has ended: a feeder that gets the FIFO open now writes nothing
+
+    def feed() -> None:
+        try:
+            with open(fifo, "wb") as out, open(source, "rb") as src:  # opens once the reader does
+                if done.is_set():
+                    return
+                out.write(start)
+                out.flush()
+                size = os.fstat(src.fileno()).st_size - stream
+                offset = stream
+                while size > 0:
+                    sent = os.sendfile(out.fileno(), src.fileno(), offset, min(size, 16 << 20))
+                    if not sent:
+                        break
+                    offset, size = offset + sent, size - sent
+        except BrokenPipeError:  # the reader stopped early (a refused restore): its error says why
+            pass
+        except BaseException as exc:  # noqa: BLE001 - reported by the reader's side
+            failure.append(exc)
+
+    feeder = threading.Thread(target=feed, name=f"feed {fifo.name}", daemon=True)
+    feeder.start()
+    try:
+        yield fifo
+    finally:
+        done.set()
+        if feeder.is_alive():  # nobody opened it (the restore failed first): a reader lets its open return
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            feeder.join(60)
+            os.close(reader)
+        feeder.join(60)
+        fifo.unlink(missing_ok=True)
+    if failure:
+        raise WarmStartError(f"could not read the saved state {source}: {failure[0]}")
 
 
 def restored_xml(fresh: etree._Element) -> Callable[[etree._Element], None]:

@@ -187,7 +187,7 @@ class Booter:
             identity = (fixup_script(plan.hostname.split(".")[0], plan.hostname, str(plan.ip), plan.host_key,
                                      sshd="restart") if plan.host_key is not None else "")
             addresses, fresh_leases = move_to(plan.guest_nics)
-            domain, overlay, steps = warm.restore(conn, state, plan.xml, plan.overlay.with_name(f"{plan.name}.save"),
+            domain, overlay, steps = warm.restore(conn, state, plan.xml, plan.overlay.with_name(f"{plan.name}.memory"),
                                                   f"{addresses}\n{identity}\n{fresh_leases}")
         except (WarmStartError, OSError) as exc:
             if plan.strict:

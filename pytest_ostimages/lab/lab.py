@@ -512,7 +512,7 @@ class Lab:
         addresses, fresh_leases = move_to([GuestNIC(e, self.addressing(self.networks[role]),
                                                     role == self.management_role and vm.ip in e.addresses)
                                            for role, e in vm.nics])
-        domain, overlay, _ = warm.restore(self.conn, saved, fresh, vm.overlay.with_name(f"{vm.name}.save"),
+        domain, overlay, _ = warm.restore(self.conn, saved, fresh, vm.overlay.with_name(f"{vm.name}.memory"),
                                           f"{addresses}\n{fresh_leases}")
         vm.replace_domain(domain, overlay, public_key(saved.host_key()))
         vm.backed_by = saved.folder.parent.name

@@ -48,7 +48,7 @@ from ..guest.agent import guest_exec, wait_for_agent
 from ..hypervisor.connection import libvirt_module, remove
 from ..images.catalog import backing_chain
 from ..images.overlay import create_overlay
-from ..hypervisor.saveimage import found, on_saved_disk, patch_save_image, restored_xml
+from ..hypervisor.saveimage import found, on_saved_disk, restored_xml, streamed
 from ..guest.keys import openssh_line
 from ..state.files import write_atomic
 from ..state.owner import RUN_ID
@@ -230,7 +230,7 @@ def saved_disks(domain: etree._Element, state: SavedState) -> list[tuple[etree._
     return [(disk, layer) for disk, layer in _disk_layers(domain, state) if layer.is_file()]
 
 
-def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memory_copy: Path,
+def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memory_fifo: Path,
             guest_setup: str) -> tuple["libvirt.virDomain", Path, dict[str, float]]:
     """Restore `state` as the domain of `fresh_xml` (this session's), on its networks with its MACs,
     every disk a new overlay on the state's, beside the file `fresh_xml` names (which a boot
@@ -261,15 +261,13 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memor
     nvram = fresh.findtext("os/nvram")
     if nvram and state.nvram.is_file():  # the firmware's variables of the saved state (UEFI)
         shutil.copyfile(state.nvram, nvram)
-    patch_save_image(state.memory, memory_copy, restored_xml(fresh))
-    step("copy")
+    step("overlays")
     try:
-        conn.restoreFlags(str(memory_copy), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        with streamed(state.memory, memory_fifo, restored_xml(fresh)) as memory:
+            conn.restoreFlags(str(memory), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
         dom = conn.lookupByName(fresh.findtext("name"))
     except libvirt.libvirtError as exc:
         raise WarmStartError(f"libvirt could not restore it: {exc.get_error_message()}") from None
-    finally:
-        memory_copy.unlink(missing_ok=True)
     step("restore")
     try:
         # The guest keeps the saved MACs with its device state: give it new NICs instead, each

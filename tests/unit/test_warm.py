@@ -210,3 +210,34 @@ def test_a_save_that_fails_on_another_filesystem_leaves_the_vm_running(conn, tmp
         assert reads(disk)  # its own disk, as it was
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_restore_reads_the_changed_image_through_a_fifo_without_a_copy(tmp_path: Path) -> None:
+    import threading
+
+    from pytest_ostimages.hypervisor.saveimage import streamed
+
+    save_image(tmp_path / "memory.save")
+    patch_save_image(tmp_path / "memory.save", tmp_path / "copy.save", restored_xml(etree.fromstring(FRESH)))
+    read: list[bytes] = []
+    with streamed(tmp_path / "memory.save", tmp_path / "vm.memory", restored_xml(etree.fromstring(FRESH))) as fifo:
+        reader = threading.Thread(target=lambda: read.append(fifo.read_bytes()))  # as libvirt's restore
+        reader.start()
+        reader.join(10)
+    assert read[0][:HEADER.size] == (tmp_path / "copy.save").read_bytes()[:HEADER.size]
+    # the same save image as a written copy, but for its new random UUID; no file left behind
+    assert len(read[0]) == (tmp_path / "copy.save").stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.save", "memory.save"]
+
+
+def test_a_fifo_nobody_reads_is_gone_at_once(tmp_path: Path) -> None:
+    # libvirt refused the restore before it opened the FIFO: the feeder must not wait for ever
+    import time
+
+    from pytest_ostimages.hypervisor.saveimage import streamed
+
+    save_image(tmp_path / "memory.save")
+    start = time.monotonic()
+    with streamed(tmp_path / "memory.save", tmp_path / "vm.memory", restored_xml(etree.fromstring(FRESH))):
+        pass
+    assert time.monotonic() - start < 5 and not (tmp_path / "vm.memory").exists()
