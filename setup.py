@@ -11,7 +11,7 @@ setup(
     package_data={"pytest_ostimages": ["py.typed"], "pytest_ostimages.hypervisor": ["templates/*.xml"]},
     python_requires=">=3.9",
     install_requires=[
-        "pytest>=8.0",
+        "pytest>=8.0",  # the floor: .ci/setup installs it in .venv-floor, tests/unit/test_floor.py runs there
         "libvirt-python",
         "paramiko>=3.2",
         "lxml",
@@ -21,10 +21,10 @@ setup(
         "cryptography",  # host keys made in-process (guest/keys.py)
     ],
     extras_require={
-        "cloud-init": ["pycdlib"],  # NoCloud seeds for layers with cloud-init
+        "cloud-init": ["pycdlib", "pyyaml"],  # NoCloud seeds, and which modules a suite's cloud-config asks for
         "ansible": ["ansible-core", "ansible-runner"],  # ost_ansible_inventory, OST's ost_utils
         "testinfra": ["pytest-testinfra"],  # vm.testinfra
-        "test": ["pytest-timeout", "pycdlib", "ansible-core", "ansible-runner", "pytest-testinfra"],
+        "test": ["pytest-timeout", "pycdlib", "pyyaml", "ansible-core", "ansible-runner", "pytest-testinfra"],
     },
     entry_points={"pytest11": ["ostimages = pytest_ostimages.plugin"]},
     classifiers=[

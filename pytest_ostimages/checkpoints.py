@@ -31,6 +31,7 @@ import pytest
 from .errors import OstError, WarmStartError
 from .guest.vm import VM
 from .lab.lab import Lab
+from .lab.plan import fixture_name
 from .state.warmcache import recipe_key
 from .session import user_errors
 
@@ -48,7 +49,7 @@ def checkpoint(function: Optional[Callable[..., Any]] = None, *, name: Optional[
 
     def make(func: Callable[..., Any]) -> Any:
         where = f"checkpoint fixture {getattr(func, '__name__', func)!r}"
-        if not inspect.isfunction(func):
+        if not inspect.isfunction(func) or fixture_name(func, func.__name__) is not None:
             raise TypeError(f"{where}: apply @checkpoint to a plain function, not to a pytest fixture "
                             f"(it makes the fixture itself)")
         if scope != "session":

@@ -13,7 +13,7 @@ silent choice.
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
+from types import FunctionType, ModuleType
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import pytest
@@ -35,13 +35,23 @@ def vm_fixture_specs(fixture: Any, specs: SpecsOf) -> Any:
 def _example() -> None: ...
 
 
-_FIXTURE = type(pytest.fixture(_example))  # what pytest.fixture returns
+_FIXTURE = type(pytest.fixture(_example))  # what pytest.fixture returns: a function before pytest 8.4
+
+
+def fixture_name(value: Any, attribute: str) -> Optional[str]:
+    """The name of fixture `value`, found as `attribute` of a module or class; None if not a fixture."""
+    if isinstance(value, FunctionType):
+        # pytest 8.0-8.3 (the declared floor) returns the function itself, with this mark; no
+        # public API reads it. A name given to pytest.fixture wins over the attribute's, as there.
+        mark = getattr(value, "_pytestfixturefunction", None)
+        return None if mark is None else mark.name or attribute
+    return value.name if isinstance(value, _FIXTURE) else None  # pytest 8.4 and later
 
 
 def _fixtures(namespace: Any) -> dict[str, Optional[SpecsOf]]:
     """The fixtures defined in a module or class: name -> its VMs (None: not a VM fixture)."""
-    return {value.name: getattr(value, _SPECS, None) for value in vars(namespace).values()
-            if isinstance(value, _FIXTURE)}
+    found = ((fixture_name(value, attribute), value) for attribute, value in vars(namespace).items())
+    return {name: getattr(value, _SPECS, None) for name, value in found if name is not None}
 
 
 def _definitions(item: pytest.Item) -> Iterator[tuple[str, dict[str, Optional[SpecsOf]]]]:
