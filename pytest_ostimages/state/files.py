@@ -6,6 +6,11 @@ slots, kept environments and saved states. Lock files are opened without
 following symlinks and made writable for every user, so that a second user on
 the host shares them (or gets an error that says what to do).
 
+``OST_LOCK_DIR`` names another lock directory. It is for the plugin's own tests, so
+that their sessions (pytester's inner ones too, which inherit it) leave nothing in
+the real directory; it is read each time a lock is taken, not at import. Sessions
+that do not agree on it do not see each other's locks: never set it for real runs.
+
 State files (share, reuse, owner labels) are written to a temporary file and
 renamed over the old one: a crash mid-write leaves the old file or the new one,
 never a truncated file that would read as "nothing kept".
@@ -28,11 +33,18 @@ from ..errors import OstError
 from ..waiting import poll
 
 LOCK_DIR = Path("/var/lock/pytest-ostimages")  # /var/lock is /run/lock: world-writable, sticky
+LOCK_DIR_VARIABLE = "OST_LOCK_DIR"  # the tests' own lock directory (see the module's docstring)
 
 
 def lock_dir() -> Path:
     """The host-wide lock directory, created (sticky, world-writable like /tmp) if missing."""
-    directory = LOCK_DIR if LOCK_DIR.parent.is_dir() else Path(tempfile.gettempdir()) / "pytest-ostimages-locks"
+    override = os.environ.get(LOCK_DIR_VARIABLE)
+    if override:
+        directory = Path(override)
+    elif LOCK_DIR.parent.is_dir():
+        directory = LOCK_DIR
+    else:
+        directory = Path(tempfile.gettempdir()) / "pytest-ostimages-locks"
     try:
         directory.mkdir(mode=0o1777, exist_ok=True)
     except OSError as exc:

@@ -14,6 +14,17 @@ import pytest
 DISTRO = "testos"
 
 
+@pytest.fixture(autouse=True)
+def own_lock_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The plugin's host-wide locks in a directory of the test's own (state/files.py): unit
+    tests, and the sessions pytester runs for them, leave nothing in the real one."""
+    from pytest_ostimages.state.files import LOCK_DIR_VARIABLE
+
+    directory = tmp_path_factory.mktemp("locks")
+    monkeypatch.setenv(LOCK_DIR_VARIABLE, str(directory))
+    return directory
+
+
 def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
 
