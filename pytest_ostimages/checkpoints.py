@@ -19,7 +19,6 @@ input makes a new state; ``--ost-warm=off`` runs everything.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import time
@@ -31,7 +30,8 @@ import pytest
 from .errors import OstError, WarmStartError
 from .guest.vm import VM
 from .lab.lab import Lab
-from .lab.plan import fixture_name
+from .lab.chain import Checkpoint, checkpoint_key
+from .lab.plan import CHECKPOINT, fixture_name
 from .state.warmcache import recipe_key
 from .session import user_errors
 
@@ -70,8 +70,12 @@ def checkpoint(function: Optional[Callable[..., Any]] = None, *, name: Optional[
             [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in ("request", "ost_lab", *arguments)])
         fixture.__doc__ = func.__doc__
         fixture.__name__ = func.__name__
-        fixture.ost_checkpoint = True  # type: ignore[attr-defined]  # for the plugin's hooks: is_checkpoint
-        return pytest.fixture(scope="session", name=name or func.__name__, params=params)(fixture)
+        described = Checkpoint(name or func.__name__, func, declared, params, tuple(arguments))
+        # for the plugin's hooks (is_checkpoint) and the plan (lab/chain.py), on what pytest holds
+        setattr(fixture, CHECKPOINT, described)
+        defined = pytest.fixture(scope="session", name=name or func.__name__, params=params)(fixture)
+        setattr(defined, CHECKPOINT, described)
+        return defined
 
     return make(function) if function is not None else make
 
@@ -93,6 +97,18 @@ def _run(request: pytest.FixtureRequest, lab: Lab, func: Callable[..., Any], fil
               "files": sorted(files), "param": _param(request)}
     key = checkpoint_key(parent, inspect.getsource(func), inputs["param"], files)
     state = cache.state(key)
+    if key in lab.reached:  # the session's VMs were restored in this state, or a deeper one (chain.py)
+        try:
+            value = _rebuild(state.data()["value"], lab)
+        except (OSError, KeyError, ValueError) as exc:
+            raise OstError(f"Checkpoint fixture {name!r}: the session's VMs were restored in its saved state "
+                           f"{key}, whose value cannot be read now ({exc}). Run the session again.") from None
+        lab.reached = lab.reached[lab.reached.index(key) + 1:]
+        lab.current_environment = key
+        lab.progress(f"checkpoint {name}: saved state {key} found: its body does not run")
+        return value
+    if lab.reached:
+        _back_to(lab, name, parent)
     if state.exists():
         try:
             value = _rebuild(state.data()["value"], lab)
@@ -117,17 +133,22 @@ def _run(request: pytest.FixtureRequest, lab: Lab, func: Callable[..., Any], fil
     return value
 
 
-def checkpoint_key(parent: str, source: str, param: Any, files: dict[str, Path]) -> str:
-    """The key of a checkpoint's saved state: the state it started from, its source, its parameter
-    and its files, by content, not by place (the same suite checked out elsewhere finds its states)."""
-    return hashlib.sha256(json.dumps([parent, source, param, [[given, hashlib.sha256(path.read_bytes()).hexdigest()]
-                                                              for given, path in sorted(files.items())]],
-                                     default=str).encode()).hexdigest()[:16]
+def _back_to(lab: Lab, name: str, parent: str) -> None:
+    """The session's VMs were restored ahead, in a checkpoint's state that this one (`name`) does not
+    build on (the plan foresaw other checkpoints first): put them back in the state it starts from."""
+    ahead, lab.reached = lab.reached[-1], []
+    cache = lab.warm_cache
+    state = cache.state(parent) if cache is not None else None
+    if state is None or not state.exists():
+        raise OstError(f"Checkpoint fixture {name!r} starts from the VMs as the session booted them, but the session "
+                       f"restored them in saved state {ahead} (its first test's checkpoints), and that start is not "
+                       f"saved. Let the first test ask for this checkpoint too, or run with --ost-warm=off.")
+    lab.restore_environment(state)
 
 
 def is_checkpoint(fixture_function: Any) -> bool:
     """Whether a fixture's function was made by @checkpoint (it does not need the VMs restored)."""
-    return getattr(fixture_function, "ost_checkpoint", False)
+    return getattr(fixture_function, CHECKPOINT, None) is not None
 
 
 def _param(request: pytest.FixtureRequest) -> Any:

@@ -23,10 +23,12 @@ from .guest.vm import VM
 from .lab.inputs import VMSpec
 from .lab.lab import Lab
 from .lab.networks import Network
-from .lab.plan import vm_fixture_specs
+from .lab.chain import boot_reached
+from .lab.plan import Plan, vm_fixture_specs
 from .lab.provision import finish, provision
 from .layers import LayerRecipe, build_layer
-from .session import (CONFIG_KEY, LAB_KEY, REUSE_KEY, SHARE_KEY, make_lab, planned, reusing, user_errors)
+from .session import (CONFIG_KEY, LAB_KEY, PLAN_KEY, REUSE_KEY, SHARE_KEY, make_lab, planned, reusing,
+                      user_errors)
 
 log = logging.getLogger("pytest_ostimages")
 
@@ -78,7 +80,14 @@ def ost_vms(request: pytest.FixtureRequest, ost_lab: Lab) -> dict[str, VM]:
             ost_lab.inputs.check(unique)  # every input of the plan, before anything is made
         share = config.stash.get(SHARE_KEY, None)
         if share is not None or unique:
-            provision(ost_lab, unique, lambda: ost_lab.boot(unique), share, reusing(config))
+            # in the deepest checkpoint state the first test reaches, if saved: nothing boots then
+            chain = config.stash.get(PLAN_KEY, Plan()).checkpoints
+
+            def boot() -> list[VM]:
+                restored = boot_reached(ost_lab, unique, chain)
+                return restored if restored is not None else ost_lab.boot(unique)
+
+            provision(ost_lab, unique, boot, share, reusing(config))
             if reusing(config):
                 config.stash[REUSE_KEY] = unique  # provisioned whole: kept at the end
     return ost_lab.vms

@@ -110,6 +110,7 @@ class Lab:
         self.ledger = Ledger()  # what close() removes, each object recorded before it exists
         self.current_environment: Optional[str] = None  # the saved environment the VMs are in now, if any
         self.pending_environment: Optional[SavedState] = None  # chosen by restore_environment, not yet restored
+        self.reached: list[str] = []  # checkpoint states the VMs are in already, ahead of current_environment
         self.interrupted = False  # Ctrl-C or SIGTERM: close() tears down at once
         self._next_host: dict[str, int] = {}  # per network role
         self._conn: Optional["libvirt.virConnect"] = None

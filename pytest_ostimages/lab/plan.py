@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import FunctionType, ModuleType
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import pytest
 
@@ -24,6 +24,7 @@ from .inputs import VMSpec
 
 SpecsOf = Callable[[OstConfig], list[VMSpec]]
 _SPECS = "ost_vm_specs"
+CHECKPOINT = "ost_checkpoint"  # a checkpoint fixture's description (checkpoints.Checkpoint)
 
 
 def vm_fixture_specs(fixture: Any, specs: SpecsOf) -> Any:
@@ -48,13 +49,14 @@ def fixture_name(value: Any, attribute: str) -> Optional[str]:
     return value.name if isinstance(value, _FIXTURE) else None  # pytest 8.4 and later
 
 
-def _fixtures(namespace: Any) -> dict[str, Optional[SpecsOf]]:
-    """The fixtures defined in a module or class: name -> its VMs (None: not a VM fixture)."""
+def _fixtures(namespace: Any) -> dict[str, Any]:
+    """The fixtures defined in a module or class: name -> the fixture (its VMs, if a VM fixture, are
+    its `_SPECS`; a checkpoint's description its CHECKPOINT attribute)."""
     found = ((fixture_name(value, attribute), value) for attribute, value in vars(namespace).items())
-    return {name: getattr(value, _SPECS, None) for name, value in found if name is not None}
+    return {name: value for name, value in found if name is not None}
 
 
-def _definitions(item: pytest.Item) -> Iterator[tuple[str, dict[str, Optional[SpecsOf]]]]:
+def _definitions(item: pytest.Item) -> Iterator[tuple[str, dict[str, Any]]]:
     """Where pytest looks for the item's fixtures, nearest first: its class, its module, the
     conftests of its directories (deepest first), then the plugins (latest registered first)."""
     for attribute in ("cls", "module"):
@@ -79,26 +81,53 @@ def _definitions(item: pytest.Item) -> Iterator[tuple[str, dict[str, Optional[Sp
             _fixtures(plugin)
 
 
-class Plan:
-    """For each selected test: the VM fixtures it uses (where each was defined)."""
+def _in_setup_order(names: list[str], checkpoints: dict[str, Any]) -> list[Any]:
+    """The checkpoints among a test's fixtures `names`, in the order pytest sets them up: each one
+    after the checkpoints it asks for (its `arguments`), the others in the test's order."""
+    order: list[Any] = []
 
-    def __init__(self, needs: Optional[dict[str, list[tuple[str, SpecsOf]]]] = None) -> None:
+    def visit(name: str) -> None:
+        if name in checkpoints and checkpoints[name] not in order:
+            for argument in checkpoints[name].arguments:
+                visit(argument)
+            if checkpoints[name] not in order:
+                order.append(checkpoints[name])
+
+    for name in names:
+        visit(name)
+    return order
+
+
+class Plan:
+    """For each selected test: the VM fixtures it uses (where each was defined), and the
+    checkpoint fixtures (checkpoints.py) of the first test that uses VMs, which the session sets
+    up before that test runs."""
+
+    def __init__(self, needs: Optional[dict[str, list[tuple[str, SpecsOf]]]] = None,
+                 checkpoints: Sequence[Any] = ()) -> None:
         self._needs = needs or {}
+        self.checkpoints = list(checkpoints)
 
     @classmethod
     def of(cls, items: Iterable[pytest.Item]) -> "Plan":
         needs: dict[str, list[tuple[str, SpecsOf]]] = {}
+        first_checkpoints: Optional[list[Any]] = None
         for item in items:
             names = list(getattr(item, "fixturenames", ()))  # pytest's own closure of the test's fixtures
-            chosen: dict[str, tuple[str, Optional[SpecsOf]]] = {}
+            chosen: dict[str, tuple[str, Any]] = {}
             for where, fixtures in _definitions(item):
                 for name in names:
                     if name in fixtures and name not in chosen:  # a nearer definition hides the others
                         chosen[name] = (f"{name} ({where})", fixtures[name])
-            planned = [(where, specs) for where, specs in (chosen[n] for n in names if n in chosen) if specs]
+            planned = [(where, getattr(fixture, _SPECS)) for where, fixture in (chosen[n] for n in names if n in chosen)
+                       if getattr(fixture, _SPECS, None)]
             if planned:
                 needs[item.nodeid] = planned
-        return cls(needs)
+                if first_checkpoints is None:
+                    found = {name: getattr(fixture, CHECKPOINT) for name, (_, fixture) in chosen.items()
+                             if getattr(fixture, CHECKPOINT, None) is not None}
+                    first_checkpoints = _in_setup_order(names, found)
+        return cls(needs, first_checkpoints or [])
 
     def specs(self, config: OstConfig, items: Optional[Iterable[pytest.Item]] = None) -> list[VMSpec]:
         """The VMs of all selected tests (or of `items`), one per role, in plan order."""

@@ -18,8 +18,11 @@ import pytest
 
 from ..errors import OstError
 from ..lab.access import write_ost_hosts
+from ..lab.chain import boot_reached
 from ..lab.lab import Lab, OstDeployment
+from ..lab.plan import Plan
 from ..lab.provision import finish, provision
+from ..session import PLAN_KEY
 from .deploy import deploy
 from .initconfig import Topology
 
@@ -87,9 +90,18 @@ class OstSuite:
                      f"{len(specs)} VMs from {self.topology.path}")
         key = lab.environment_key(specs) if lab.warm_cache is not None else None
         saved = lab.warm_cache.state(key) if lab.warm_cache is not None and key is not None else None
-        vms = lab.boot(specs, environment=saved if saved is not None and saved.exists() else None)
+        # deployed and further, in the deepest checkpoint state the first test reaches, if saved
+        chain = self.config.stash.get(PLAN_KEY, Plan()).checkpoints
+        vms = boot_reached(lab, specs, chain, parent=key) if key is not None else None
+        if vms is None:
+            vms = lab.boot(specs, environment=saved if saved is not None and saved.exists() else None)
         assert lab.ssh_key is not None
         write_ost_hosts(lab.workdir.path / "hosts", lab.vms.values(), lab.ssh_key, lab.workdir.path / "known_hosts")
+        if lab.reached:
+            lab.current_environment = key  # where the checkpoints start from
+            lab.progress(f"OST suite {suite}: restored deployed and at checkpoint state {lab.reached[-1]}: its "
+                         f"deploy scripts did not run again")
+            return
         if all(vm.origin != "booted" for vm in vms) and saved is not None and saved.exists():
             lab.current_environment = saved.key
             lab.progress(f"OST suite {suite}: restored deployed from saved environment {saved.key}: "

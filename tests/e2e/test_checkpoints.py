@@ -76,14 +76,16 @@ def test_checkpoints_are_restored_with_their_effects(pytester: pytest.Pytester, 
                                 "(a object)*"])
     configured, deeper = keys(first.stdout.str(), "environment of 1 VMs saved as")
 
-    # both skipped, only the deeper one restored: its effects and those of the one below it
+    # both skipped, and nothing booted: the VMs start in the deeper one's state, with its effects and
+    # those of the one below it, restored once
     second = pytester.runpytest_subprocess(*args)
     second.assert_outcomes(passed=2)
-    second.stdout.fnmatch_lines([f"*checkpoint configured: saved state {configured} found: its body does not run*",
+    second.stdout.fnmatch_lines([f"*checkpoint deeper: the session's VMs start in its saved state {deeper}: "
+                                 f"nothing booted*",
+                                 f"*checkpoint configured: saved state {configured} found: its body does not run*",
                                  f"*checkpoint deeper: saved state {deeper} found: its body does not run*",
-                                 f"*environment of 1 VMs restored from {deeper} in *",
                                  "*RUNS 1*"])  # from the one run of the first session
-    assert keys(second.stdout.str(), "VMs restored from") == [deeper]
+    assert ": booting " not in second.stdout.str() and "VMs restored from" not in second.stdout.str()
     assert "checkpoint odd: ran in" in second.stdout.str()  # never saved: it runs every time
     assert "saving its ready state" not in second.stdout.str()  # restored: no longer as booted
 
@@ -91,11 +93,11 @@ def test_checkpoints_are_restored_with_their_effects(pytester: pytest.Pytester, 
     next((warm_root / "warm" / deeper).glob("*/memory.save")).unlink()
     third = pytester.runpytest_subprocess(*args)
     third.assert_outcomes(passed=2)
-    third.stdout.fnmatch_lines([f"*checkpoint configured: saved state {configured} found*",
+    third.stdout.fnmatch_lines([f"*the session's VMs start in its saved state {configured}: nothing booted*",
+                                f"*checkpoint configured: saved state {configured} found*",
                                 f"*checkpoint deeper: its saved state {deeper} cannot be used (saved environment "
-                                f"{deeper} is damaged or gone (VMs ?'box'?: box: *memory.save is missing); removed, to be saved "
-                                f"again): running it*",
-                                f"*environment of 1 VMs restored from {configured} in *",
+                                f"{deeper} is damaged or gone (VMs ?'box'?: box: *memory.save is missing); removed, "
+                                f"to be saved again): running it*",
                                 "*checkpoint deeper: ran in *", f"*environment of 1 VMs saved as {deeper} in *",
                                 "*RUNS 1*"])
 
@@ -103,7 +105,7 @@ def test_checkpoints_are_restored_with_their_effects(pytester: pytest.Pytester, 
     pytester.makeconftest(CONFTEST.replace("echo deeper >", "echo deeper >/dev/null; echo deeper >"))
     fourth = pytester.runpytest_subprocess(*args)
     fourth.assert_outcomes(passed=2)
-    fourth.stdout.fnmatch_lines([f"*environment of 1 VMs restored from {configured} in *",
+    fourth.stdout.fnmatch_lines([f"*the session's VMs start in its saved state {configured}: nothing booted*",
                                  "*checkpoint deeper: ran in *", "*RUNS 1*"])
     changed = keys(fourth.stdout.str(), "environment of 1 VMs saved as")[0]
     assert changed not in (configured, deeper)

@@ -177,3 +177,39 @@ def test_an_init_configs_management_network_may_have_any_name(pytester: pytest.P
     result.stdout.fnmatch_lines(["*network ost-* (ost-management): 127.100.0.0/24*",
                                  "*network ost-*-1 (storage)*", "*vm: booting testos-base as *-ost-suite-vm *"])
     result.stdout.no_fnmatch_line("*no NIC on the management network*")
+
+
+def test_the_plan_knows_the_first_tests_checkpoints_in_setup_order(pytester: pytest.Pytester) -> None:
+    # what the session restores before anything boots (lab/chain.py): the checkpoints the first test
+    # that uses VMs sets up, each after those it builds on, whatever order the test names them in
+    from pytest_ostimages.lab.plan import Plan
+
+    pytester.makeconftest("""
+        from pytest_ostimages import checkpoint, vm_fixture
+
+        box = vm_fixture("box", "base")
+
+        @checkpoint
+        def configured(box):
+            return 1
+
+        @checkpoint
+        def deeper(configured):
+            return 2
+
+        @checkpoint
+        def elsewhere(box):
+            return 3
+    """)
+    pytester.makepyfile("""
+        def test_no_vm():
+            pass
+
+        def test_first(deeper, box):
+            pass
+
+        def test_later(elsewhere):
+            pass
+    """)
+    items, _ = pytester.inline_genitems()
+    assert [checkpoint.name for checkpoint in Plan.of(items).checkpoints] == ["configured", "deeper"]
