@@ -15,6 +15,7 @@ from lxml import etree
 
 from ..errors import SessionError
 from .connection import libvirt_error
+from .host import LOCAL
 
 MISSING_IP = ("The ip command is not installed; the plugin needs it to find the subnets this host uses (routes and "
               "addresses) before it makes a network. Install iproute2 (Debian) or iproute (EL, Fedora).")
@@ -22,18 +23,20 @@ MISSING_IP = ("The ip command is not installed; the plugin needs it to find the 
 if TYPE_CHECKING:
     import libvirt
 
+    from .host import AnyPath, Host
 
-def host_networks() -> list[ipaddress.IPv4Network]:
-    """The IPv4 networks this network namespace uses: routes of every routing table (policy
-    routing, as VPN clients and container runtimes install, is not in the main table) and the
-    subnet of every address on any interface. From ``ip -j``; /proc/net/route without it."""
+
+def host_networks(host: "Host" = LOCAL) -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks the hypervisor's network namespace uses: routes of every routing table
+    (policy routing, as VPN clients and container runtimes install, is not in the main table) and
+    the subnet of every address on any interface. From ``ip -j``; /proc/net/route without it."""
     try:
-        routes = _ip_json("-4", "route", "show", "table", "all")
-        addresses = _ip_json("-4", "addr", "show")
+        routes = _ip_json(host, "-4", "route", "show", "table", "all")
+        addresses = _ip_json(host, "-4", "addr", "show")
     except FileNotFoundError:
         raise SessionError(MISSING_IP) from None
     except (OSError, subprocess.CalledProcessError, ValueError):  # an ip without -j: the main table at least
-        return host_routes()
+        return host_routes(host.path("/proc/net/route"))
     used = [ipaddress.IPv4Network(route["dst"] if "/" in route["dst"] else f"{route['dst']}/32", strict=False)
             for route in routes if route.get("dst") not in (None, "default")]
     used += [ipaddress.IPv4Network(f"{info['local']}/{info['prefixlen']}", strict=False)
@@ -42,11 +45,16 @@ def host_networks() -> list[ipaddress.IPv4Network]:
     return [network for network in used if not network.is_loopback]
 
 
-def _ip_json(*args: str) -> list[dict]:
-    return json.loads(subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True).stdout or "[]")
+def _ip_json(host: "Host", *args: str) -> list[dict]:
+    done = host.run(["ip", "-j", *args])
+    if done.returncode == 127:  # a hypervisor's shell: command not found
+        raise FileNotFoundError("ip")
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, done.argv, done.stdout, done.stderr)
+    return json.loads(done.stdout or b"[]")
 
 
-def host_routes(route_file: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
+def host_routes(route_file: "AnyPath" = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
     """The IPv4 routes of this network namespace's main table (connected subnets included)."""
     routes: list[ipaddress.IPv4Network] = []
     try:

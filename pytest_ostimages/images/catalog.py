@@ -19,13 +19,16 @@ from __future__ import annotations
 import json
 import re
 import struct
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import ImageError
+from ..hypervisor.host import LOCAL
 from . import firmware
+
+if TYPE_CHECKING:
+    from ..hypervisor.host import AnyPath, Host
 
 PACKAGE_PREFIX = "ost-images-"
 
@@ -42,12 +45,12 @@ class Image:
 
     distro: str
     layer: str
-    path: Path
-    chain: tuple[Path, ...]
+    path: "AnyPath"  # on the hypervisor (hypervisor/host.py), as every path of the catalog
+    chain: tuple["AnyPath", ...]
     chain_formats: tuple[str, ...]
     package: Optional[Package] = None
-    pkglist: Optional[Path] = None
-    pkglist_diff: Optional[Path] = None
+    pkglist: Optional["AnyPath"] = None
+    pkglist_diff: Optional["AnyPath"] = None
 
     @property
     def label(self) -> str:
@@ -69,46 +72,52 @@ class Image:
 class _Entry:
     """What the catalog knows about a layer before its chain is checked."""
 
-    path: Path
+    path: "AnyPath"
     package: Optional[Package] = None
-    pkglist: Optional[Path] = None
-    pkglist_diff: Optional[Path] = None
+    pkglist: Optional["AnyPath"] = None
+    pkglist_diff: Optional["AnyPath"] = None
 
 
 @dataclass
 class Catalog:
-    """The ost-images installed in one directory."""
+    """The ost-images installed in one directory of a hypervisor (this machine, or one over SSH)."""
 
-    directory: Path
+    directory: "AnyPath"
     source: str  # "rpm" or "directory": where the file list came from
     layers: dict[tuple[str, str], _Entry] = field(default_factory=dict)
-    keys: dict[str, Path] = field(default_factory=dict)
-    missing: dict[Path, Package] = field(default_factory=dict)
+    keys: dict[str, "AnyPath"] = field(default_factory=dict)
+    missing: dict["AnyPath", Package] = field(default_factory=dict)
+    host: "Host" = field(default=LOCAL, repr=False)
+    present: set[str] = field(default_factory=set, repr=False)  # the files found there (one listing: remote, each stat is a round trip)
     _resolved: dict[tuple[str, str], Image] = field(default_factory=dict, repr=False)
-    _intact: set[Path] = field(default_factory=set, repr=False)  # checked by qemu-img check
-    _firmware: dict[Path, str] = field(default_factory=dict, repr=False)  # read from the partition table
+    _intact: set[str] = field(default_factory=set, repr=False)  # checked by qemu-img check
+    _firmware: dict[str, str] = field(default_factory=dict, repr=False)  # read from the partition table
 
     # --- discovery ------------------------------------------------------------
 
     @classmethod
-    def discover(cls, directory: Path, rpm: Sequence[str] = ("rpm",)) -> "Catalog":
-        """The images of `directory`, from the RPM database when it has any."""
-        files = _rpm_files(rpm, directory)
+    def discover(cls, directory: Path, rpm: Sequence[str] = ("rpm",), host: "Host" = LOCAL) -> "Catalog":
+        """The images of `directory` on `host`, from its RPM database when that has any."""
+        where = host.path(directory)
+        files = _rpm_files(rpm, where, host)
         if files:
-            catalog = cls(directory, "rpm")
+            catalog = cls(where, "rpm", host=host, present=_listing(where))
             for path, package in files:
-                if path.exists():
+                if str(path) in catalog.present:
                     catalog._add(path, package)
                 elif path.suffix == ".qcow2" or path.name.endswith("_id_rsa"):
                     catalog.missing[path] = package
             return catalog
-        catalog = cls(directory, "directory")
-        if directory.is_dir():
-            for path in sorted(directory.iterdir()):
-                catalog._add(path, None)
+        catalog = cls(where, "directory", host=host, present=_listing(where))
+        for path in sorted(catalog.present):
+            catalog._add(host.path(path), None)
         return catalog
 
-    def _add(self, path: Path, package: Optional[Package]) -> None:
+    def exists(self, path: Optional["AnyPath"]) -> bool:
+        """Whether `path` was there when the catalog looked (the images do not come and go in a session)."""
+        return path is not None and str(path) in self.present
+
+    def _add(self, path: "AnyPath", package: Optional[Package]) -> None:
         name = path.name
         if name.endswith("_id_rsa"):
             self.keys[name[: -len("_id_rsa")]] = path
@@ -131,10 +140,10 @@ class Catalog:
     # --- queries ----------------------------------------------------------------
 
     def distros(self) -> list[str]:
-        return sorted({d for (d, _), e in self.layers.items() if e.path.exists()} | set(self.keys))
+        return sorted({d for (d, _), e in self.layers.items() if self.exists(e.path)} | set(self.keys))
 
     def layer_names(self, distro: str) -> list[str]:
-        return sorted(layer for (d, layer), e in self.layers.items() if d == distro and e.path.exists())
+        return sorted(layer for (d, layer), e in self.layers.items() if d == distro and self.exists(e.path))
 
     def describe(self) -> str:
         """One line per distro, for error messages."""
@@ -182,7 +191,7 @@ class Catalog:
                 f"missing. Reinstall it: dnf reinstall {package.name}"
             )
         entry = self.layers.get(key)
-        if entry is None or not entry.path.exists():
+        if entry is None or not self.exists(entry.path):
             if distro not in self.distros():
                 raise ImageError(self._nothing_installed() if not self.distros() else
                                  f"Distro {distro!r} is not installed in {self.directory}.\n"
@@ -198,8 +207,8 @@ class Catalog:
         return image
 
     def image_from_path(self, path: Path, distro: str) -> Image:
-        """An image given as a path (``--ost-image=/some/file.qcow2``)."""
-        path = path.resolve()
+        """An image given as a path (``--ost-image=/some/file.qcow2``), on the hypervisor."""
+        path = path.resolve() if self.host.local else self.host.path(path)
         if not path.is_file():
             raise ImageError(f"Image {path} does not exist. Give a layer name "
                              f"({', '.join(self.layer_names(distro)) or 'none installed'}) "
@@ -212,22 +221,22 @@ class Catalog:
             layer = stem
         return Image(distro, layer, path, *self._checked_chain(path, None))
 
-    def _checked_chain(self, path: Path, package: Optional[Package]) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    def _checked_chain(self, path: "AnyPath", package: Optional[Package]) -> tuple[tuple["AnyPath", ...], tuple[str, ...]]:
         """The chain of `path`, each qcow2 in it checked for damage once per catalog."""
-        chain, formats = backing_chain(path, package)
+        chain, formats = backing_chain(path, package, self.host)
         for layer, fmt in zip(chain, formats):
-            if fmt == "qcow2" and layer not in self._intact:
-                _check_intact(layer, path, package)
-                self._intact.add(layer)
+            if fmt == "qcow2" and str(layer) not in self._intact:
+                _check_intact(layer, path, package, self.host)
+                self._intact.add(str(layer))
         return chain, formats
 
     def firmware(self, image: Image) -> str:
         """"bios" or "efi": what `image` boots with (images/firmware.py), read once per image."""
-        if image.path not in self._firmware:
-            self._firmware[image.path] = firmware.detect(image.path)
-        return self._firmware[image.path]
+        if str(image.path) not in self._firmware:
+            self._firmware[str(image.path)] = firmware.detect(image.path, self.host)
+        return self._firmware[str(image.path)]
 
-    def ssh_key(self, distro: str) -> Path:
+    def ssh_key(self, distro: str) -> "AnyPath":
         """The private root key of the distro's images."""
         expected = self.directory / f"{distro}_id_rsa"
         if expected in self.missing:
@@ -251,10 +260,17 @@ class Catalog:
         )
 
 
-def backing_name(path: Path) -> Optional[str]:
+def _listing(directory: "AnyPath") -> set[str]:
+    try:
+        return {str(path) for path in directory.iterdir()}
+    except OSError:  # not there (yet): nothing installed
+        return set()
+
+
+def backing_name(path: "AnyPath") -> Optional[str]:
     """The backing file a qcow2 image names in its header, None for a whole image (or no qcow2)."""
     try:
-        with open(path, "rb") as image:
+        with path.open("rb") as image:
             header = image.read(20)
             if len(header) < 20 or header[:4] != b"QFI\xfb":
                 return None
@@ -267,25 +283,25 @@ def backing_name(path: Path) -> Optional[str]:
         return None
 
 
-def _rpm_files(rpm: Sequence[str], directory: Path) -> list[tuple[Path, Package]]:
-    """(file, package) of every ost-images-* package file inside `directory`."""
+def _rpm_files(rpm: Sequence[str], directory: "AnyPath", host: "Host") -> list[tuple["AnyPath", Package]]:
+    """(file, package) of every ost-images-* package file inside `directory`, from `host`'s RPM database."""
     query = [*rpm, "-qa", "--qf", "[%{=NAME}\t%{=VERSION}-%{=RELEASE}\t%{FILENAMES}\n]",
              PACKAGE_PREFIX + "*"]
     try:
-        out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+        out = host.run(query).text
     except FileNotFoundError:  # no rpm on this host: the directory scan is all we have
         return []
     found = []
     for line in out.splitlines():
         name, _, rest = line.partition("\t")
         version, _, filename = rest.partition("\t")
-        path = Path(filename)
-        if path.parent == directory:
+        path = host.path(filename) if filename else None
+        if path is not None and str(path.parent) == str(directory):
             found.append((path, Package(name, version)))
     return found
 
 
-def _owner_and_fix(path: Path, package: Optional[Package]) -> tuple[str, str]:
+def _owner_and_fix(path: "AnyPath", package: Optional[Package]) -> tuple[str, str]:
     """How error messages name the image's package, and what to do about a bad image."""
     owner = f" (package {package.name}-{package.version})" if package else ""
     fix = (f"Reinstall the packages of the chain, e.g. dnf reinstall {package.name} "
@@ -294,14 +310,12 @@ def _owner_and_fix(path: Path, package: Optional[Package]) -> tuple[str, str]:
     return owner, fix
 
 
-def backing_chain(path: Path, package: Optional[Package]) -> tuple[tuple[Path, ...], tuple[str, ...]]:
-    """Files and formats of the chain of `path` (top first), as qemu-img resolves it."""
+def backing_chain(path: "AnyPath", package: Optional[Package],
+                  host: "Host" = LOCAL) -> tuple[tuple["AnyPath", ...], tuple[str, ...]]:
+    """Files and formats of the chain of `path` (top first), as qemu-img resolves it where it is."""
     owner, fix = _owner_and_fix(path, package)
     try:
-        result = subprocess.run(
-            ["qemu-img", "info", "--backing-chain", "--output=json", "-U", str(path)],
-            capture_output=True, text=True, check=False,
-        )
+        result = host.run(["qemu-img", "info", "--backing-chain", "--output=json", "-U", str(path)])
     except FileNotFoundError:
         raise ImageError("qemu-img is not installed; it is needed to check and overlay "
                          "images. Install qemu-img (RPM) or qemu-utils (Debian).") from None
@@ -320,18 +334,18 @@ def backing_chain(path: Path, package: Optional[Package]) -> tuple[tuple[Path, .
     if top.get("format") != "qcow2":
         raise ImageError(f"Image {path}{owner} is not a qcow2 image (qemu-img sees format "
                          f"{top.get('format')!r}). {fix}")
-    return (tuple(Path(info["filename"]).resolve() for info in infos),
-            tuple(str(info.get("format", "raw")) for info in infos))
+    # qemu-img names backing files as resolved, absolute (a relative name is relative to the layer)
+    files = tuple(Path(info["filename"]).resolve() if host.local else host.path(info["filename"]) for info in infos)
+    return files, tuple(str(info.get("format", "raw")) for info in infos)
 
 
-def _check_intact(path: Path, top: Path, package: Optional[Package]) -> None:
+def _check_intact(path: "AnyPath", top: "AnyPath", package: Optional[Package], host: "Host" = LOCAL) -> None:
     """A truncated or damaged qcow2 opens fine; qemu-img check reads its metadata (fast).
 
     `top` and `package` are the image whose chain `path` is in, for the message.
     """
     owner, fix = _owner_and_fix(top, package)
-    result = subprocess.run(["qemu-img", "check", "-U", "--output=json", str(path)],
-                            capture_output=True, text=True, check=False)
+    result = host.run(["qemu-img", "check", "-U", "--output=json", str(path)])
     try:
         report = json.loads(result.stdout)
     except ValueError:

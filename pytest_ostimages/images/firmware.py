@@ -16,12 +16,14 @@ the image's whole backing chain with ``qemu-img dd`` (no libguestfs, no nbd):
 from __future__ import annotations
 
 import struct
-import subprocess
-import tempfile
 import uuid
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ImageError
+from ..hypervisor.host import LOCAL
+
+if TYPE_CHECKING:
+    from ..hypervisor.host import AnyPath, Host
 
 SECTOR = 512
 ESP = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
@@ -31,16 +33,16 @@ MBR_PROTECTIVE = 0xEE
 FIRMWARES = ("bios", "efi")
 
 
-def detect(path: Path) -> str:
-    """"bios" or "efi" for the qcow2 image `path` (its chain included); ImageError if not known."""
-    head = _sectors(path, 0, 34)  # the MBR, the GPT header and 32 sectors: 128 entries of 128 bytes
+def detect(path: "AnyPath", host: "Host" = LOCAL) -> str:
+    """"bios" or "efi" for the qcow2 image `path` on `host` (its chain included); ImageError if not known."""
+    head = _sectors(host, path, 0, 34)  # the MBR, the GPT header and 32 sectors: 128 entries of 128 bytes
     boot_code = any(head[:440])
     if head[510:512] != b"\x55\xaa":
         raise _unknown(path, "it has no partition table (no MBR boot signature: a blank disk, or a bare filesystem)")
     mbr_types = [head[446 + 16 * i + 4] for i in range(4)]
     if head[SECTOR:SECTOR + 8] == b"EFI PART":
         entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
-        table = _sectors(path, entries_lba, -(-count * size // SECTOR)) if entries_lba != 2 or count * size > 32 * SECTOR \
+        table = _sectors(host, path, entries_lba, -(-count * size // SECTOR)) if entries_lba != 2 or count * size > 32 * SECTOR \
             else head[2 * SECTOR:]
         types = {uuid.UUID(bytes_le=table[i * size:i * size + 16]) for i in range(count) if any(table[i * size:i * size + 16])}
         if BIOS_BOOT in types or boot_code:
@@ -57,16 +59,17 @@ def detect(path: Path) -> str:
                          f"{', '.join(f'0x{t:02x}' for t in mbr_types if t) or 'none'})")
 
 
-def _unknown(path: Path, why: str) -> ImageError:
+def _unknown(path: "AnyPath", why: str) -> ImageError:
     return ImageError(f"Cannot tell whether image {path} boots with BIOS or UEFI: {why}. If it boots at all, "
                       f"say which with --ost-firmware=bios or --ost-firmware=efi.")
 
 
-def _sectors(path: Path, first: int, count: int) -> bytes:
-    with tempfile.NamedTemporaryFile(prefix="ost-firmware-") as out:
-        result = subprocess.run(["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"bs={SECTOR}",
-                                 f"skip={first}", f"count={count}", f"if={path}", f"of={out.name}"],
-                                capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise ImageError(f"Cannot read the partition table of image {path}: {result.stderr.strip()}")
-        return Path(out.name).read_bytes()
+def _sectors(host: "Host", path: "AnyPath", first: int, count: int) -> bytes:
+    """`count` sectors from `first` of the image as the guest sees it, read where it is (qemu-img dd
+    writes to a file: a temporary one there, then printed)."""
+    script = ('out=$(mktemp) || exit 1; trap \'rm -f "$out"\' EXIT; qemu-img dd -U -f qcow2 -O raw '
+              f'bs={SECTOR} skip={first} count={count} "if=$1" "of=$out" >&2 && cat "$out"')
+    result = host.run(["sh", "-c", script, "sh", str(path)])
+    if result.returncode != 0:
+        raise ImageError(f"Cannot read the partition table of image {path}: {result.stderr.strip()}")
+    return result.stdout

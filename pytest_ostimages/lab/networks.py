@@ -10,11 +10,13 @@ from ..errors import VirtError
 from ..hypervisor.render import HostEntry
 from ..hypervisor.subnets import free_subnet, host_networks, network_subnets
 from ..state.environment import ipv6_subnet
-from ..state.files import host_lock
+from ..hypervisor.host import LOCAL
 from .inputs import MANAGEMENT
 
 if TYPE_CHECKING:
     import libvirt
+
+    from ..hypervisor.host import Host
 
 T = TypeVar("T")
 
@@ -59,14 +61,15 @@ def entry(subnet: ipaddress.IPv4Network, versions: tuple[int, ...], name: str, h
 
 def with_free_subnet(conn: "libvirt.virConnect", pool: ipaddress.IPv4Network,
                      create: Callable[[ipaddress.IPv4Network], T],
-                     routes: Callable[[], list[ipaddress.IPv4Network]] = host_networks) -> T:
-    """Run `create(subnet)` with a /24 of `pool` that no libvirt network, route or address uses.
+                     routes: Optional[Callable[[], list[ipaddress.IPv4Network]]] = None, host: "Host" = LOCAL) -> T:
+    """Run `create(subnet)` with a /24 of `pool` that no libvirt network, route or address of the
+    hypervisor `host` uses (`routes` default: its routes and addresses).
 
-    Under the host-wide "subnets" lock, held until `create` returns, so the next
-    allocator (any session, any work directory) sees the new network in libvirt.
+    Under that hypervisor's host-wide "subnets" lock, held until `create` returns, so the next
+    allocator (any session, any work directory, any client) sees the new network in libvirt.
     """
-    with host_lock("subnets"):
-        used = network_subnets(conn) + routes()
+    with host.lock("subnets"):
+        used = network_subnets(conn) + (routes() if routes is not None else host_networks(host))
         subnet = free_subnet(pool, used)
         if subnet is None:
             raise VirtError(
@@ -75,5 +78,3 @@ def with_free_subnet(conn: "libvirt.virConnect", pool: ipaddress.IPv4Network,
                 f"(virsh net-list --all) or choose a larger pool with --ost-subnet-pool."
             )
         return create(subnet)
-
-

@@ -2,31 +2,45 @@
 
 Everything a session makes on disk lives in ``<work root>/<run id>/``, labelled with
 its owner (state/owner.py) so that the ledger removes it with the run's VMs and the
-reaper finds it when the run died.
+reaper finds it when the run died. On a remote hypervisor that folder is there (the
+VMs' files), and what people and tools on this machine use to reach the VMs (the key
+copy, ``ssh_config``, ``known_hosts``, inventories, an OST suite's deployment
+directory) is in a folder of the same name under the local work root, labelled too.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import ImageError, SessionError
+from ..hypervisor.host import LOCAL
 from ..images.catalog import Image
 from ..images.overlay import create_overlay
 from ..state.folders import PRIVATE_ROOT, own_folder
 from ..state.owner import OWNER_FILE, Label
 
+if TYPE_CHECKING:
+    from ..hypervisor.host import AnyPath, Host
+
 
 class WorkDir:
-    """``<root>/<run_id>``: one directory per session, removed at the end."""
+    """``<root>/<run_id>`` on the hypervisor (`path`), and its local twin for access files (`client`:
+    the same folder when the hypervisor is this machine). Removed at the end."""
 
-    def __init__(self, root: Path, run_id: str) -> None:
+    def __init__(self, root: "AnyPath", run_id: str, host: "Host" = LOCAL, client_root: Optional[Path] = None) -> None:
+        self.host = host
         self.path = root / run_id
+        self.client: Path = self.path if host.local else (client_root or Path("/nonexistent")) / run_id  # type: ignore[assignment]
+
+    @property
+    def remote(self) -> bool:
+        return not self.host.local
 
     def create(self, owner: Label) -> None:
-        root = own_folder(self.path.parent, "work root", "--ost-workdir")
+        root = own_folder(self.path.parent, "work root", "--ost-workdir", self.host)
         # qemu runs as another user (libvirt-qemu) and must reach the overlays.
         for folder in [root, *root.parents]:
             if not folder.stat().st_mode & stat.S_IXOTH:
@@ -37,43 +51,49 @@ class WorkDir:
                     f"with o+x (default /var/tmp/pytest-ostimages-<user>), or chmod o+x {folder}."
                 )
         self.path.mkdir(mode=PRIVATE_ROOT)
-        os.chmod(self.path, PRIVATE_ROOT)  # whatever the umask: nobody else lists what is inside
+        self.path.chmod(PRIVATE_ROOT)  # whatever the umask: nobody else lists what is inside
         owner.write(self.path)  # so that the reaper knows whose it is
+        if self.remote:
+            own_folder(self.client.parent, "work root", "--ost-workdir")
+            self.client.mkdir(mode=PRIVATE_ROOT)
+            owner.write(self.client)
 
-    def overlay(self, image: Image, name: str) -> Path:
+    def overlay(self, image: Image, name: str) -> "AnyPath":
         """A new qcow2 overlay on `image`, backed by absolute path with its format."""
-        return create_overlay(image.path, self.path / f"{name}.qcow2")
+        return create_overlay(image.path, self.path / f"{name}.qcow2", self.host)
 
-    def empty_disk(self, name: str, size: int) -> Path:
+    def empty_disk(self, name: str, size: int) -> "AnyPath":
         """A new, empty qcow2 disk of `size` bytes (an extra disk): sparse, and its state can be
         frozen under an overlay like the root disk's (warm start of a whole environment)."""
         path = self.path / f"{name}.qcow2"
-        result = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
-                                capture_output=True, text=True, check=False)
+        result = self.host.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)])
         if result.returncode != 0:
             raise SessionError(f"Cannot create the disk {path} ({size} bytes): {result.stderr.strip()}")
         path.chmod(0o600)  # libvirt gives it to qemu's user while the VM runs
         return path
 
-    def private_key(self, key: Path) -> Path:
-        """`key` itself if only its owner can read it, else a 0600 copy (OpenSSH-style)."""
+    def private_key(self, key: "AnyPath") -> Path:
+        """The images' key for this machine's ssh and ansible: `key` itself if it is here and only its
+        owner can read it, else a 0600 copy in the (local) work directory (OpenSSH-style)."""
         try:
             mode = key.stat().st_mode
-            key.read_bytes()
+            data = key.read_bytes()
         except OSError as exc:
-            raise ImageError(f"Cannot read the SSH key {key}: {exc.strerror}. The tests need "
-                             f"it to log into the VMs; run as a user who can read it "
-                             f"(ost-images installs it 0644).") from None
-        if not mode & 0o077:
-            return key
-        copy = self.path / key.name
+            raise ImageError(f"Cannot read the SSH key {key}{'' if self.host.local else f' on {self.host.name}'}: "
+                             f"{exc.strerror}. The tests need it to log into the VMs; run as a user who can read "
+                             f"it (ost-images installs it 0644).") from None
+        if self.host.local and not mode & 0o077:
+            return key  # type: ignore[return-value]
+        copy = self.client / key.name
         if copy.exists():  # made by another worker sharing this directory
             return copy
         fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
-            out.write(key.read_bytes())
+            out.write(data)
         return copy
 
     def disown(self) -> None:
         """Keep the directory (--ost-keep): without a label the reaper leaves it alone."""
         (self.path / OWNER_FILE).unlink(missing_ok=True)
+        if self.remote:
+            (self.client / OWNER_FILE).unlink(missing_ok=True)

@@ -14,11 +14,14 @@ import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import SUITE_NAME
 from .owner import RUN_ID, Label
 from ..hypervisor.render import HostEntry
+
+if TYPE_CHECKING:
+    from ..hypervisor.host import AnyPath
 
 FIRST_VM_HOST = 10  # VMs get .10 - .99; .100 up is the dynamic DHCP range
 LAST_VM_HOST = 99
@@ -87,7 +90,7 @@ class Environment:
 
     run_id: str
     owner: Label
-    workdir: Path
+    workdir: "AnyPath"  # on the hypervisor
     networks: tuple[NetworkRecord, ...]  # the management network among them
     vms: tuple[VMRecord, ...]
     suite: Optional[str] = None  # an OST suite's (--ost-init-config): it names the VMs
@@ -126,8 +129,8 @@ class Environment:
         owner = Label.from_dict(data["owner"])
         if owner.run_id != run_id:
             raise ValueError(f"the owner label is of run {owner.run_id!r}, not {run_id!r}")
-        workdir = workdir_root / run_id
-        if Path(data["workdir"]) != workdir:
+        workdir = workdir_root / run_id  # on the hypervisor (hypervisor/host.py): compared as text
+        if str(data["workdir"]) != str(workdir):
             raise ValueError(f"work directory {data['workdir']!r} is not {workdir}")
         suite = data["suite"]
         if suite is not None and not (isinstance(suite, str) and SUITE_NAME.fullmatch(suite)):
@@ -194,7 +197,7 @@ def _host_key(line: Any) -> str:
     return str(line)
 
 
-def _inside(path: Path, workdir: Path) -> Path:
-    if path.parent != workdir:
+def _inside(path: Path, workdir: "AnyPath") -> "AnyPath":
+    if str(path.parent) != str(workdir):
         raise ValueError(f"{path} is not in the run's work directory {workdir}")
-    return path
+    return workdir / path.name

@@ -1,173 +1,52 @@
-"""Host-wide locks and crash-safe state files: the one place the plugin locks or writes state.
-
-Locks live in one host-wide directory, whatever ``--ost-workdir`` each session
-uses, so that every session and xdist worker on the host agrees on subnets, boot
-slots, kept environments and saved states. Lock files are opened without
-following symlinks and made writable for every user, so that a second user on
-the host shares them (or gets an error that says what to do).
-
-``OST_LOCK_DIR`` names another lock directory. It is for the plugin's own tests, so
-that their sessions (pytester's inner ones too, which inherit it) leave nothing in
-the real directory; it is read each time a lock is taken, not at import. Sessions
-that do not agree on it do not see each other's locks: never set it for real runs.
+"""Crash-safe state files: the one place the plugin writes state.
 
 State files (share, reuse, owner labels) are written to a temporary file and
 renamed over the old one: a crash mid-write leaves the old file or the new one,
-never a truncated file that would read as "nothing kept".
+never a truncated file that would read as "nothing kept". The locks that guard
+them are this machine's (hypervisor/locks.py) or a hypervisor's (hypervisor/host.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
-import stat
+import secrets
 import tempfile
-import threading
-import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING
 
-from ..errors import OstError
-from ..waiting import poll
+from ..hypervisor.locks import LOCK_DIR, LOCK_DIR_VARIABLE, any_host_slot, host_lock, host_lock_if_free, lock_dir, locked
 
-LOCK_DIR = Path("/var/lock/pytest-ostimages")  # /var/lock is /run/lock: world-writable, sticky
-LOCK_DIR_VARIABLE = "OST_LOCK_DIR"  # the tests' own lock directory (see the module's docstring)
+if TYPE_CHECKING:
+    from ..hypervisor.host import AnyPath
 
-
-def lock_dir() -> Path:
-    """The host-wide lock directory, created (sticky, world-writable like /tmp) if missing."""
-    override = os.environ.get(LOCK_DIR_VARIABLE)
-    if override:
-        directory = Path(override)
-    elif LOCK_DIR.parent.is_dir():
-        directory = LOCK_DIR
-    else:
-        directory = Path(tempfile.gettempdir()) / "pytest-ostimages-locks"
-    try:
-        directory.mkdir(mode=0o1777, exist_ok=True)
-    except OSError as exc:
-        raise OstError(f"Cannot create the host-wide lock directory {directory}: {exc.strerror}. "
-                       f"Create it once as root: mkdir -m 1777 {directory}") from None
-    if directory.is_symlink() or not directory.is_dir():
-        raise OstError(f"{directory} should be a directory for pytest-ostimages' lock files, but "
-                       f"it is a symlink or a file. Remove it: rm {directory}")
-    if directory.stat().st_uid == os.getuid() and stat.S_IMODE(directory.stat().st_mode) != 0o1777:
-        os.chmod(directory, 0o1777)  # whatever the umask: every user's sessions lock here
-    return directory
+__all__ = ["LOCK_DIR", "LOCK_DIR_VARIABLE", "any_host_slot", "host_lock", "host_lock_if_free", "lock_dir", "locked",
+           "write_atomic"]
 
 
-def _open_lock(path: Path) -> int:
-    """Open (create) lock file `path` for locking; never through a symlink."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OstError(f"The lock file {path} is a symlink; pytest-ostimages never follows "
-                           f"one. Remove it: rm {path}") from None
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            owner = _owner_of(path)
-            raise OstError(f"Cannot open the lock file {path}{owner}: permission denied. Sessions "
-                           f"of several users share these locks; make it writable for everyone "
-                           f"(chmod 0666 {path}) or remove it.") from None
-        raise OstError(f"Cannot open the lock file {path}: {exc.strerror}.") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise OstError(f"The lock file {path} is not a regular file; remove it.")
-    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != 0o666:
-        os.fchmod(fd, 0o666)  # other users' sessions lock it too
-    return fd
-
-
-def _owner_of(path: Path) -> str:
-    try:
-        import pwd
-
-        uid = path.lstat().st_uid
-        return f" (owned by {pwd.getpwuid(uid).pw_name})"
-    except (OSError, KeyError):
-        return ""
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (any directory) while the block runs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _open_lock(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-@contextlib.contextmanager
-def host_lock(name: str) -> Iterator[None]:
-    """Hold the host-wide lock `name` (e.g. "subnets") while the block runs."""
-    with locked(lock_dir() / f"{name}.lock"):
-        yield
-
-
-@contextlib.contextmanager
-def host_lock_if_free(name: str) -> Iterator[bool]:
-    """Hold the host-wide lock `name` if nobody holds it; yields whether it is held."""
-    fd = _open_lock(lock_dir() / f"{name}.lock")
-    try:
+def write_atomic(path: "AnyPath", text: str) -> None:
+    """Replace `path` (here, or a hypervisor's: host.HostPath) with `text` in one step: readers see
+    the old or the new content."""
+    if not isinstance(path, Path):  # a hypervisor's: SFTP's rename replaces atomically there (posix-rename)
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def any_host_slot(prefix: str, count: int, abort: threading.Event,
-                  poll_interval: float = 0.1) -> Iterator[float]:
-    """Hold one of `count` host-wide locks ``<prefix>-<i>``; yields the seconds waited.
-
-    Raises InterruptedError when `abort` is set while waiting.
-    """
-    directory = lock_dir()
-    start = time.monotonic()
-
-    def take_one() -> Optional[tuple[int]]:  # (fd,): fd 0 would read as false
-        if abort.is_set():
-            raise InterruptedError("the session was interrupted while waiting for a host-wide slot")
-        for i in range(count):
-            fd = _open_lock(directory / f"{prefix}-{i}.lock")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            return (fd,)
-        return None
-
-    taken = poll(take_one, None, poll_interval)
-    assert taken is not None  # polled for ever
-    held = taken[0]
-    try:
-        yield time.monotonic() - start
-    finally:
-        os.close(held)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step: readers see the old or the new content."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            temporary.write_text(text)
+            temporary.chmod(0o644)
+            temporary.replace(path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+        return
+    fd, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as out:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
+        os.chmod(temporary_name, 0o644)
+        os.replace(temporary_name, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(temporary)
+            os.unlink(temporary_name)
         raise

@@ -123,6 +123,11 @@ class Label:
         """Whether `other` labels an object of the same run (roles may differ)."""
         return self.with_role("") == other.with_role("")
 
+    def on_this_machine(self) -> bool:
+        """Whether the owner ran on this machine, in this boot and pid namespace (its pid means something here)."""
+        return (self.host == socket.gethostname() and (not self.boot or self.boot == boot_id())
+                and (not self.pidns or self.pidns == pid_namespace()))
+
     def owner_alive(self) -> bool:
         """False only when the owner is certainly gone.
 
