@@ -3,16 +3,21 @@
 Readiness is checked in two steps: a cheap TCP connect + banner read every
 100 ms (so a VM that is up is noticed within a fraction of a second), then a
 real login, retried with tenacity until the deadline.
+
+Commands run on one channel each, read by the calling thread alone (no helper
+threads): their timeout is a deadline for the whole command.
 """
 
 from __future__ import annotations
 
+import io
+import select
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import paramiko
 import tenacity
@@ -20,10 +25,19 @@ import tenacity
 from ..errors import ImageError, OstError, SSHCommandError
 from .keys import fingerprint
 
+if TYPE_CHECKING:
+    from ..hypervisor.host import AnyPath, Host
+
 PROBE_INTERVAL = 0.1
+PROBE_CONNECT = 2.0  # seconds a remote hypervisor may take to say a guest's port is closed
+READ_INTERVAL = 0.1  # seconds a running command may go without a look at its deadline and abort event
+READ_SIZE = 65536
+CONNECT_TIMEOUT = 10.0  # seconds for each step of a login (TCP, key exchange, authentication)
+OPEN_TIMEOUT = 30.0  # seconds for a channel of an open connection
 AUTH_GRACE = 10.0  # seconds a guest may refuse the key while it finishes booting
 # What a booting guest's SSH raises until it is ready (socket.timeout is an OSError).
 NOT_READY_YET = (OSError, EOFError, paramiko.SSHException)
+NOT_CONNECTED = NOT_READY_YET  # what a connection that dropped raises
 
 
 @dataclass(frozen=True)
@@ -49,9 +63,32 @@ def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def load_key(path: Path) -> paramiko.PKey:
+def _within(seconds: float, end: Optional[float]) -> float:
+    """`seconds`, or less if the deadline `end` (time.monotonic()) comes sooner."""
+    return seconds if end is None else max(0.0, min(seconds, end - time.monotonic()))
+
+
+def _lines(data: bytearray, sent: int, on_line: Callable[[str], None]) -> int:
+    """Call `on_line` with each whole line of `data` after offset `sent`; the offset after them."""
+    end = data.rfind(b"\n", sent) + 1
+    if end:
+        for line in bytes(data[sent:end - 1]).split(b"\n"):
+            on_line(line.decode(errors="replace"))
+    return max(end, sent)
+
+
+def load_key(path: "AnyPath") -> paramiko.PKey:
+    """The private key at `path` (here, or on a remote hypervisor), whatever its type."""
     try:
-        return paramiko.PKey.from_path(str(path))
+        if isinstance(path, Path):
+            return paramiko.PKey.from_path(str(path))
+        text = path.read_text()
+        for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+            try:
+                return kind.from_private_key(io.StringIO(text))
+            except paramiko.SSHException:
+                continue
+        raise paramiko.SSHException("not a private key of a type paramiko knows")
     except (OSError, paramiko.SSHException, ValueError) as exc:
         raise ImageError(f"Cannot use {path} as an SSH private key: {exc}. It should be the "
                          f"images' <distro>_id_rsa; reinstall the base image package.") from None
@@ -69,13 +106,19 @@ class SSH:
     """One reusable SSH connection to a VM as root.
 
     Until a host key is pinned (first contact) any key is accepted; from then on
-    only the pinned one (paramiko's RejectPolicy).
+    only the pinned one (paramiko's RejectPolicy). Setting `abort` (the booter's, on
+    Ctrl-C) stops a running command within READ_INTERVAL. `via`: the hypervisor's side
+    (hypervisor/host.py); a remote hypervisor's VMs are reached through its sshd, as
+    ``ssh -J`` does (one connection to it for every VM of the session).
     """
 
     def __init__(self, host: str, key: paramiko.PKey, user: str = "root", port: int = 22,
-                 host_key: Optional[paramiko.PKey] = None) -> None:
+                 host_key: Optional[paramiko.PKey] = None, abort: Optional[threading.Event] = None,
+                 via: Optional["Host"] = None) -> None:
         self.host, self.key, self.user, self.port = host, key, user, port
         self.host_key = host_key
+        self.abort = abort
+        self.via = via if via is not None and not via.local else None  # None: straight from here
         self._client: Optional[paramiko.SSHClient] = None
         self._lock = threading.Lock()
 
@@ -90,7 +133,7 @@ class SSH:
         assert transport is not None  # connect() succeeded
         return transport.get_remote_server_key()
 
-    def connect(self, timeout: float = 10.0, sock: Optional[socket.socket] = None) -> paramiko.SSHClient:
+    def connect(self, timeout: float = CONNECT_TIMEOUT, sock: Optional[socket.socket] = None) -> paramiko.SSHClient:
         """The open connection, reconnecting if it was closed or dropped.
 
         `sock`: an already connected socket to log in over (the readiness probe's).
@@ -106,6 +149,10 @@ class SSH:
             else:
                 client.get_host_keys().add(self._known_name, self.host_key.get_name(), self.host_key)
                 client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            if sock is None and self.via is not None:
+                sock = self.via.guest_socket(self.host, self.port, timeout)
+                if sock is None:
+                    raise OSError(f"{self.via.name} reaches nothing on {self.host}:{self.port}")
             try:
                 client.connect(self.host, self.port, self.user, pkey=self.key, timeout=timeout,
                                banner_timeout=timeout, auth_timeout=timeout, sock=sock,
@@ -129,37 +176,68 @@ class SSH:
 
     def stream(self, command: str, on_line: Optional[Callable[[str], None]],
                timeout: Optional[float] = None) -> CommandResult:
-        """Run `command`, calling `on_line` with each stdout line as it arrives (if given)."""
-        try:
-            channel = self.connect().get_transport().open_session(timeout=30)  # type: ignore[union-attr]
-        except (paramiko.SSHException, EOFError, OSError):
-            self.close()
-            channel = self.connect().get_transport().open_session(timeout=30)  # type: ignore[union-attr]
-        channel.settimeout(timeout)
-        channel.exec_command(command)
-        stderr = bytearray()
+        """Run `command`, calling `on_line` with each stdout line as it arrives (if given).
 
-        def drain_stderr() -> None:
-            with channel.makefile_stderr("rb") as err:
-                stderr.extend(err.read())
-
-        reader = threading.Thread(target=drain_stderr, daemon=True)
-        reader.start()
-        stdout = bytearray()
+        `timeout` is a deadline for all of it: connecting, starting the command, its output
+        and its exit status (None: none). When it passes, or `abort` is set, the command's
+        channel is closed and OstError raised; the connection stays open for the next command.
+        The calling thread reads stdout and stderr together: neither can fill up and stall the
+        other, and Ctrl-C interrupts it. (A new login's steps each get what is left of the
+        deadline when it starts: paramiko's TCP, key exchange and authentication timeouts.)
+        """
+        end = time.monotonic() + timeout if timeout is not None else None
+        channel = self._open_channel(command, timeout, end)
         try:
-            with channel.makefile("rb") as out:
-                for line in out if on_line is not None else [out.read()]:
-                    stdout.extend(line)
-                    if on_line is not None:
-                        on_line(line.decode(errors="replace").rstrip("\n"))
+            channel.exec_command(command)
+            stdout, stderr, sent = bytearray(), bytearray(), 0
+            while not self._finished(channel):
+                self._check(command, timeout, end)
+                select.select([channel], [], [], _within(READ_INTERVAL, end))
+                while channel.recv_ready():
+                    stdout += channel.recv(READ_SIZE)
+                while channel.recv_stderr_ready():
+                    stderr += channel.recv_stderr(READ_SIZE)
+                if on_line is not None:
+                    sent = _lines(stdout, sent, on_line)
+            if on_line is not None and sent < len(stdout):  # a last line without a newline
+                on_line(stdout[sent:].decode(errors="replace"))
             status = channel.recv_exit_status()
-        except socket.timeout:
+        finally:
             channel.close()
-            raise OstError(f"Command {command!r} on {self.host} did not finish within "
-                           f"{timeout} s.") from None
-        reader.join()
-        return CommandResult(command, status, stdout.decode(errors="replace"),
-                             stderr.decode(errors="replace"))
+        return CommandResult(command, status, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+
+    def _open_channel(self, command: str, timeout: Optional[float], end: Optional[float]) -> paramiko.Channel:
+        """A new session channel, over the open connection or (once, if it dropped) a new one, before `end`."""
+        try:
+            return self._new_channel(command, timeout, end)
+        except NOT_CONNECTED:
+            self.close()
+            return self._new_channel(command, timeout, end)
+
+    def _new_channel(self, command: str, timeout: Optional[float], end: Optional[float]) -> paramiko.Channel:
+        self._check(command, timeout, end)
+        try:
+            transport = self.connect(timeout=_within(CONNECT_TIMEOUT, end)).get_transport()
+            assert transport is not None  # connect() succeeded
+            return transport.open_session(timeout=_within(OPEN_TIMEOUT, end))
+        except NOT_CONNECTED:
+            self._check(command, timeout, end)  # it failed for want of time: say so
+            raise
+
+    def _check(self, command: str, timeout: Optional[float], end: Optional[float]) -> None:
+        """Raise OstError once the deadline has passed or `abort` is set."""
+        if end is not None and time.monotonic() >= end:
+            raise OstError(f"Command {command!r} on {self.host} did not finish within {timeout} s. Its channel "
+                           f"was closed (a command that writes nothing may still run there): allow it more "
+                           f"time, or bound it in the VM itself (timeout N COMMAND).")
+        if self.abort is not None and self.abort.is_set():
+            raise OstError(f"Command {command!r} on {self.host} was stopped: the session was interrupted.")
+
+    @staticmethod
+    def _finished(channel: paramiko.Channel) -> bool:
+        """The command exited and all its output is read (nothing comes after the end of file)."""
+        return (channel.exit_status_ready() and (channel.eof_received or channel.closed)
+                and not channel.recv_ready() and not channel.recv_stderr_ready())
 
     @property
     def _known_name(self) -> str:
@@ -191,9 +269,12 @@ class SSH:
             dead = alive()
             if dead:
                 raise NotReady(dead)
-            sock = sshd_socket(self.host, self.port)
+            sock = sshd_socket(self.host, self.port) if self.via is None else \
+                self.via.guest_socket(self.host, self.port, PROBE_CONNECT)
             if sock is None:
-                last[0] = f"nothing answers on {self.host}:{self.port} (no address yet, or sshd not started)"
+                through = "" if self.via is None else f" (through {self.via.name})"
+                last[0] = (f"nothing answers on {self.host}:{self.port}{through} (no address yet, or sshd not "
+                           f"started)")
                 raise TimeoutError(last[0])
             try:
                 try:
