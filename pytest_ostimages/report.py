@@ -67,15 +67,26 @@ def vm_sections(vms: Iterable["VM"]) -> list[tuple[str, str]]:
 
 
 def warm_listing(cache: "WarmCache") -> list[str]:
-    """What ``--ost-warm-list`` prints: each saved state, what it is, its inputs, size and age."""
-    lines = []
+    """What ``--ost-warm-list`` prints: each saved state, what it is, its inputs, size and age
+    (a damaged one: why, and how to remove it)."""
+    lines, damaged = [], 0
     for state, meta in cache.listing():
-        age = (time.time() - float(meta.get("saved", time.time()))) / 3600
-        what = (f"{meta.get('name')} ({', '.join(meta.get('roles', []))})" if meta.get("kind") == "environment"
-                else f"VM {meta.get('role')} of {meta.get('image')}")
+        size = f"{state.key}  {state.size() / 2**20:8.0f} MiB  "
+        if isinstance(meta, str):
+            damaged += 1
+            lines.append(f"{size}damaged: {meta}")
+            continue
+        saved = meta.get("saved")
+        age = (time.time() - saved) / 3600 if saved is not None else 0.0
+        what = (f"{meta.get('name')} ({', '.join(map(str, meta.get('roles') or []))})"
+                if meta.get("kind") == "environment" else f"VM {meta.get('role')} of {meta.get('image')}")
         inputs = "; ".join(f"{k}: {v}" for k, v in (meta.get("inputs") or {}).items() if v)
-        lines.append(f"{state.key}  {state.size() / 2**20:8.0f} MiB  {age:6.1f} h old  {what}"
+        lines.append(f"{size}{age:6.1f} h old  {what}"
                      + (f"  [{inputs}]" if inputs else "") + (f"  on {meta['parent']}" if meta.get("parent") else ""))
+    if damaged:
+        lines.append(f"{damaged} damaged state{'s' if damaged > 1 else ''}: no session can restore "
+                     f"{'them' if damaged > 1 else 'it'}; `pytest --ost-cleanup --ost-warm-cache` removes every "
+                     f"saved state not in use (sessions save the ones they need anew).")
     return lines or [f"no saved states in {cache.root}"]
 
 
