@@ -8,8 +8,8 @@ It never fails because of a time: it only measures.
 
 Figures:
   boot       the plugin hands over an SSH-ready VM  vs  a hand-written sequence
-             (qemu-img create, virsh create of an equivalent domain, poll port 22
-             every 50 ms) on the same image, network and settings
+             (qemu-img create, virsh create of the same domain XML, poll port 22
+             every 50 ms) on the same image, network template and settings
   parallel   1..4 VMs and engine + 2 hosts booted together  vs  one VM alone and
              the same VMs booted one after another
   overlay    time and bytes to create an overlay, on two images of different size
@@ -50,21 +50,27 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import libvirt
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pytest_ostimages.config import from_environment  # noqa: E402
+from pytest_ostimages.config import OstConfig, from_environment  # noqa: E402
 from pytest_ostimages import Lab, VMSpec  # noqa: E402
 from pytest_ostimages.ost import deploy as ost  # noqa: E402
 from pytest_ostimages.ost import initconfig  # noqa: E402
-from pytest_ostimages.lab.lab import OstDeployment  # noqa: E402
+from pytest_ostimages.lab.lab import OstDeployment, Run  # noqa: E402
+from pytest_ostimages.lab.networks import with_free_subnet  # noqa: E402
 from pytest_ostimages.guest.ssh import SSH  # noqa: E402
+from pytest_ostimages.hypervisor import connection as virt  # noqa: E402
+from pytest_ostimages.hypervisor.render import HostEntry, Templates, domain_xml, network_xml  # noqa: E402
+from pytest_ostimages.images.catalog import Image  # noqa: E402
+from pytest_ostimages.state.ledger import Ledger  # noqa: E402
+from pytest_ostimages.parallel import each  # noqa: E402
+from pytest_ostimages.waiting import poll  # noqa: E402
 
 MEMORY, VCPUS = 512, 1
 LAYER = "engine-installed"
@@ -72,8 +78,69 @@ LAYER = "engine-installed"
 SETTINGS = {"ost_distro": "debian12", "ost_memory": str(MEMORY), "ost_vcpus": str(VCPUS), "ost_warm": "off"}
 
 
-def config(**settings: str):
+# Deadlines: nothing here waits for ever. A VM's own boot is bounded by the plugin's --ost-boot-timeout.
+SESSION_TIMEOUT = 1800.0  # seconds a pytest session of a figure may take (an OST boot + deploy takes minutes)
+STOP_GRACE = 120.0  # seconds a session stopped at its deadline (SIGTERM) has to remove its VMs before SIGKILL
+TOOL_TIMEOUT = 300.0  # seconds for qemu-img / qemu-io (writing 1 GiB included)
+
+
+def config(**settings: str) -> OstConfig:
     return from_environment({**SETTINGS, **settings})
+
+
+def tool(command: list[str]) -> None:
+    """Run qemu-img or qemu-io, within TOOL_TIMEOUT s; SystemExit saying what failed."""
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{' '.join(command)} did not finish within {TOOL_TIMEOUT:.0f} s: is the disk "
+                         f"under /var/tmp very slow, or full?") from None
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {exc.returncode}: {exc.stderr.strip()}") from None
+
+
+def session(command: list[str], what: str, check: bool = True, timeout: float = SESSION_TIMEOUT,
+            on_line: Callable[[str], None] = lambda line: None) -> subprocess.CompletedProcess:
+    """Run `command`, a pytest session, in ROOT; its output (stdout and stderr) goes to `on_line`
+    line by line as it comes. `check`: a session that fails ends the benchmarks (SystemExit).
+
+    `timeout` is a deadline for the whole session: then it gets SIGTERM (the plugin removes its
+    VMs), STOP_GRACE s later SIGKILL (its VMs stay, labelled: `pytest --ost-cleanup` removes them).
+    An interrupt (Ctrl-C) stops it the same way.
+    """
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    expired = threading.Event()
+
+    def stop() -> None:
+        expired.set()
+        proc.terminate()
+
+    timers = [threading.Timer(timeout, stop), threading.Timer(timeout + STOP_GRACE, proc.kill)]
+    for timer in timers:
+        timer.start()
+    lines: list[str] = []
+    try:
+        for line in proc.stdout or []:
+            lines.append(line)
+            on_line(line)
+        proc.wait()
+    finally:
+        for timer in timers:
+            timer.cancel()
+        if proc.poll() is None:  # interrupted while it runs
+            proc.terminate()
+            try:
+                proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    output = "".join(lines)
+    if expired.is_set():
+        raise SystemExit(f"{what} did not finish within {timeout:.0f} s and was stopped; if it left VMs, "
+                         f"`pytest --ost-cleanup` removes them. Its last lines:\n{output[-3000:]}")
+    if check and proc.returncode != 0:
+        raise SystemExit(f"{what} failed (exit code {proc.returncode}): {' '.join(command)}\n{output[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, output)
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -127,75 +194,96 @@ def readiness_latency(vm, ready_wall: float) -> float:
 
 # --- the baseline: what a person would write by hand ---------------------------------------
 
-BASELINE_NET = """<network><name>{name}</name><forward mode='nat'/><bridge name='{name}'/>
-<ip address='{gw}' prefix='24'><dhcp><range start='{first}' end='{last}'/>
-{hosts}</dhcp></ip></network>"""
-
-BASELINE_DOMAIN = """<domain type='{virt_type}'><name>{name}</name><memory unit='MiB'>{memory}</memory>
-<vcpu>{vcpus}</vcpu><os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-<features><acpi/><apic/></features><cpu mode='{cpu}'/>
-<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='unsafe'/>
-<source file='{overlay}'/>{backing}<target dev='vda' bus='virtio'/></disk>
-<interface type='network'><source network='{network}'/><mac address='{mac}'/><model type='virtio'/></interface>
-<serial type='file'><source path='{console}'/></serial><rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
-<memballoon model='none'/></devices></domain>"""
-
-
 class Baseline:
-    """A network made once, then VMs booted by hand: overlay, createXML, poll port 22."""
+    """VMs booted by hand on a network of its own: qemu-img create, createXML of the plugin's
+    domain XML, poll port 22 every 50 ms.
 
-    def __init__(self, image, virt_type: str, count: int = 4) -> None:
-        self.conn = libvirt.open(config().libvirt_uri)
-        self.image = image
-        self.virt_type = virt_type
-        self.cpu = "host-passthrough" if virt_type == "kvm" else "maximum"
-        self.dir = Path(tempfile.mkdtemp(prefix="ost-bench-", dir="/var/tmp"))
-        self.dir.chmod(0o755)
-        self.subnet = ipaddress.IPv4Network("192.168.250.0/24")
-        self.slots = [(f"52:54:00:fa:00:{i:02x}", self.subnet.network_address + 10 + i) for i in range(count)]
-        hosts = "".join(f"<host mac='{m}' ip='{ip}'/>" for m, ip in self.slots)
-        self.net = self.conn.networkCreateXML(BASELINE_NET.format(
-            name="ostbench", gw=self.subnet.network_address + 1, first=self.subnet.network_address + 100,
-            last=self.subnet.network_address + 200, hosts=hosts))
+    Its network, domains and folder are what a run of the plugin makes (bench/run.py's own run):
+    recorded in a ledger before they exist and labelled with this process as their owner, so that
+    close() removes them (each label checked first) and, after a crash, the next session or
+    `pytest --ost-cleanup` does.
+    """
+
+    def __init__(self, settings: OstConfig, image: Image, virt_type: str, cpu_mode: str,
+                 templates: Templates, count: int = 4) -> None:
+        self.settings, self.image, self.virt_type, self.cpu_mode = settings, image, virt_type, cpu_mode
+        self.templates = templates
+        self.run = Run.new(settings.workdir)
+        self.name = f"ostb-{self.run.run_id}"  # the network and its bridge (at most 15 characters)
+        self.ledger = Ledger()
+        self.conn = virt.connect(settings.libvirt_uri)
+        try:
+            self.ledger.record("workdir", str(self.run.workdir.path), self.run.owner)
+            self.run.workdir.create(self.run.owner)
+            self.slots: list[HostEntry] = []
+            with_free_subnet(self.conn, settings.subnet_pool, lambda subnet: self._network(subnet, count))
+        except BaseException:
+            self.close()
+            raise
+
+    def _network(self, subnet: ipaddress.IPv4Network, count: int) -> None:
+        self.slots = [HostEntry(f"vm{i}", f"52:54:00:fa:00:{i:02x}", subnet.network_address + 10 + i)
+                      for i in range(count)]
+        xml = network_xml(self.templates.load("network.xml"), name=self.name, bridge=self.name, subnet=subnet,
+                          domain=self.settings.dns_domain, hosts=self.slots, label=self.run.owner)
+        self.ledger.record("network", self.name, self.run.owner)  # before it exists: see Lab
+        virt.create_network(self.conn, xml)
 
     def boot(self, count: int = 1) -> float:
         """Boot `count` VMs together by hand; seconds until every port 22 accepts."""
         start = time.monotonic()
-        doms = []
-        for i in range(count):
-            mac, ip = self.slots[i]
-            overlay = self.dir / f"vm{i}.qcow2"
-            overlay.unlink(missing_ok=True)
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                            str(self.image.path), str(overlay)], check=True)
-            # libvirt must not chown the installed images (the plugin does the same)
-            backing, tail = "", ""
-            for path, fmt in zip(self.image.chain, self.image.chain_formats):
-                backing += (f"<backingStore type='file'><format type='{fmt}'/><source file='{path}'>"
-                            "<seclabel model='dac' relabel='no'/></source>")
-                tail += "</backingStore>"
-            doms.append(self.conn.createXML(BASELINE_DOMAIN.format(
-                virt_type=self.virt_type, name=f"ostbench-{i}", memory=MEMORY, vcpus=VCPUS,
-                cpu=self.cpu, overlay=overlay, backing=backing + "<backingStore/>" + tail,
-                network="ostbench", mac=mac, console=self.dir / f"vm{i}.log")))
-        pending = {str(ip) for _, ip in self.slots[:count]}
-        while pending:
-            for ip in list(pending):
-                try:
-                    socket.create_connection((ip, 22), timeout=0.05).close()
-                    pending.discard(ip)
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        elapsed = time.monotonic() - start
-        for dom in doms:
-            dom.destroy()
-        return elapsed
+        names = []
+        try:
+            for i, slot in enumerate(self.slots[:count]):
+                name = f"{self.name}-{i}"
+                overlay = self.run.workdir.path / f"{name}.qcow2"
+                overlay.unlink(missing_ok=True)
+                tool(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(self.image.path),
+                      str(overlay)])
+                xml = domain_xml(self.templates.load("domain.xml"), name=name, virt_type=self.virt_type,
+                                 cpu_mode=self.cpu_mode, memory_mib=MEMORY, vcpus=VCPUS, disk=overlay,
+                                 backing=list(zip(self.image.chain, self.image.chain_formats)),
+                                 nics=[(self.name, slot.mac)], console_log=self.console(name),
+                                 label=self.run.owner.with_role(slot.name))
+                self.ledger.record("domain", name, self.run.owner)
+                names.append(name)
+                self.conn.createXML(xml)
+            pending = {str(slot.ip): f"{self.name}-{i}" for i, slot in enumerate(self.slots[:count])}
+
+            def listening() -> bool:
+                for ip in list(pending):
+                    try:
+                        socket.create_connection((ip, 22), timeout=0.05).close()
+                        del pending[ip]
+                    except OSError:
+                        pass
+                return not pending
+
+            if not poll(listening, self.settings.boot_timeout, 0.05):
+                consoles = "\n".join(f"--- {name} at {ip}, its console (tail):\n{self.console_tail(name)}"
+                                     for ip, name in pending.items())
+                raise SystemExit(f"Baseline VMs did not accept connections on port 22 within "
+                                 f"{self.settings.boot_timeout:.0f} s (--ost-boot-timeout):\n{consoles}")
+            return time.monotonic() - start
+        finally:
+            for name in names:
+                self.ledger.remove(self.conn, "domain", name)
+
+    def console(self, name: str) -> Path:
+        return self.run.workdir.path / f"{name}.log"
+
+    def console_tail(self, name: str, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.console(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(unreadable: {exc.strerror})"
 
     def close(self) -> None:
-        self.net.destroy()
-        self.conn.close()
-        subprocess.run(["rm", "-rf", str(self.dir)], check=True)
+        """Remove the domains, the network and the folder (their labels checked first)."""
+        try:
+            self.ledger.remove_all(self.conn)
+        finally:
+            self.conn.close()
 
 
 # --- figures -----------------------------------------------------------------------------
@@ -233,28 +321,27 @@ def measure_parallel(repeat: int, baseline: Baseline, results: dict) -> None:
           f"one after another {min(sequential):.1f} s", flush=True)
 
 
-def measure_overlay(repeat: int, image, results: dict) -> None:
-    from pytest_ostimages.images.catalog import Image
+def measure_overlay(repeat: int, image: Image, results: dict) -> None:
     from pytest_ostimages.lab.workdir import WorkDir
 
-    scratch = Path(tempfile.mkdtemp(prefix="ost-bench-", dir="/var/tmp"))
-    big = scratch / "big.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "100G"], check=True)
-    subprocess.run(["qemu-io", "-c", "write -P 0xab 0 1G", str(big)], check=True, capture_output=True)
-    images = {"installed layer": image,
-              "100 GiB image with 1 GiB data": Image("bench", "big", big, (big,), ("qcow2",))}
-    for n, (label, img) in enumerate(images.items()):
-        times, sizes = [], []
-        for i in range(repeat * 3):
-            work = WorkDir(scratch, f"image{n}-run{i}")
-            work.path.mkdir()
-            t0 = time.monotonic()
-            overlay = work.overlay(img, "vm")
-            times.append(time.monotonic() - t0)
-            sizes.append(overlay.stat().st_blocks * 512)
-        results[f"overlay: {label}"] = {"plugin": stats(times), "bytes": max(sizes),
-                                        "image_bytes": img.path.stat().st_size}
-    subprocess.run(["rm", "-rf", str(scratch)], check=True)
+    with tempfile.TemporaryDirectory(prefix="ost-bench-", dir="/var/tmp") as tmp:
+        scratch = Path(tmp)
+        big = scratch / "big.qcow2"
+        tool(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "100G"])
+        tool(["qemu-io", "-c", "write -P 0xab 0 1G", str(big)])
+        images = {"installed layer": image,
+                  "100 GiB image with 1 GiB data": Image("bench", "big", big, (big,), ("qcow2",))}
+        for n, (label, img) in enumerate(images.items()):
+            times, sizes = [], []
+            for i in range(repeat * 3):
+                work = WorkDir(scratch, f"image{n}-run{i}")
+                work.path.mkdir()
+                t0 = time.monotonic()
+                overlay = work.overlay(img, "vm")
+                times.append(time.monotonic() - t0)
+                sizes.append(overlay.stat().st_blocks * 512)
+            results[f"overlay: {label}"] = {"plugin": stats(times), "bytes": max(sizes),
+                                            "image_bytes": img.path.stat().st_size}
 
 
 def measure_revert(repeat: int, results: dict) -> None:
@@ -287,10 +374,10 @@ def reuse_sessions(command: list[str], repeat: int) -> list[float]:
     try:
         for _ in range(repeat + 1):
             t0 = time.monotonic()
-            subprocess.run(command, check=True, capture_output=True)
+            session(command, "a session with --ost-reuse")
             runs.append(time.monotonic() - t0)
     finally:
-        subprocess.run([sys.executable, "-m", "pytest", "--ost-cleanup"], check=True, capture_output=True)
+        session([sys.executable, "-m", "pytest", "--ost-cleanup"], "pytest --ost-cleanup")
     return runs
 
 
@@ -309,8 +396,8 @@ def measure_reuse(repeat: int, results: dict) -> None:
 def measure_suite(results: dict) -> None:
     for workers in ("0", "2"):
         t0 = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers,
-                               str(ROOT / "examples" / "basic_suite")], cwd=ROOT, capture_output=True, text=True)
+        done = session([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers,
+                        str(ROOT / "examples" / "basic_suite")], f"the example suite with -n {workers}", check=False)
         elapsed = time.monotonic() - t0
         results[f"suite -n {workers}"] = {"plugin": stats([elapsed]), "passed": done.returncode == 0}
         print(f"  example suite -n {workers}: {elapsed:.1f} s ({'passed' if done.returncode == 0 else 'FAILED'})",
@@ -364,9 +451,8 @@ def measure_warm(repeat: int, results: dict) -> None:
         runs = []
         for _ in range(2):
             t0 = time.monotonic()
-            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ost-warm=on",
-                            f"--ost-workdir={tmp}", str(ROOT / "examples" / "basic_suite")], cwd=ROOT,
-                           check=True, capture_output=True)
+            session([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--ost-warm=on",
+                     f"--ost-workdir={tmp}", str(ROOT / "examples" / "basic_suite")], "the example suite, warm")
             runs.append(time.monotonic() - t0)
     results["warm: example suite, cold session"] = {"plugin": stats(runs[1:]), "baseline": stats(runs[:1])}
     print(f"  example suite: first run {runs[0]:.1f} s (boots, saves), next cold run {runs[1]:.1f} s", flush=True)
@@ -419,14 +505,16 @@ def measure_inside(repeat: int, results: dict) -> None:
                        f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", "--ost-warm=off",
                        str(ROOT / "examples" / "inside")]
             t0 = time.monotonic()
-            proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            first = None
-            for line in proc.stdout or []:
-                if first is None and " PASSED" in line:
-                    first = time.monotonic() - t0
-            if proc.wait() != 0 or first is None:
-                raise SystemExit(f"--ost-run-inside ({mode}) failed")
-            times[mode].append(first)
+            passed: list[float] = []
+
+            def on_line(line: str) -> None:
+                if " PASSED" in line:
+                    passed.append(time.monotonic() - t0)
+
+            session(command, f"--ost-run-inside ({mode})", on_line=on_line)
+            if not passed:
+                raise SystemExit(f"--ost-run-inside ({mode}) passed no inner test: {' '.join(command)}")
+            times[mode].append(passed[0])
     results["inside: first inner result"] = {"plugin": stats(times["virtiofs"]), "baseline": stats(times["copy"])}
     print(f"  inside, first result: shared {min(times['virtiofs']):.1f} s, copied {min(times['copy']):.1f} s",
           flush=True)
@@ -480,9 +568,7 @@ def ost_session(warm_root: str, *args: str) -> tuple[float, str]:
                f"--ost-root={example}", f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", str(example / "basic-suite"),
                *args]
     t0 = time.monotonic()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the example OST suite failed:\n{done.stdout[-3000:]}")
+    done = session(command, "the example OST suite")
     return time.monotonic() - t0, done.stdout
 
 
@@ -527,12 +613,8 @@ def measure_warm_ost(repeat: int, results: dict) -> None:
                          f"--ost-root={example}", f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", "-s",
                          str(example / "basic-suite"), "-k", "test_backend_finds_every_vm"] for _ in range(count)]
             t0 = time.monotonic()
-            procs = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                     for c in commands]
-            outputs = [proc.communicate()[0] for proc in procs]
-            if any(proc.returncode for proc in procs):
-                raise SystemExit("a concurrent restore failed:\n" + "\n".join(o[-2000:] for o in outputs))
-            concurrent[count] = [ready_seconds(o, "4 VMs ready") for o in outputs] + [time.monotonic() - t0]
+            done = each(lambda c: session(c, f"one of {count} sessions restoring at once"), commands)
+            concurrent[count] = [ready_seconds(d.stdout, "4 VMs ready") for d in done] + [time.monotonic() - t0]
         for count in (2, 4):
             results[f"warm ost: {count} sessions restoring at once vs 1 (VMs ready)"] = {
                 "plugin": stats(concurrent[count][:-1]), "baseline": stats(concurrent[1][:-1])}
@@ -586,17 +668,20 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args()
 
-    lab = Lab(config())
-    image = lab.inputs.image(LAYER)
-    virt_type = lab.virt_type
+    settings = config()
+    lab = Lab(settings)
+    try:
+        image = lab.inputs.image(LAYER)
+        virt_type, cpu_mode, templates = lab.virt_type, lab.cpu_mode, lab.inputs.templates
+    finally:
+        lab.close()
     results: dict[str, Any] = {"machine": {"host": platform.node(), "cpus": os.cpu_count(),
                                            "virt_type": virt_type, "memory_mib": MEMORY, "vcpus": VCPUS,
                                            "image": str(image.path), "date": time.strftime("%Y-%m-%d")}}
-    lab.close()
     print(f"benchmarks on {platform.node()} ({os.cpu_count()} CPUs, {virt_type} guests, "
           f"{VCPUS} vCPU / {MEMORY} MiB each, {args.repeat} runs per figure)", flush=True)
     wanted = set(args.only or FIGURES)
-    baseline = Baseline(image, virt_type)
+    baseline = Baseline(settings, image, virt_type, cpu_mode, templates)
     try:
         if "overlay" in wanted:
             measure_overlay(args.repeat, image, results)
