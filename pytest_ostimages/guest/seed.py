@@ -15,12 +15,14 @@ import json
 import uuid
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ..errors import OstError, SessionError
 from .identity import hosts_line
 from .keys import HostKey
+
+if TYPE_CHECKING:
+    from ..hypervisor.host import AnyPath
 
 UserData = Union[str, dict[str, Any]]
 
@@ -48,7 +50,7 @@ def user_data(hostname: str, fqdn: str, ip: str, authorized_key: str, host_key: 
     return message.as_string()
 
 
-def write_seed(path: Path, fqdn: str, ip: str, authorized_key: str, host_key: HostKey,
+def write_seed(path: "AnyPath", fqdn: str, ip: str, authorized_key: str, host_key: HostKey,
                extra: Optional[UserData] = None) -> str:
     """Write the seed ISO for one VM, named `fqdn` (its first label the host name, as VM.identity
     sets it without cloud-init); returns its instance-id."""
@@ -70,8 +72,10 @@ def write_seed(path: Path, fqdn: str, ip: str, authorized_key: str, host_key: Ho
         data = text.encode()
         iso.add_fp(io.BytesIO(data), len(data), f"/{name.replace('-', '').upper()}.;1",
                    rr_name=name, joliet_path=f"/{name}")
-    iso.write(str(path))
+    image = io.BytesIO()
+    iso.write_fp(image)
     iso.close()
+    path.write_bytes(image.getvalue())  # on the hypervisor, where its VM runs
     # it holds the VM's private host key: only ours; libvirt gives it to qemu's user while the VM runs
     path.chmod(0o600)
     return instance_id

@@ -20,6 +20,7 @@ from ..errors import BootError, OstError, VirtError, VMError
 from ..hypervisor import checkpoint
 from ..hypervisor.checkpoint import Checkpoint
 from ..hypervisor.connection import domain_state, kvm_failure, libvirt_module
+from ..hypervisor.host import LOCAL
 from ..hypervisor.render import HostEntry
 from ..images.catalog import Image
 from . import cloudinit, testinfra_host
@@ -31,6 +32,8 @@ CLEAN_SNAPSHOT = "ost-clean"
 
 if TYPE_CHECKING:
     import libvirt
+
+    from ..hypervisor.host import AnyPath, Host
     from testinfra.host import Host as TestinfraHost
 
 
@@ -48,8 +51,8 @@ class VM:
     ip: "ipaddress.IPv4Address | ipaddress.IPv6Address"  # where the plugin reaches it (IPv4 unless IPv6-only)
     mac: str
     image: Image
-    overlay: Path
-    console_path: Path
+    overlay: "AnyPath"  # on the hypervisor, as its console log
+    console_path: "AnyPath"
     domain: "libvirt.virDomain" = field(repr=False)
     _ssh: SSH = field(repr=False)
     boot_seconds: Optional[float] = None
@@ -61,6 +64,7 @@ class VM:
     ready: bool = False  # answered SSH, has its identity, its host key pinned
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict, repr=False)  # UEFI's "snapshots"
     backed_by: Optional[str] = None  # the saved state (warm start) its disks are overlays of
+    host: "Host" = field(default=LOCAL, repr=False)  # the hypervisor's side: its files (overlay, console, NVRAM)
 
     @functools.cached_property
     def testinfra(self) -> "TestinfraHost":
@@ -153,7 +157,7 @@ class VM:
         try:
             self._ssh.wait_ready(timeout, died)
         except NotReady as exc:
-            kvm = kvm_failure(self.domain) if self.state() == "paused" else None
+            kvm = kvm_failure(self.domain, self.host) if self.state() == "paused" else None
             if kvm is not None:  # every VM of the host would stop the same way
                 raise VirtError(self.describe_failure(f"was stopped by KVM while booting: {kvm.rstrip('.')}",
                                                      hint=False)) from None
@@ -261,7 +265,8 @@ class VM:
         with self._snapshot_errors(f"save its state as snapshot {name!r}"):
             if checkpoint.uses_pflash(self.domain):
                 self._ssh.close()  # its domain is saved and restored under it
-                self.checkpoints[name], self.domain = checkpoint.take(self.domain, self.overlay, self.nvram, name)
+                self.checkpoints[name], self.domain = checkpoint.take(self.domain, self.overlay, self.nvram, name,
+                                                                      self.host)
             else:
                 self.domain.snapshotCreateXML(f"<domainsnapshot><name>{name}</name></domainsnapshot>", 0)
         return time.monotonic() - start
@@ -280,7 +285,8 @@ class VM:
         self._ssh.close()  # the guest forgot this connection: it predates the snapshot
         with self._snapshot_errors(f"go back to snapshot {name!r}"):
             if name in self.checkpoints:
-                self.domain = checkpoint.go_back(self.domain, self.checkpoints[name], self.overlay, self.nvram)
+                self.domain = checkpoint.go_back(self.domain, self.checkpoints[name], self.overlay, self.nvram,
+                                                 self.host)
             else:
                 self.domain.revertToSnapshot(self.domain.snapshotLookupByName(name),
                                              libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
@@ -297,10 +303,10 @@ class VM:
             self._ssh.pin(host_key)
 
     @property
-    def nvram(self) -> Optional[Path]:
-        """The UEFI firmware's variables file, None with BIOS."""
+    def nvram(self) -> Optional["AnyPath"]:
+        """The UEFI firmware's variables file (on the hypervisor), None with BIOS."""
         found = etree.fromstring(self.domain.XMLDesc().encode()).findtext("os/nvram")
-        return Path(found) if found else None
+        return self.host.path(found) if found else None
 
     @contextlib.contextmanager
     def _snapshot_errors(self, what: str) -> Iterator[None]:

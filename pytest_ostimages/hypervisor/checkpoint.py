@@ -11,9 +11,7 @@ back, and restores the save image (which stays, for the next time).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from lxml import etree
@@ -22,17 +20,22 @@ from ..errors import VMError
 from ..images.overlay import create_overlay
 from ..state.folders import share_with_qemu
 from .connection import libvirt_module, qemu_ids
+from .host import LOCAL
 from .saveimage import found, on_saved_disk
 
 if TYPE_CHECKING:
     import libvirt
 
+    from .host import AnyPath, Host
+
 
 @dataclass(frozen=True)
 class Checkpoint:
-    memory: Path  # the save image
-    disk: Path  # the disk at that moment, read-only, backing the domain's overlay
-    nvram: Optional[Path]  # the firmware's variables at that moment
+    """Files on the hypervisor, beside the domain's overlay."""
+
+    memory: "AnyPath"  # the save image
+    disk: "AnyPath"  # the disk at that moment, read-only, backing the domain's overlay
+    nvram: Optional["AnyPath"]  # the firmware's variables at that moment
     xml: str  # the domain XML to restore with: the overlay on `disk`
 
 
@@ -42,8 +45,10 @@ def uses_pflash(dom: "libvirt.virDomain") -> bool:
     return loader is not None and loader.get("type") == "pflash"
 
 
-def take(dom: "libvirt.virDomain", overlay: Path, nvram: Optional[Path], name: str) -> tuple[Checkpoint, "libvirt.virDomain"]:
-    """Checkpoint `dom` (running on `overlay`) as `<overlay>.<name>.*`; returns it and the domain, running again."""
+def take(dom: "libvirt.virDomain", overlay: "AnyPath", nvram: Optional["AnyPath"], name: str,
+         host: "Host" = LOCAL) -> tuple[Checkpoint, "libvirt.virDomain"]:
+    """Checkpoint `dom` (running on `overlay`, on `host`) as `<overlay>.<name>.*`; returns it and the
+    domain, running again."""
     libvirt = libvirt_module()
     conn = dom.connect()
     memory = overlay.with_name(f"{overlay.stem}.{name}.save")
@@ -52,13 +57,12 @@ def take(dom: "libvirt.virDomain", overlay: Path, nvram: Optional[Path], name: s
         virt_type = etree.fromstring(dom.XMLDesc().encode()).get("type", "kvm")
         dom.save(str(memory))  # the domain stops; its memory is in the file
         overlay.rename(disk)
-        share_with_qemu(disk, qemu_ids(conn, virt_type))  # below the new overlay: libvirt does not relabel it
+        share_with_qemu(disk, qemu_ids(conn, virt_type), host)  # below the new overlay: libvirt does not relabel it
         copy = None
         if nvram is not None:
             copy = nvram.with_name(f"{nvram.name}.{name}")
-            shutil.copyfile(nvram, copy)
-            copy.chmod(0o600)
-        create_overlay(disk, overlay)
+            host.copyfile(nvram, copy)
+        create_overlay(disk, overlay, host)
         root = etree.fromstring(conn.saveImageGetXMLDesc(str(memory), 0).encode())
         on_saved_disk(found(root, "devices/disk[@device='disk']"), overlay, disk)
         checkpoint = Checkpoint(memory, disk, copy, etree.tostring(root, encoding="unicode"))
@@ -67,7 +71,7 @@ def take(dom: "libvirt.virDomain", overlay: Path, nvram: Optional[Path], name: s
         raise VMError(f"Cannot checkpoint domain {dom.name()}: libvirt says {exc.get_error_message()!r}") from None
 
 
-def find(dom: "libvirt.virDomain", overlay: Path, nvram: Optional[Path], name: str) -> Optional[Checkpoint]:
+def find(dom: "libvirt.virDomain", overlay: "AnyPath", nvram: Optional["AnyPath"], name: str) -> Optional[Checkpoint]:
     """The checkpoint `name` taken earlier of the domain on `overlay` (by another session that kept it)."""
     memory = overlay.with_name(f"{overlay.stem}.{name}.save")
     disk = overlay.with_name(f"{overlay.stem}.{name}.qcow2")
@@ -80,7 +84,8 @@ def find(dom: "libvirt.virDomain", overlay: Path, nvram: Optional[Path], name: s
                       etree.tostring(root, encoding="unicode"))
 
 
-def go_back(dom: "libvirt.virDomain", checkpoint: Checkpoint, overlay: Path, nvram: Optional[Path]) -> "libvirt.virDomain":
+def go_back(dom: "libvirt.virDomain", checkpoint: Checkpoint, overlay: "AnyPath", nvram: Optional["AnyPath"],
+            host: "Host" = LOCAL) -> "libvirt.virDomain":
     """Destroy `dom` and restore it as it was at `checkpoint`; returns the domain, running."""
     libvirt = libvirt_module()
     conn = dom.connect()
@@ -88,9 +93,9 @@ def go_back(dom: "libvirt.virDomain", checkpoint: Checkpoint, overlay: Path, nvr
         if dom.isActive():
             dom.destroy()
         overlay.unlink(missing_ok=True)
-        create_overlay(checkpoint.disk, overlay)
+        create_overlay(checkpoint.disk, overlay, host)
         if nvram is not None and checkpoint.nvram is not None:
-            shutil.copyfile(checkpoint.nvram, nvram)
+            host.copyfile(checkpoint.nvram, nvram)
         return _restore(conn, checkpoint)
     except libvirt.libvirtError as exc:
         raise VMError(f"Cannot go back to the checkpoint of domain {dom.name()}: libvirt says "

@@ -19,6 +19,8 @@ from .render import HostEntry, dhcp_host_xml, dns_host_xml
 if TYPE_CHECKING:
     import libvirt
 
+    from .host import AnyPath, Host
+
 def libvirt_module() -> Any:
     try:
         import libvirt
@@ -186,19 +188,20 @@ KVM_HINT = ("This host's KVM cannot run the guest (common on nested or paravirtu
             "emulation with --ost-virt-type=qemu (slower), or fix KVM on the host.")
 
 
-def qemu_log(dom: "libvirt.virDomain") -> Optional[Path]:
-    """libvirt's log of a domain's QEMU, where this process can read it (a local daemon's)."""
+def qemu_log(dom: "libvirt.virDomain", host: "Host") -> Optional["AnyPath"]:
+    """libvirt's log of a domain's QEMU, on the hypervisor `host` (a system daemon's, or this user's)."""
     parts = urlsplit(dom.connect().getURI())
-    if parts.scheme not in ("qemu", "qemu+unix") or parts.netloc:
+    if not parts.scheme.startswith("qemu"):
         return None
-    folder = Path("/var/log/libvirt/qemu") if parts.path == "/system" else \
-        Path.home() / ".cache" / "libvirt" / "qemu" / "log"
-    return folder / f"{dom.name()}.log"
+    if parts.path == "/system":
+        return host.path(f"/var/log/libvirt/qemu/{dom.name()}.log")
+    return host.path(str(Path.home() / ".cache" / "libvirt" / "qemu" / "log" / f"{dom.name()}.log")) \
+        if host.local else None
 
 
-def kvm_failure(dom: "libvirt.virDomain") -> Optional[str]:
+def kvm_failure(dom: "libvirt.virDomain", host: "Host") -> Optional[str]:
     """Why KVM stopped the domain, quoting libvirt's log of it, with what to do; None if it did not."""
-    log = qemu_log(dom)
+    log = qemu_log(dom, host)
     try:
         lines = log.read_text(errors="replace").splitlines()[-200:] if log is not None else []
     except OSError:

@@ -120,6 +120,7 @@ class Host(Protocol):
 
     uri: str  # the libvirt URI that names it
     local: bool  # this machine: its paths are this process's own
+    jump: Optional[str]  # how OpenSSH on this machine reaches its guests: a ProxyCommand (None: directly)
 
     @property
     def name(self) -> str:
@@ -213,6 +214,7 @@ class LocalHost:
     """This machine (see the module's docstring): what the plugin always did, no indirection."""
 
     local = True
+    jump = None
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -281,14 +283,6 @@ class LocalHost:
 
 LOCAL = LocalHost("qemu:///system")  # this machine's files, commands and locks (the URI names no daemon here)
 
-
-def connect_host(uri: str) -> Host:
-    """The hypervisor side of libvirt URI `uri`: this machine, or the one a qemu+ssh URI names."""
-    if is_local(uri):
-        return LocalHost(uri)
-    from .remote import SSHHost
-
-    return SSHHost.connect(uri)
 
 
 def is_local(uri: str) -> bool:

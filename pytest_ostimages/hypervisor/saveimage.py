@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import shutil
 import struct
-import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from lxml import etree
 
 from ..errors import WarmStartError
+from .host import LOCAL
+
+if TYPE_CHECKING:
+    from .host import AnyPath, Host
 
 MAGIC = b"LibvirtQemudSave"
 HEADER = struct.Struct("<16s19I")  # magic, version, data_len, was_running, format, cookieOffset, unused[14]
 
 
-def changed_header(source: Path, edit: Callable[[etree._Element], None]) -> tuple[bytes, int]:
+def changed_header(source: "AnyPath", edit: Callable[[etree._Element], None]) -> tuple[bytes, int]:
     """The start of libvirt save image `source` with its domain XML changed by `edit`, and where the
     saved memory stream begins in `source` (everything from there on stays as it is).
 
@@ -34,7 +36,7 @@ def changed_header(source: Path, edit: Callable[[etree._Element], None]) -> tupl
     XML, NUL-terminated, then at cookieOffset the cookie), then the memory stream. The new
     start has the new XML, the cookie as it was, and a header that says how long they are.
     """
-    with open(source, "rb") as src:
+    with source.open("rb") as src:
         fields = list(HEADER.unpack(src.read(HEADER.size)))
         magic, version, data_len, cookie_offset = fields[0], fields[1], fields[2], fields[5]
         if magic != MAGIC or version != 2:
@@ -61,52 +63,34 @@ def patch_save_image(source: Path, target: Path, edit: Callable[[etree._Element]
     target.chmod(0o600)  # guest memory; libvirtd reads it as root
 
 
+# the FIFO's feeder, where the state is: the new start (its stdin), then the saved stream as it is
+FEED = 'exec >"$2"; cat; exec tail -c "+$3" "$1"'
+
+
 @contextlib.contextmanager
-def streamed(source: Path, fifo: Path, edit: Callable[[etree._Element], None]) -> Iterator[Path]:
-    """A FIFO at `fifo` that gives, to the one reader that opens it (libvirt's restore), save image
-    `source` with its domain XML changed by `edit`: the new start, then the saved memory stream
-    from `source` itself. A restore under another name and UUID (libvirt refuses to change either
-    for a save image) copies nothing to disk: the state is read once, as it is. The FIFO is gone
-    when the block ends, whether or not it was read."""
+def streamed(source: "AnyPath", fifo: "AnyPath", edit: Callable[[etree._Element], None],
+             host: "Host" = LOCAL) -> Iterator["AnyPath"]:
+    """A FIFO at `fifo` (on the hypervisor `host`, beside `source`) that gives, to the one reader
+    that opens it (libvirt's restore), save image `source` with its domain XML changed by `edit`:
+    the new start, then the saved memory stream from `source` itself. A restore under another
+    name and UUID (libvirt refuses to change either for a save image) copies nothing to disk: the
+    state is read once, as it is. The FIFO is gone when the block ends, read or not."""
     start, stream = changed_header(source, edit)
     fifo.unlink(missing_ok=True)  # a crashed session's
-    os.mkfifo(fifo, 0o600)
-    failure: list[BaseException] = []
-    done = threading.Event()  # the block has ended: a feeder that gets the FIFO open now writes nothing
-
-    def feed() -> None:
-        try:
-            with open(fifo, "wb") as out, open(source, "rb") as src:  # opens once the reader does
-                if done.is_set():
-                    return
-                out.write(start)
-                out.flush()
-                size = os.fstat(src.fileno()).st_size - stream
-                offset = stream
-                while size > 0:
-                    sent = os.sendfile(out.fileno(), src.fileno(), offset, min(size, 16 << 20))
-                    if not sent:
-                        break
-                    offset, size = offset + sent, size - sent
-        except BrokenPipeError:  # the reader stopped early (a refused restore): its error says why
-            pass
-        except BaseException as exc:  # noqa: BLE001 - reported by the reader's side
-            failure.append(exc)
-
-    feeder = threading.Thread(target=feed, name=f"feed {fifo.name}", daemon=True)
-    feeder.start()
+    host.mkfifo(fifo)
+    feeder = host.spawn(["sh", "-c", FEED, "feed", str(source), str(fifo), str(stream + 1)], start)
     try:
         yield fifo
     finally:
-        done.set()
-        if feeder.is_alive():  # nobody opened it (the restore failed first): a reader lets its open return
-            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-            feeder.join(60)
-            os.close(reader)
-        feeder.join(60)
+        try:
+            # the restore is over: the reader had all of it, or stopped early (the feeder's SIGPIPE)
+            status = feeder.wait(2)
+        except Exception:  # noqa: BLE001 - nobody opened it (the restore failed first): it would wait for ever
+            feeder.kill()
+            status = 0
         fifo.unlink(missing_ok=True)
-    if failure:
-        raise WarmStartError(f"could not read the saved state {source}: {failure[0]}")
+    if status not in (0, 141, -13):  # 141/-13: SIGPIPE, the reader stopped (its own error says why)
+        raise WarmStartError(f"could not read the saved state {source} (its feeder exited with {status})")
 
 
 def restored_xml(fresh: etree._Element) -> Callable[[etree._Element], None]:

@@ -3,14 +3,16 @@ inventory (any suite) and OST's ``hosts`` file.
 
 All log in as root with the distro's key and check host keys against the
 session's pinned ``known_hosts`` (write_ssh_files), so ansible never
-prompts and never accepts a VM answering in another's place.
+prompts and never accepts a VM answering in another's place. On a remote
+hypervisor every one of them goes through that machine's sshd (`jump`: an
+OpenSSH ProxyCommand, as ``ssh -J`` would), since only it reaches the VMs.
 """
 
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from ..config import role_kind
 from ..guest.keys import known_hosts_line
@@ -20,9 +22,10 @@ if TYPE_CHECKING:
     from ..guest.vm import VM
 
 
-def ssh_args(known_hosts: Path) -> str:
+def ssh_args(known_hosts: Path, jump: Optional[str] = None) -> str:
+    proxy = f" -o {shlex.quote(f'ProxyCommand={jump}')}" if jump else ""
     return (f"-o UserKnownHostsFile={known_hosts} -o GlobalKnownHostsFile=/dev/null "
-            f"-o StrictHostKeyChecking=yes")
+            f"-o StrictHostKeyChecking=yes{proxy}")
 
 
 def address(vm: "VM") -> str:
@@ -36,7 +39,7 @@ def group(role: str) -> str:
     return f"{kind}s" if kind != role else "ungrouped"
 
 
-def write_inventory(path: Path, vms: Iterable["VM"], key: Path, known_hosts: Path) -> Path:
+def write_inventory(path: Path, vms: Iterable["VM"], key: Path, known_hosts: Path, jump: Optional[str] = None) -> Path:
     """An INI inventory, hosts named by role: numbered roles grouped by family (hosts), the others
     (engine, storage) by their own name."""
     groups: dict[str, list[str]] = {}
@@ -44,20 +47,21 @@ def write_inventory(path: Path, vms: Iterable["VM"], key: Path, known_hosts: Pat
         groups.setdefault(group(vm.role), []).append(
             f"{vm.role} ansible_host={address(vm)} ansible_user=root "
             f"ansible_ssh_private_key_file={key} ansible_python_interpreter=/usr/bin/python3 "
-            f"ansible_ssh_common_args={shlex.quote(ssh_args(known_hosts))}")
+            f"ansible_ssh_common_args={shlex.quote(ssh_args(known_hosts, jump))}")
     write_atomic(path, "".join(f"[{name}]\n" + "\n".join(lines) + "\n\n" for name, lines in groups.items()))
     return path
 
 
-def write_ost_hosts(path: Path, vms: Iterable["VM"], key: Path, known_hosts: Path) -> Path:
+def write_ost_hosts(path: Path, vms: Iterable["VM"], key: Path, known_hosts: Path, jump: Optional[str] = None) -> Path:
     """OST's ``$OST_DEPLOYMENT/hosts``: the line lagofy.sh writes per VM, named by its host name."""
     write_atomic(path, "".join(
         f"{vm.hostname.split('.')[0]} ansible_host={address(vm)} ansible_ssh_private_key_file={key} "
-        f"ansible_ssh_extra_args={shlex.quote(ssh_args(known_hosts))}\n" for vm in vms))
+        f"ansible_ssh_extra_args={shlex.quote(ssh_args(known_hosts, jump))}\n" for vm in vms))
     return path
 
 
-def write_ssh_files(folder: Path, run_id: str, private_key: Path, vms: Iterable["VM"]) -> None:
+def write_ssh_files(folder: Path, run_id: str, private_key: Path, vms: Iterable["VM"],
+                    jump: Optional[str] = None) -> None:
     """`folder`/known_hosts (every pinned key) and `folder`/ssh_config: ``ssh -F it engine``."""
     pinned = [(vm, vm.host_key) for vm in vms if vm.host_key is not None]
     known = folder / "known_hosts"
@@ -69,4 +73,4 @@ def write_ssh_files(folder: Path, run_id: str, private_key: Path, vms: Iterable[
         f"# VMs of pytest-ostimages run {run_id}: ssh -F {folder}/ssh_config ROLE\n{hosts}"
         f"Host *\n    User root\n    IdentityFile {private_key}\n    IdentitiesOnly yes\n"
         f"    UserKnownHostsFile {known}\n    GlobalKnownHostsFile /dev/null\n"
-        f"    StrictHostKeyChecking yes\n    BatchMode yes\n"))
+        f"    StrictHostKeyChecking yes\n    BatchMode yes\n" + (f"    ProxyCommand {jump}\n" if jump else "")))

@@ -26,15 +26,15 @@ def collect_artifacts(lab: "Lab", dest: Path) -> Path:
             (root / f"network{suffix}.xml").write_text(network.handle.XMLDesc())
         with contextlib.suppress(Exception):
             (root / f"dhcp-leases{suffix}.json").write_text(json.dumps(network.handle.DHCPLeases(), indent=2))
-    deploy_logs = lab.workdir.path / "deploy"
+    deploy_logs = lab.workdir.client / "deploy"
     if deploy_logs.is_dir():
         shutil.copytree(deploy_logs, root / "deploy", dirs_exist_ok=True)
     images = set()
     for vm in lab.vms.values():
         folder = root / vm.role
         folder.mkdir(exist_ok=True)
-        with contextlib.suppress(OSError):
-            shutil.copyfile(vm.console_path, folder / "console.log")
+        with contextlib.suppress(OSError):  # on the hypervisor
+            (folder / "console.log").write_bytes(vm.console_path.read_bytes())
         with contextlib.suppress(Exception):
             (folder / "domain.xml").write_text(vm.domain.XMLDesc())
         (folder / "state.txt").write_text(vm.state() + "\n")
@@ -48,6 +48,7 @@ def collect_artifacts(lab: "Lab", dest: Path) -> Path:
         images.add(vm.image)
     for image in images:
         for listing in (image.pkglist, image.pkglist_diff):
-            if listing is not None and listing.exists():
-                shutil.copyfile(listing, root / listing.name)
+            with contextlib.suppress(OSError):  # (a layer without package lists)
+                if listing is not None:
+                    (root / listing.name).write_bytes(listing.read_bytes())
     return root

@@ -24,6 +24,7 @@ from ..guest.network import GuestNIC, move_to
 from ..guest.ssh import SSH
 from ..guest.vm import VM
 from ..hypervisor import connection as virt
+from ..hypervisor.host import LOCAL
 from ..hypervisor.render import HostEntry
 from ..images.catalog import Image
 from ..parallel import each
@@ -33,6 +34,8 @@ from . import warm
 
 if TYPE_CHECKING:
     import libvirt
+
+    from ..hypervisor.host import AnyPath, Host
     import paramiko
 
 
@@ -50,8 +53,8 @@ class BootPlan:
     memory: int
     vcpus: int
     entry: HostEntry
-    overlay: Path
-    console: Path
+    overlay: "AnyPath"  # on the hypervisor
+    console: "AnyPath"
     xml: str
     host_key: Optional[HostKey]  # the identity to give it; None: keep the image's
     cloud_init: bool = False  # it gets its identity (host_key) from a NoCloud seed
@@ -70,7 +73,7 @@ class BootPlan:
         assert address is not None
         return address
 
-    def vm(self, domain: "libvirt.virDomain", ssh: SSH, overlay: Optional[Path] = None, **extra: Any) -> VM:
+    def vm(self, domain: "libvirt.virDomain", ssh: SSH, overlay: Optional["AnyPath"] = None, **extra: Any) -> VM:
         return VM(self.name, self.role, self.hostname, self.ip, self.entry.mac, self.image,
                   overlay or self.overlay, self.console, domain, ssh, ip6=self.entry.ip6, nics=self.nics,
                   **extra)
@@ -79,7 +82,8 @@ class BootPlan:
 class Booter:
     def __init__(self, slots: BootSlots, boot_timeout: float, virt_type: str,
                  progress: Callable[[str], None], warm: Optional[WarmCache] = None,
-                 warn: Optional[Callable[[str], None]] = None) -> None:
+                 warn: Optional[Callable[[str], None]] = None, host: "Host" = LOCAL) -> None:
+        self.host = host  # the hypervisor's side: the VMs' files, the way to their sshd
         self.slots = slots
         self.boot_timeout = boot_timeout
         self.virt_type = virt_type
@@ -108,7 +112,7 @@ class Booter:
             vm = self._restore(conn, plan, key, started)
             if vm is None:
                 domain = virt.create_domain(conn, plan.xml)
-                vm = plan.vm(domain, SSH(str(plan.ip), key))
+                vm = plan.vm(domain, SSH(str(plan.ip), key, abort=self.abort, via=self.host), host=self.host)
                 started(vm)
                 self.progress(f"{plan.role}: booting {plan.image.label} as {plan.name} ({plan.vcpus} vCPU, "
                               f"{plan.memory} MiB, {self.virt_type}) at {plan.ip}")
@@ -176,7 +180,7 @@ class Booter:
             if plan.strict:
                 raise WarmStartError(f"the saved state {top.key} of {plan.role} is gone")
             return None
-        damage = warm.damage(state)
+        damage = warm.damage(state, self.host)
         if damage is not None:
             if plan.strict:
                 raise WarmStartError(f"the saved state {top.key} of {plan.role} is damaged: {damage}")
@@ -188,15 +192,15 @@ class Booter:
                                      sshd="restart") if plan.host_key is not None else "")
             addresses, fresh_leases = move_to(plan.guest_nics)
             domain, overlay, steps = warm.restore(conn, state, plan.xml, plan.overlay.with_name(f"{plan.name}.memory"),
-                                                  f"{addresses}\n{identity}\n{fresh_leases}")
+                                                  f"{addresses}\n{identity}\n{fresh_leases}", self.host)
         except (WarmStartError, OSError) as exc:
             if plan.strict:
                 raise WarmStartError(f"{plan.role}: {exc}") from None
             self.progress(f"{plan.role}: warm start from saved state {state.key} failed ({exc}): booting")
             return None
         host_key = plan.host_key.pkey() if plan.host_key is not None else public_key(state.host_key())
-        vm = plan.vm(domain, SSH(str(plan.ip), key, host_key=host_key), overlay,
-                     origin=f"restored from saved state {top.key}", backed_by=top.key)
+        vm = plan.vm(domain, SSH(str(plan.ip), key, host_key=host_key, abort=self.abort, via=self.host), overlay,
+                     origin=f"restored from saved state {top.key}", backed_by=top.key, host=self.host)
         started(vm)
         self.progress(f"{plan.role}: restored {plan.image.label} from saved state {top.key} as "
                       f"{plan.name} at {plan.ip} in {time.monotonic() - start:.1f} s ("

@@ -60,7 +60,8 @@ def deepest_saved(lab: "Lab", parent: str, chain: Sequence[Checkpoint]) -> tuple
     for checkpoint in chain:
         key = checkpoint.key(parent)
         state = cache.state(key) if cache is not None and key is not None else None
-        if state is None or not state.exists() or any(damage(state.vm(role)) for role in state.data().get("roles", [])):
+        if state is None or not state.exists() or any(damage(state.vm(role), lab.host)
+                                                      for role in state.data().get("roles", [])):
             break  # (a damaged one runs again, on the one before it: checkpoints.py)
         found, parent = state, key
         keys.append(key)

@@ -12,17 +12,20 @@ import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from ..errors import SessionError
 from ..images.catalog import Catalog, Image
 from ..config import OstConfig
+from ..hypervisor.host import LOCAL
 from ..hypervisor.render import Templates
 from ..guest.seed import UserData
 from ..guest.ssh import load_key
 
 if TYPE_CHECKING:
     import paramiko
+
+    from ..hypervisor.host import AnyPath, Host
 
 
 @dataclass(frozen=True)
@@ -68,15 +71,17 @@ def is_path(image: str) -> bool:
 class Inputs:
     """The session's checked inputs; each is looked up once."""
 
-    def __init__(self, config: OstConfig, catalog: Optional[Catalog] = None) -> None:
+    def __init__(self, config: OstConfig, catalog: Optional[Catalog] = None,
+                 host: "Callable[[], Host]" = lambda: LOCAL) -> None:
         self.config = config
+        self.host = host  # the hypervisor's side, where the images are (connected when first needed)
         self._distro: Optional[str] = None
         if catalog is not None:  # already discovered (for the report header)
             self.catalog = catalog
 
     @functools.cached_property
     def catalog(self) -> Catalog:
-        return Catalog.discover(self.config.images_dir)
+        return Catalog.discover(self.config.images_dir, host=self.host())
 
     def choose_distro(self, layers: Iterable[str] = ()) -> str:
         """The session's distro: --ost-distro, else the only one that has every planned layer.
@@ -93,7 +98,7 @@ class Inputs:
         return self.choose_distro()
 
     def image(self, name: str) -> Image:
-        """A layer name of the session's distro, or a path to a qcow2 file."""
+        """A layer name of the session's distro, or a path to a qcow2 file (on the hypervisor)."""
         if is_path(name):
             return self.catalog.image_from_path(Path(name), self.distro)
         return self.catalog.image(self.distro, name)
@@ -104,7 +109,7 @@ class Inputs:
         return load_key(self.key_path)
 
     @property
-    def key_path(self) -> Path:
+    def key_path(self) -> "AnyPath":
         return self.catalog.ssh_key(self.distro)
 
     @functools.cached_property
@@ -131,7 +136,7 @@ class Inputs:
     def check(self, specs: Iterable[VMSpec]) -> dict[str, Image]:
         """Every input `specs` need, checked; returns role -> image."""
         specs = list(specs)
-        if shutil.which("qemu-img") is None:
+        if self.host().local and shutil.which("qemu-img") is None:
             raise SessionError("qemu-img is not installed; the plugin checks images and makes each VM's overlay "
                                "with it. Install qemu-utils (Debian) or qemu-img (EL, Fedora).")
         self.choose_distro(s.image for s in specs)

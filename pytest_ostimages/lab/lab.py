@@ -32,6 +32,7 @@ from ..guest.seed import write_seed
 from ..guest.ssh import SSH
 from ..guest.vm import CLEAN_SNAPSHOT, VM
 from ..hypervisor import connection as virt
+from ..hypervisor.remote import connect_host
 from ..hypervisor.render import HostEntry, OstMetadata, domain_xml, network_xml
 from ..images.catalog import Catalog, Image
 from ..parallel import each
@@ -39,7 +40,7 @@ from ..state import ledger
 from ..state.environment import (FIRST_VM_HOST, LAST_VM_HOST, Environment, NetworkRecord, VMRecord, ipv6_subnet,
                                  network_name, vm_names)
 from ..state.ledger import Ledger
-from ..state.owner import Label, RunRecord
+from ..state.owner import Label, RunRecord, client_id
 from ..state.slots import BootSlots
 from ..state.warmcache import SavedState, WarmCache, recipe_key
 from . import warm
@@ -64,6 +65,8 @@ def plugin_source_digest() -> str:
 if TYPE_CHECKING:
     import libvirt
 
+    from ..hypervisor.host import AnyPath, Host
+
 
 @dataclass(frozen=True)
 class OstDeployment:
@@ -83,14 +86,24 @@ class Run:
     workdir: WorkDir
 
     @classmethod
-    def new(cls, root: Path, owner_pid: Optional[int] = None) -> "Run":
-        run_id = secrets.token_hex(4)
-        workdir = WorkDir(root, run_id)
+    def new(cls, run_id: str, roots: "Roots", host: "Host", owner_pid: Optional[int] = None) -> "Run":
+        workdir = WorkDir(roots.hypervisor, run_id, host, roots.local)
         return cls(run_id, Label.current(run_id, workdir.path, owner_pid), workdir)
 
     @classmethod
-    def of(cls, env: Environment, root: Path) -> "Run":
-        return cls(env.run_id, env.owner, WorkDir(root, env.run_id))
+    def of(cls, env: Environment, roots: "Roots", host: "Host") -> "Run":
+        return cls(env.run_id, env.owner, WorkDir(roots.hypervisor, env.run_id, host, roots.local))
+
+
+@dataclass(frozen=True)
+class Roots:
+    """Where a lab's runs keep their files: on the hypervisor (VMs' files, kept.json; per client
+    machine on a remote one, so that clients never see each other's), and here (access files).
+    The same folder when the hypervisor is this machine."""
+
+    hypervisor: "AnyPath"
+    local: Path
+    warm: "AnyPath"  # the saved states (shared by every session of that hypervisor's user)
 
 
 class Lab:
@@ -100,8 +113,10 @@ class Lab:
         self.config = config
         self.progress = progress
         self.warn = warn or progress  # what the person must know even when all went well
-        self.inputs = Inputs(config, catalog)
-        self.run = Run.new(config.workdir, owner_pid)
+        self.inputs = Inputs(config, catalog, lambda: self.host)
+        self._run_id, self._owner_pid = secrets.token_hex(4), owner_pid
+        self._run: Optional[Run] = None  # made once the hypervisor is known (its paths)
+        self._host: Optional["Host"] = None
         self.vms: dict[str, VM] = {}
         self.specs: dict[str, VMSpec] = {}  # what each VM was booted from (its role's)
         self.networks: dict[str, Network] = {}  # by role, the management network first
@@ -117,8 +132,18 @@ class Lab:
         self._booter: Optional[Booter] = None
 
     @property
+    def run(self) -> Run:
+        if self._run is None:
+            self._run = Run.new(self._run_id, self.roots, self.host, self._owner_pid)
+        return self._run
+
+    @run.setter
+    def run(self, run: Run) -> None:
+        self._run = run
+
+    @property
     def run_id(self) -> str:
-        return self.run.run_id
+        return self._run.run_id if self._run is not None else self._run_id
 
     @property
     def owner(self) -> Label:
@@ -129,10 +154,28 @@ class Lab:
         return self.run.workdir
 
     @property
-    def workdir_root(self) -> Path:
-        return self.config.workdir
+    def workdir_root(self) -> "AnyPath":
+        """The work root on the hypervisor."""
+        return self.roots.hypervisor
 
     # --- connection and hypervisor --------------------------------------------------
+
+    @property
+    def host(self) -> "Host":
+        """The hypervisor's side (its files, commands, locks, the way to its guests)."""
+        if self._host is None:
+            self._host = connect_host(self.config.libvirt_uri)
+            self.ledger.host = self._host
+        return self._host
+
+    @functools.cached_property
+    def roots(self) -> Roots:
+        config, host = self.config, self.host
+        if host.local:
+            return Roots(config.workdir, config.workdir, config.warm_root)
+        base = host.path(str(config.workdir)) if "workdir" in config.given else host.default_root()
+        warm = host.path(str(config.warm_dir)) if config.warm_dir is not None else base / "warm"
+        return Roots(base / "clients" / client_id(), config.workdir, warm)
 
     @property
     def conn(self) -> "libvirt.virConnect":
@@ -153,14 +196,14 @@ class Lab:
         """The host-wide saved states (next to the custom layers), None with --ost-warm=off."""
         if not self.config.warm:
             return None
-        return WarmCache(self.config.warm_root, self.config.warm_cache_size * 2**30,
-                         virt.qemu_ids(self.conn, self.virt_type))
+        return WarmCache(self.roots.warm, self.config.warm_cache_size * 2**30,
+                         virt.qemu_ids(self.conn, self.virt_type), self.host)
 
     @property
     def booter(self) -> Booter:
         if self._booter is None:
-            self._booter = Booter(BootSlots(self.config.max_boots), self.config.boot_timeout,
-                                  self.virt_type, self.progress, self.warm_cache, self.warn)
+            self._booter = Booter(BootSlots(self.config.max_boots, self.host), self.config.boot_timeout,
+                                  self.virt_type, self.progress, self.warm_cache, self.warn, self.host)
         return self._booter
 
     # --- creating things ----------------------------------------------------------
@@ -170,18 +213,21 @@ class Lab:
         if self.ssh_key is not None:  # started, or attached
             return
         self.virt_type  # noqa: B018 - connects and checks KVM before anything exists
-        for leftover in ledger.reap(self.conn, self.config.workdir):
+        for leftover in ledger.reap(self.conn, self.roots.hypervisor, self.host, self.roots.local):
             self.progress(f"removed leftover {leftover}")
-        for partial in WarmCache(self.config.warm_root, 0).remove_crashed_saves():
+        for partial in WarmCache(self.roots.warm, 0, host=self.host).remove_crashed_saves():
             self.progress(f"removed leftover warm state {partial} (its save was interrupted)")
         version = self.conn.getLibVersion()
         self.progress(f"libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000} at "
                       f"{self.config.libvirt_uri}: {self.virt_type} guests, CPU {self.cpu_mode}")
         self.ledger.record("workdir", str(self.workdir.path), self.owner)
+        if self.workdir.remote:
+            self.ledger.record("clientdir", str(self.workdir.client), self.owner)
         self.workdir.create(self.owner)
         # for people and tools that log in by hand (OpenSSH wants the key 0600)
         self.ssh_key = self.workdir.private_key(self.inputs.key_path)
-        self.progress(f"work directory {self.workdir.path}")
+        self.progress(f"work directory {self.workdir.path}" + (f" on {self.host.name} (here: {self.workdir.client})"
+                                                               if self.workdir.remote else ""))
 
     @property
     def network(self) -> Optional[Network]:
@@ -208,7 +254,8 @@ class Lab:
         templates = self.inputs.templates
 
         def create(subnet: ipaddress.IPv4Network) -> Network:
-            ost = OstMetadata(self.workdir.path, spec.role) if self.ost is not None else None
+            # OST's ost_utils finds the deployment by this directory: $OST_DEPLOYMENT, here
+            ost = OstMetadata(self.workdir.client, spec.role) if self.ost is not None else None
             xml = network_xml(templates.load("network.xml"), name=name, bridge=name,
                               subnet=subnet if 4 in versions else None,
                               subnet6=ipv6_subnet(subnet) if 6 in versions else None,
@@ -327,13 +374,14 @@ class Lab:
 
     def _write_access_files(self) -> None:
         assert self.ssh_key is not None  # made by _start
-        write_ssh_files(self.workdir.path, self.run_id, self.ssh_key, self.vms.values())
-        write_inventory(self.inventory, self.vms.values(), self.ssh_key, self.workdir.path / "known_hosts")
+        write_ssh_files(self.workdir.client, self.run_id, self.ssh_key, self.vms.values(), self.host.jump)
+        write_inventory(self.inventory, self.vms.values(), self.ssh_key, self.workdir.client / "known_hosts",
+                        self.host.jump)
 
     @property
     def inventory(self) -> Path:
         """The ansible inventory of the session's VMs (access.write_inventory)."""
-        return self.workdir.path / "inventory"
+        return self.workdir.client / "inventory"
 
     def addressing(self, network: Network) -> Addressing:
         """What a guest needs to set its addresses on `network` itself (a restored VM)."""
@@ -364,7 +412,7 @@ class Lab:
                        openssh_line(self.inputs.key), host_key, spec.user_data)
         ost = None
         if self.ost is not None:
-            ost = OstMetadata(self.workdir.path, deploy_scripts=tuple(
+            ost = OstMetadata(self.workdir.client, deploy_scripts=tuple(
                 str(p.relative_to(self.ost.root)) if p.is_relative_to(self.ost.root) else str(p)
                 for p in spec.deploy_scripts))
         xml = domain_xml(self.inputs.templates.load("domain.xml"), name=name, virt_type=self.virt_type,
@@ -482,7 +530,7 @@ class Lab:
         if cache is None or sorted(self.vms) != sorted(roles):
             raise WarmStartError(f"saved environment {state.key} holds VMs {roles}, this session {sorted(self.vms)}")
         # every chain checked before any VM is touched: a running VM is replaced only by a whole state
-        damaged = {role: why for role in roles if (why := warm.damage(state.vm(role))) is not None}
+        damaged = {role: why for role in roles if (why := warm.damage(state.vm(role), self.host)) is not None}
         if damaged or not cache.use(state, self.workdir.path):
             removed = bool(damaged) and cache.discard(state)
             why = "; ".join(f"{role}: {reason}" for role, reason in damaged.items())
@@ -514,7 +562,7 @@ class Lab:
                                                     role == self.management_role and vm.ip in e.addresses)
                                            for role, e in vm.nics])
         domain, overlay, _ = warm.restore(self.conn, saved, fresh, vm.overlay.with_name(f"{vm.name}.memory"),
-                                          f"{addresses}\n{fresh_leases}")
+                                          f"{addresses}\n{fresh_leases}", self.host)
         vm.replace_domain(domain, overlay, public_key(saved.host_key()))
         vm.backed_by = saved.folder.parent.name
         vm.wait_for_ssh(self.config.boot_timeout)
@@ -589,15 +637,15 @@ class Lab:
             reservation = next(e for role, e in v.nics if role == management and v.ip in e.addresses)
             vm = VM(v.name, v.role, v.hostname, v.ip, reservation.mac, self.inputs.image(str(v.image)),
                     v.overlay, v.console, domain,
-                    SSH(str(v.ip), key, host_key=public_key(v.host_key) if v.host_key else None),
-                    ip6=reservation.ip6, nics=v.nics, ready=bool(v.host_key))
+                    SSH(str(v.ip), key, host_key=public_key(v.host_key) if v.host_key else None, via=self.host),
+                    ip6=reservation.ip6, nics=v.nics, ready=bool(v.host_key), host=self.host)
             # a clean_vm snapshot taken by the earlier session: revert before first use
             vm.dirty = True if vm.has_snapshot(CLEAN_SNAPSHOT) else None
             vms.append(vm)
         if verify:
             each(_answers_with_pinned_key, vms)
-        self.run = Run.of(env, self.config.workdir)
-        self.ledger.record_environment(env)
+        self.run = Run.of(env, self.roots, self.host)
+        self.ledger.record_environment(env, self.workdir.client if self.workdir.remote else None)
         if adopt:
             RunRecord(Label.current(env.run_id, env.workdir)).write(env.workdir)
         self.networks = {net.role: Network(net.name, net.name, net.subnet, net.domain,

@@ -33,8 +33,6 @@ import copy
 import json
 import os
 import secrets
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +44,7 @@ from .. import faults
 from ..errors import ImageError, WarmStartError
 from ..guest.agent import guest_exec, wait_for_agent
 from ..hypervisor.connection import libvirt_module, remove
+from ..hypervisor.host import LOCAL
 from ..images.catalog import backing_chain
 from ..images.overlay import create_overlay
 from ..hypervisor.saveimage import found, on_saved_disk, restored_xml, streamed
@@ -57,6 +56,8 @@ from ..state.warmcache import SavedState, WarmCache
 if TYPE_CHECKING:
     import libvirt
 
+    from ..hypervisor.host import AnyPath, Host
+
     from ..guest.vm import VM
 
 SNAPSHOT = "ost-warm"
@@ -66,17 +67,19 @@ def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], N
     """Save `vm` (running, with the SNAPSHOT taken when it was ready) as state `key` of `cache`."""
     start = time.monotonic()
 
-    def write(folder: Path) -> dict[str, str]:
+    host = cache.host
+
+    def write(folder: "AnyPath") -> dict[str, str]:
         vm.close()
         dom = vm.domain
         ready = vm.checkpoints.get(SNAPSHOT)
         if ready is not None:  # UEFI: the checkpoint taken when it was ready is the state
             dom.destroy()
-            shutil.move(str(ready.memory), folder / "memory.save")
+            move(host, ready.memory, folder / "memory.save")
             faults.point("warm-save")
-            shutil.move(str(ready.disk), folder / "disk.qcow2")
+            move(host, ready.disk, folder / "disk.qcow2")
             if ready.nvram is not None:
-                shutil.move(str(ready.nvram), folder / "VARS.fd")
+                move(host, ready.nvram, folder / "VARS.fd")
         else:
             dom.revertToSnapshot(dom.snapshotLookupByName(SNAPSHOT),
                                  libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
@@ -84,7 +87,7 @@ def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], N
                 snapshot.delete()
             dom.save(str(folder / "memory.save"))
             faults.point("warm-save")
-            shutil.move(str(vm.overlay), folder / "disk.qcow2")
+            move(host, vm.overlay, folder / "disk.qcow2")
         assert vm.host_key is not None
         return {"image": str(vm.image.path), "role": vm.role, "host_key": openssh_line(vm.host_key)}
 
@@ -101,13 +104,13 @@ class SavedVM:
     the state is not complete (another VM's save failed)."""
 
     vm: "VM"
-    memory: Path
-    moved: list[tuple[Path, Path]] = field(default_factory=list)  # (its disk, the state's layer) renamed
+    memory: "AnyPath"
+    moved: list[tuple["AnyPath", "AnyPath"]] = field(default_factory=list)  # (its disk, the state's layer) renamed
 
     def undo(self) -> None:
         """The VM running again where it was, on its own disks (the state's folder is then thrown away)."""
         for disk, layer in reversed(self.moved):
-            os.replace(layer, disk)
+            layer.replace(disk)
         self.moved.clear()
         conn = self.vm.domain.connect()
         conn.restore(str(self.memory))  # as it was saved (paused, in an environment's save)
@@ -117,7 +120,7 @@ class SavedVM:
         self.vm.replace_domain(domain, self.vm.overlay, self.vm.host_key)
 
 
-def save_vm(vm: "VM", folder: Path) -> SavedVM:
+def save_vm(vm: "VM", folder: "AnyPath") -> SavedVM:
     """Save `vm` (paused) into `folder`, a VM's part of an environment's state: its memory, its disks
     (they become the state's read-only layers, each whole above what outlives the run: the image, or
     an earlier state) and its UEFI variables. Its domain stops. If anything fails, the VM runs
@@ -135,10 +138,10 @@ def save_vm(vm: "VM", folder: Path) -> SavedVM:
     try:
         faults.point("warm-save")
         for disk, layer in _disk_layers(live, state):
-            _freeze(Path(found(disk, "source").get("file", "")), layer, saved)
+            _freeze(vm.host, vm.host.path(found(disk, "source").get("file", "")), layer, saved)
         nvram = live.findtext("os/nvram")
         if nvram:
-            shutil.copyfile(nvram, state.nvram)
+            vm.host.copyfile(vm.host.path(nvram), state.nvram)
         assert vm.host_key is not None
         write_atomic(state.meta, json.dumps({"role": vm.role, "image": str(vm.image.path),
                                              "host_key": openssh_line(vm.host_key)}))
@@ -148,7 +151,7 @@ def save_vm(vm: "VM", folder: Path) -> SavedVM:
     return saved
 
 
-def _freeze(disk: Path, layer: Path, saved: SavedVM) -> None:
+def _freeze(host: "Host", disk: "AnyPath", layer: "AnyPath", saved: SavedVM) -> None:
     """`disk` (the VM's, in its run's folder) as the state's read-only `layer`.
 
     Renamed when it can be (the same filesystem: it costs nothing, and is undone on failure),
@@ -159,27 +162,46 @@ def _freeze(disk: Path, layer: Path, saved: SavedVM) -> None:
     the run (the image, or an earlier state).
     """
     try:
-        chain, _ = backing_chain(disk, None)
+        chain, _ = backing_chain(disk, None, host)
     except ImageError as exc:
         raise WarmStartError(f"the disk {disk} cannot be saved: {exc}") from None
-    base = next((path for path in chain[1:] if path.parent != disk.parent), None)
+    base = next((path for path in chain[1:] if str(path.parent) != str(disk.parent)), None)
     try:
-        if disk.stat().st_dev == layer.parent.stat().st_dev:
-            os.replace(disk, layer)
+        if same_filesystem(host, disk, layer.parent):
+            disk.replace(layer)
             saved.moved.append((disk, layer))
         else:
-            shutil.copyfile(disk, layer)
+            host.copyfile(disk, layer)
     except OSError as exc:
-        raise WarmStartError(f"cannot copy the disk {disk} into the saved state at {layer}: {exc.strerror}") from None
-    if len(chain) > 1 and chain[1].parent == disk.parent:
+        raise WarmStartError(f"cannot copy the disk {disk} into the saved state at {layer}: "
+                             f"{exc.strerror or exc}") from None
+    if len(chain) > 1 and str(chain[1].parent) == str(disk.parent):
         rebase = ["qemu-img", "rebase", "-f", "qcow2", "-b", str(base) if base else "", "-F", "qcow2", str(layer)]
-        result = subprocess.run(rebase, capture_output=True, text=True, check=False)
+        result = host.run(rebase)
         if result.returncode != 0:
             raise WarmStartError(f"cannot merge the run's layers below {disk} into the saved state at {layer}: "
                                  f"{result.stderr.strip() or f'qemu-img exited with {result.returncode}'}")
 
 
-def damage(saved: SavedState) -> Optional[str]:
+def move(host: "Host", source: "AnyPath", target: "AnyPath") -> None:
+    """Move a file there: renamed, or copied and removed across filesystems."""
+    if same_filesystem(host, source, target.parent):
+        source.replace(target)
+    else:
+        host.copyfile(source, target)
+        source.unlink()
+
+
+def same_filesystem(host: "Host", path: "AnyPath", folder: "AnyPath") -> bool:
+    """Whether `path` can be renamed into `folder` (one filesystem)."""
+    if host.local:
+        return os.stat(str(path)).st_dev == os.stat(str(folder)).st_dev
+    done = host.run(["stat", "-c", "%d", str(path), str(folder)])
+    devices = done.text.split()
+    return done.returncode == 0 and len(devices) == 2 and devices[0] == devices[1]
+
+
+def damage(saved: SavedState, host: "Host" = LOCAL) -> Optional[str]:
     """Why the VM state `saved` cannot be restored (None: it can): a file missing, or a disk whose
     chain is broken or reaches into a run's work directory (which goes with that run)."""
     if not saved.memory.is_file():
@@ -189,7 +211,7 @@ def damage(saved: SavedState) -> Optional[str]:
         if not disk.is_file():
             return f"{disk} is missing"
         try:
-            chain, _ = backing_chain(disk, None)
+            chain, _ = backing_chain(disk, None, host)
         except ImageError as exc:
             return str(exc).splitlines()[0]
         private = [path for path in chain[1:] if RUN_ID.fullmatch(path.parent.name)]
@@ -203,8 +225,8 @@ def resume_saved(vm: "VM", saved: SavedState) -> None:
     conn = vm.domain.connect()
     root = etree.fromstring(conn.saveImageGetXMLDesc(str(saved.memory), 0).encode())
     for disk, layer in saved_disks(root, saved):
-        source = Path(found(disk, "source").get("file", ""))
-        create_overlay(layer, source)
+        source = vm.host.path(found(disk, "source").get("file", ""))
+        create_overlay(layer, source, vm.host)
         on_saved_disk(disk, source, layer)
     conn.restoreFlags(str(saved.memory), etree.tostring(root, encoding="unicode"),
                       libvirt_module().VIR_DOMAIN_SAVE_RUNNING)
@@ -230,8 +252,8 @@ def saved_disks(domain: etree._Element, state: SavedState) -> list[tuple[etree._
     return [(disk, layer) for disk, layer in _disk_layers(domain, state) if layer.is_file()]
 
 
-def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memory_fifo: Path,
-            guest_setup: str) -> tuple["libvirt.virDomain", Path, dict[str, float]]:
+def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memory_fifo: "AnyPath",
+            guest_setup: str, host: "Host" = LOCAL) -> tuple["libvirt.virDomain", Path, dict[str, float]]:
     """Restore `state` as the domain of `fresh_xml` (this session's), on its networks with its MACs,
     every disk a new overlay on the state's, beside the file `fresh_xml` names (which a boot
     after a failed restore still uses).
@@ -251,19 +273,19 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memor
     fresh = etree.fromstring(fresh_xml.encode())
     overlays, tag = [], secrets.token_hex(3)  # each restore its own files
     for disk, saved in saved_disks(fresh, state):  # the root disk, and the extra disks the state holds
-        source = Path(found(disk, "source").get("file", ""))
+        source = host.path(found(disk, "source").get("file", ""))
         overlays.append(source.with_name(f"{source.name.split('.')[0]}.{tag}.qcow2"))
         try:
-            create_overlay(saved, overlays[-1])
+            create_overlay(saved, overlays[-1], host)
         except ImageError as exc:
             raise WarmStartError(str(exc)) from None
         on_saved_disk(disk, overlays[-1], saved)
     nvram = fresh.findtext("os/nvram")
     if nvram and state.nvram.is_file():  # the firmware's variables of the saved state (UEFI)
-        shutil.copyfile(state.nvram, nvram)
+        host.copyfile(state.nvram, host.path(nvram))
     step("overlays")
     try:
-        with streamed(state.memory, memory_fifo, restored_xml(fresh)) as memory:
+        with streamed(state.memory, memory_fifo, restored_xml(fresh), host) as memory:
             conn.restoreFlags(str(memory), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
         dom = conn.lookupByName(fresh.findtext("name"))
     except libvirt.libvirtError as exc:

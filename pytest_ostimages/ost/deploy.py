@@ -57,7 +57,7 @@ def deploy(lab: Lab, specs: Iterable[VMSpec], root: Path) -> None:
     jobs = [(lab.vms[spec.role], spec.deploy_scripts) for spec in specs if spec.deploy_scripts]
     if not jobs:
         return
-    logs = lab.workdir.path / "deploy"
+    logs = lab.workdir.client / "deploy"  # here, beside the deployment's other files
     logs.mkdir(mode=0o700, exist_ok=True)  # what the scripts print may be secret
     start = time.monotonic()
 

@@ -62,7 +62,7 @@ class OstSuite:
         except OstError as exc:
             raise pytest.UsageError(str(exc)) from None
         # what OST's fixtures read (ost_utils/pytest/fixtures/env.py), before any conftest runs them
-        self._export(OST_DEPLOYMENT=str(lab.workdir.path), SUITE=self.topology.suite,
+        self._export(OST_DEPLOYMENT=str(lab.workdir.client), SUITE=self.topology.suite,
                      OST_REPO_ROOT=str(self.root), OST_IMAGES_DISTRO=distro)
 
     @pytest.hookimpl(trylast=True)
@@ -79,7 +79,7 @@ class OstSuite:
                         returncode=pytest.ExitCode.TESTS_FAILED)
         self.provisioned = True
         # an attached environment is another run's: its directory is the deployment
-        self._export(OST_DEPLOYMENT=str(lab.workdir.path), OST_IMAGES_SSH_KEY=str(lab.ssh_key))
+        self._export(OST_DEPLOYMENT=str(lab.workdir.client), OST_IMAGES_SSH_KEY=str(lab.ssh_key))
 
     def _boot_and_deploy(self) -> None:
         """Boot the topology and run its deploy scripts, or (warm start) restore it deployed, as an
@@ -96,7 +96,8 @@ class OstSuite:
         if vms is None:
             vms = lab.boot(specs, environment=saved if saved is not None and saved.exists() else None)
         assert lab.ssh_key is not None
-        write_ost_hosts(lab.workdir.path / "hosts", lab.vms.values(), lab.ssh_key, lab.workdir.path / "known_hosts")
+        write_ost_hosts(lab.workdir.client / "hosts", lab.vms.values(), lab.ssh_key, lab.workdir.client / "known_hosts",
+                        lab.host.jump)
         if lab.reached:
             lab.current_environment = key  # where the checkpoints start from
             lab.progress(f"OST suite {suite}: restored deployed and at checkpoint state {lab.reached[-1]}: its "

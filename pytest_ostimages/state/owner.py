@@ -87,6 +87,16 @@ def boot_id() -> str:
         return ""
 
 
+def client_id() -> str:
+    """This machine among the clients of a remote hypervisor: its host name and machine id (host names
+    repeat across containers; /etc/machine-id does not, else the boot id stands in)."""
+    try:
+        machine = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        machine = ""
+    return f"{socket.gethostname()}-{(machine or boot_id()).replace('-', '')[:12]}"
+
+
 def pid_namespace(pid: Optional[int] = None) -> str:
     """The pid namespace of `pid` (default: this process), e.g. ``pid:[4026531836]``."""
     try:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
-from .files import any_host_slot
+from ..hypervisor.host import LOCAL
+
+if TYPE_CHECKING:
+    from ..hypervisor.host import Host
 
 
 class BootSlots:
@@ -24,8 +27,9 @@ class BootSlots:
     sooner than 2 + 1, and 9 together took minutes where waves of 2-3 took seconds each.
     """
 
-    def __init__(self, count: Optional[int]) -> None:
-        self.count = (os.cpu_count() or 1) + 1 if count is None else count
+    def __init__(self, count: Optional[int], host: "Host" = LOCAL) -> None:
+        self.host = host  # whose CPUs boot the VMs: the slots are that hypervisor's
+        self.count = _cpus(host) + 1 if count is None else count
 
     @contextlib.contextmanager
     def take(self, abort: threading.Event) -> Iterator[float]:
@@ -33,5 +37,13 @@ class BootSlots:
         if self.count == 0:
             yield 0.0
             return
-        with any_host_slot("boot-slot", self.count, abort) as waited:
+        with self.host.any_slot("boot-slot", self.count, abort) as waited:
             yield waited
+
+
+def _cpus(host: "Host") -> int:
+    """The hypervisor's CPUs (`nproc` there: a remote one's are not this machine's)."""
+    if host.local:
+        return os.cpu_count() or 1
+    done = host.run(["nproc"])
+    return int(done.text.strip()) if done.returncode == 0 and done.text.strip().isdigit() else 1
