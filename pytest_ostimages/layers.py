@@ -15,25 +15,26 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from .config import OstConfig, from_environment
 from .errors import OstError
 from .hypervisor.connection import libvirt_error, qemu_ids
+from .hypervisor.host import LOCAL
 from .guest.vm import VM
 from .images.catalog import Image
 from .lab.inputs import VMSpec
 from .lab.lab import Lab
-from .state.files import locked
 from .state.folders import own_folder, share_with_qemu
 from .waiting import poll
+
+if TYPE_CHECKING:
+    from .hypervisor.host import AnyPath, Host
 
 INBOX = "/root/ost-layer"  # where the files and the script land in the guest
 
@@ -72,9 +73,9 @@ def build_layer(config: OstConfig, recipe: LayerRecipe,
     try:
         lab.inputs.choose_distro([recipe.parent])
         parent = lab.inputs.image(recipe.parent)
-        cache = own_folder(config.workdir / "layers", "custom layer cache", "--ost-workdir")
+        cache = own_folder(lab.roots.layers, "custom layer cache", "--ost-workdir", lab.host)
         target = cache / f"{parent.distro}-{recipe.name}-{_digest(recipe, parent)}.qcow2"
-        with locked(cache / f"{target.name}.lock"):  # two sessions build it once
+        with lab.host.lock(f"layer-{target.name}"):  # two sessions build it once
             if target.exists():
                 progress(f"layer {recipe.name}: cached {target}")
                 return target
@@ -94,7 +95,7 @@ def build_layer(config: OstConfig, recipe: LayerRecipe,
                    check=True)
             _shut_down(vm)
             _store(vm.overlay, target, len(parent.chain) + 1, recipe.squash_above,
-                   qemu_ids(lab.conn, lab.virt_type))
+                   qemu_ids(lab.conn, lab.virt_type), lab.host)
             progress(f"layer {recipe.name}: built {target} in {time.monotonic() - start:.0f} s")
             return target
     except libvirt_error() as exc:
@@ -109,22 +110,21 @@ def _shut_down(vm: VM, timeout: float = 300) -> None:
         raise OstError(vm.describe_failure(f"did not power off within {timeout:.0f} s"))
 
 
-def _store(overlay: Path, target: Path, depth: int, squash_above: Optional[int],
-           qemu: Optional[tuple[int, int]]) -> None:
+def _store(overlay: "AnyPath", target: "AnyPath", depth: int, squash_above: Optional[int],
+           qemu: Optional[tuple[int, int]], host: "Host" = LOCAL) -> None:
     """Move (or flatten) the builder's overlay into the cache, read-only, readable by qemu's user only
     (it holds what the build put into the guest, and the builder's host keys)."""
     partial = target.with_suffix(".partial")
     if squash_above is not None and depth > squash_above:
-        done = subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(overlay), str(partial)],
-                              capture_output=True, text=True, check=False)
+        done = host.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(overlay), str(partial)])
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
             raise OstError(f"Cannot flatten the layer into {target} (--squash-above {squash_above}): "
                            f"{done.stderr.strip() or f'qemu-img exited with {done.returncode}'}")
     else:
-        os.replace(overlay, partial)  # still backed by the parent, by absolute path
-    share_with_qemu(partial, qemu)
-    os.replace(partial, target)
+        overlay.replace(partial)  # still backed by the parent, by absolute path
+    share_with_qemu(partial, qemu, host)
+    partial.replace(target)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -123,13 +123,13 @@ class InsideRun:
         try:
             args = inner_args(self.config.invocation_params.args, self.config.rootpath,
                               self.config.invocation_params.dir, self.value_options, positionals)
-            share = self._share_choice()
+            share = self._share_choice(lab)
             vm = lab.boot([VMSpec("inside", str(self.settings.run_inside),
                                   shares=((self.config.rootpath, TAG, share),) if share else ())])[0]
             tree = self._tree(vm, lab, shared=share is not None)
             self._check_pytest(vm)
             self._run_setup(vm, tree)
-            status = self._run(vm, tree, args, session, lab.workdir.path)
+            status = self._run(vm, tree, args, session, lab.workdir.client)
         except OstError as exc:
             raise pytest.UsageError(str(exc)) from None
         finally:
@@ -150,10 +150,16 @@ class InsideRun:
 
     # --- the tree in the guest ---------------------------------------------------------
 
-    def _share_choice(self) -> Optional[Path]:
+    def _share_choice(self, lab: Lab) -> Optional[Path]:
         """virtiofsd for a shared tree, or None to copy it."""
         mode = self.settings.inside_share
         if mode == "copy":
+            return None
+        if not lab.host.local:  # virtiofsd shares a folder of the hypervisor: this tree is not there
+            if mode == "virtiofs":
+                raise OstError(f"--ost-inside-share=virtiofs shares a folder of the hypervisor, and the VM runs on "
+                               f"{lab.host.name}, which does not have this tree. Use --ost-inside-share=copy.")
+            self.progress(f"inside: the VM runs on {lab.host.name}: the tree will be copied")
             return None
         binary = find_virtiofsd()
         if binary is None:
@@ -176,7 +182,7 @@ class InsideRun:
                                f"Use --ost-inside-share=copy.")
             self.progress(f"inside: virtiofs mount failed ({mounted.stderr.strip()}): copying the tree")
         start = time.monotonic()
-        archive = lab.workdir.path / "tree.tar.gz"
+        archive = lab.workdir.client / "tree.tar.gz"  # made here, sent to the guest
         with tarfile.open(archive, "w:gz") as tar:
             tar.add(self.config.rootpath, arcname=".",
                     filter=lambda info: None if Path(info.name).name in NOT_COPIED else info)

@@ -104,6 +104,7 @@ class Roots:
     hypervisor: "AnyPath"
     local: Path
     warm: "AnyPath"  # the saved states (shared by every session of that hypervisor's user)
+    layers: "AnyPath"  # the custom layers (likewise)
 
 
 class Lab:
@@ -172,10 +173,10 @@ class Lab:
     def roots(self) -> Roots:
         config, host = self.config, self.host
         if host.local:
-            return Roots(config.workdir, config.workdir, config.warm_root)
+            return Roots(config.workdir, config.workdir, config.warm_root, config.workdir / "layers")
         base = host.path(str(config.workdir)) if "workdir" in config.given else host.default_root()
         warm = host.path(str(config.warm_dir)) if config.warm_dir is not None else base / "warm"
-        return Roots(base / "clients" / client_id(), config.workdir, warm)
+        return Roots(base / "clients" / client_id(), config.workdir, warm, base / "layers")
 
     @property
     def conn(self) -> "libvirt.virConnect":
