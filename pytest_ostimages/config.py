@@ -65,7 +65,8 @@ class OstConfig:
     images_dir: Path = Path("/usr/share/ost-images")
     distro: Optional[str] = None
     image: Optional[str] = None
-    libvirt_uri: str = "qemu:///system"
+    libvirt_uri: str = "qemu:///system"  # where this session's VMs run (one of `hypervisors`)
+    hypervisors: tuple[str, ...] = ("qemu:///system",)  # every URI given: sessions and workers are placed on them
     virt_type: str = "auto"
     cpu_mode: str = "auto"
     memory: PerRole = PerRole(2048, {"engine": 4096})
@@ -174,6 +175,17 @@ def _max_boots(raw: str) -> Optional[int]:
         raise ValueError("expected 'auto' (CPUs + 1), 0 (no limit) or a number of VMs") from None
 
 
+def _uris(raw: str) -> tuple[str, ...]:
+    """One libvirt URI, or several, comma- (or, in an ini file, line-) separated."""
+    uris = tuple(dict.fromkeys(u for u in re.split(r"[,\s]+", raw) if u))
+    if not uris:
+        raise ValueError("expected a libvirt URI, e.g. qemu:///system or qemu+ssh://root@host/system")
+    bad = [u for u in uris if "://" not in u]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a libvirt URI, e.g. qemu:///system or qemu+ssh://root@host/system")
+    return uris
+
+
 def _path(raw: str) -> Path:
     return Path(raw).expanduser()
 
@@ -257,7 +269,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("images_dir", _path, "directory of installed ost-images (default /usr/share/ost-images)"),
     Setting("distro", str, "distro of the images to use (default: the only one installed)"),
     Setting("image", str, "layer (e.g. engine-installed) or qcow2 path for the ost_vm fixture"),
-    Setting("libvirt_uri", str, "libvirt connection URI (default qemu:///system)"),
+    Setting("libvirt_uri", _uris, "libvirt connection URI, or several (comma-separated; an ini list): the "
+            "hypervisors sessions and xdist workers are placed on, by free capacity (default qemu:///system)"),
     Setting("virt_type", _choice(VIRT_TYPES),
             "auto, kvm or qemu (TCG emulation); auto uses kvm when libvirt offers it"),
     Setting("cpu_mode", _choice(CPU_MODES), "guest CPU: auto (host-passthrough on kvm, maximum on qemu), "
@@ -351,6 +364,9 @@ def resolve(
                 except ValueError as exc:
                     raise pytest.UsageError(f"{source}={raw!r}: {exc}") from None
                 break
+    if "libvirt_uri" in values:  # all of them; this session's is the first until it is placed
+        values["hypervisors"] = values["libvirt_uri"]
+        values["libvirt_uri"] = values["hypervisors"][0]
     values["given"] = frozenset(values)
     if "memory" in values and values["memory"].default == 0:
         values["memory"] = PerRole(OstConfig.memory.default, values["memory"].roles)

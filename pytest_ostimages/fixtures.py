@@ -46,7 +46,8 @@ def ost_lab(request: pytest.FixtureRequest, pytestconfig: pytest.Config, ost_con
     if booted is not None:  # an OST suite's, booted after collection and removed at the end
         yield booted
         return
-    lab, share = make_lab(pytestconfig)
+    with user_errors(pytestconfig, request.session):
+        lab, share = make_lab(pytestconfig)  # a hypervisor that is down or lacks the images says so here
     try:
         yield lab
     finally:

@@ -29,6 +29,7 @@ from .errors import OstError
 from .hypervisor import connection as virt
 from .images.catalog import Catalog
 from .inside.run import InsideRun
+from .lab.lab import Lab
 from .lab.plan import Plan
 from .ost import initconfig
 from .ost.suite import OstSuite
@@ -54,33 +55,43 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
-    if config.getoption("ost_warm_list"):
-        settings = ostconfig.from_pytest(config)
-        for line in report.warm_listing(WarmCache(settings.warm_root, 0)):
-            print(line)
-        return int(pytest.ExitCode.OK)
-    if not config.getoption("ost_cleanup"):
+    if not (config.getoption("ost_warm_list") or config.getoption("ost_cleanup")):
         return None
     settings = ostconfig.from_pytest(config)
     try:
-        conn = virt.connect(settings.libvirt_uri)
-        try:
-            with kept.locked(settings.workdir):
-                kept.forget(settings.workdir)  # the kept VMs are leftovers too now
-            leftovers = ledger.reap(conn, settings.workdir)
-        finally:
-            conn.close()
+        for uri in settings.hypervisors:
+            lab = Lab(dataclasses.replace(settings, libvirt_uri=uri))  # only for its roots and connections
+            try:
+                where = f"hypervisor {uri}: " if len(settings.hypervisors) > 1 else ""
+                if config.getoption("ost_warm_list"):
+                    for line in report.warm_listing(WarmCache(lab.roots.warm, 0, host=lab.host)):
+                        print(where + line)
+                else:
+                    _cleanup(lab, config.getoption("ost_warm_cache"))
+            finally:
+                lab.release()
     except OstError as exc:
         print(f"ERROR: {exc}")
         return int(pytest.ExitCode.USAGE_ERROR)
-    for leftover in leftovers:
-        print(f"removed {leftover}")
-    if config.getoption("ost_warm_cache"):
-        for key in WarmCache(settings.warm_root, 0).clear():
-            print(f"removed saved state {key}")
-    print(f"pytest-ostimages: removed {len(leftovers)} leftovers at {settings.libvirt_uri} "
-          f"and in {settings.workdir}")
     return int(pytest.ExitCode.OK)
+
+
+def _cleanup(lab: Lab, warm_cache: bool) -> None:
+    """--ost-cleanup on one hypervisor: what dead runs left (and the kept VMs) go; what stays, and why."""
+    roots = lab.roots
+    with kept.locked(roots.hypervisor):
+        kept.forget(roots.hypervisor)  # the kept VMs are leftovers too now
+    removed = ledger.reap(lab.conn, roots.hypervisor, lab.host, roots.local)
+    for leftover in removed:
+        print(f"removed {leftover}")
+    _, spared = ledger.find(lab.conn, roots.hypervisor, lab.host, roots.local)
+    for item in spared:
+        print(f"left {item}")
+    if warm_cache:
+        for key in WarmCache(roots.warm, 0, host=lab.host).clear():
+            print(f"removed saved state {key}")
+    print(f"pytest-ostimages: removed {len(removed)} leftovers at {lab.config.libvirt_uri} and in {roots.hypervisor}"
+          + (f" on {lab.host.name}" if not lab.host.local else "") + f"; left {len(spared)} of other sessions")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -122,7 +133,7 @@ def _ost_suite(config: pytest.Config, settings: OstConfig) -> OstSuite:
     topology = dataclasses.replace(topology, vms=tuple(
         dataclasses.replace(vm, memory=None if "memory" in settings.given else vm.memory,
                             vcpus=None if "vcpus" in settings.given else vm.vcpus) for vm in topology.vms))
-    return OstSuite(config, topology, root, lambda: make_lab(config), reusing(config))
+    return OstSuite(config, topology, root, lambda: make_lab(config, list(topology.vms)), reusing(config))
 
 
 def _interrupt(signum: int, _frame: Any) -> None:

@@ -14,6 +14,7 @@ from .errors import OstError, SessionError
 from .images.catalog import Catalog
 from .lab.inputs import VMSpec
 from .lab.lab import Lab
+from .lab.placement import place, share_name
 from .lab.plan import Plan
 from .report import progress, warning
 from .state.share import Share
@@ -28,19 +29,26 @@ FAILED_KEY = pytest.StashKey[str]()  # the input error that makes every VM of th
 ITEM_KEY = pytest.StashKey[pytest.Item]()  # the test being set up (xdist workers plan per test)
 
 
-def make_lab(config: pytest.Config) -> tuple[Lab, Optional[Share]]:
-    """The session's lab, and the environment it shares with the other xdist workers (--ost-share)."""
+def make_lab(config: pytest.Config, specs: Optional[list[VMSpec]] = None) -> tuple[Lab, Optional[Share]]:
+    """The session's lab, on the hypervisor it is placed on (lab/placement.py: `specs`, default the
+    planned VMs, decide how much room it needs), and the environment it shares with the other xdist
+    workers of that hypervisor (--ost-share)."""
     settings = config.stash[CONFIG_KEY]
     worker = getattr(config, "workerinput", None)  # set by pytest-xdist in its workers
-    share = None
-    if settings.share and worker is not None:
+    run_folder = None
+    if worker is not None:
         # xdist gives each worker the basetemp <controller's basetemp>/popen-gwN: the parent is the run's
         basetemp = config.getoption("basetemp")
-        base = Path(basetemp).parent if basetemp else settings.workdir / "shares"
-        share = Share(base / f"ost-share-{worker['testrunuid']}")
+        run_folder = (Path(basetemp).parent if basetemp else settings.workdir / "shares") / f"ost-run-{worker['testrunuid']}"
+    wanted = specs if specs is not None else planned(config)
+    settings = place(settings, sum(spec.memory or settings.memory.for_role(spec.role) for spec in wanted), run_folder)
+    share = None
+    if settings.share and run_folder is not None:
+        share = Share(run_folder / f"share-{share_name(settings)}")
     # A shared environment belongs to the xdist controller, which outlives every worker.
     lab = Lab(settings, progress(config), owner_pid=os.getppid() if share else None,
-              catalog=config.stash.get(CATALOG_KEY, None), warn=warning(config))
+              catalog=config.stash.get(CATALOG_KEY, None) if len(settings.hypervisors) == 1 else None,
+              warn=warning(config))
     config.stash[LAB_KEY] = lab
     config.stash[SHARE_KEY] = share
     return lab, share

@@ -720,6 +720,9 @@ class Lab:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._host is not None and not self._host.local:  # the SSH connection to a remote hypervisor
+            self._host.close()
+            self._host = None
 
 
 def _outcome(work: Callable[..., Any], *args: Any) -> Any:

@@ -54,15 +54,16 @@ class OstSuite:
 
     @pytest.hookimpl(trylast=True)  # after the report header found the images
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        lab, self.share = self.make_lab()
-        self.lab = lab
-        lab.ost = OstDeployment(self.topology.suite, self.root, self.topology.networks)
-        try:
+        try:  # placed on a hypervisor, its images looked at, its deployment directory named
+            lab, self.share = self.make_lab()
+            self.lab = lab
+            lab.ost = OstDeployment(self.topology.suite, self.root, self.topology.networks)
             distro = lab.inputs.choose_distro(vm.image for vm in self.topology.vms)
+            deployment = lab.workdir.client
         except OstError as exc:
             raise pytest.UsageError(str(exc)) from None
         # what OST's fixtures read (ost_utils/pytest/fixtures/env.py), before any conftest runs them
-        self._export(OST_DEPLOYMENT=str(lab.workdir.client), SUITE=self.topology.suite,
+        self._export(OST_DEPLOYMENT=str(deployment), SUITE=self.topology.suite,
                      OST_REPO_ROOT=str(self.root), OST_IMAGES_DISTRO=distro)
 
     @pytest.hookimpl(trylast=True)
