@@ -26,7 +26,7 @@ from . import config as ostconfig
 from . import fixtures, report
 from .config import OstConfig
 from .errors import OstError
-from .hypervisor import connection as virt
+from .hypervisor.host import is_local
 from .images.catalog import Catalog
 from .inside.run import InsideRun
 from .lab.lab import Lab
@@ -147,12 +147,28 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = config.stash[CONFIG_KEY]
+    if settings.hypervisors == (settings.libvirt_uri,) and is_local(settings.libvirt_uri):
+        try:
+            catalog = Catalog.discover(settings.images_dir)
+        except OSError as exc:  # the header must never stop a run; the fixtures will explain
+            return [f"ost-images: cannot read {settings.images_dir}: {exc.strerror}"]
+        config.stash[CATALOG_KEY] = catalog  # the session's lab uses it: one RPM query per run
+        return report.header_lines(settings, catalog)
+    return [line for uri in settings.hypervisors for line in _hypervisor_header(settings, uri)]
+
+
+def _hypervisor_header(settings: OstConfig, uri: str) -> list[str]:
+    """A hypervisor of several, or a remote one: its libvirt, virt type and images (asked over SSH)."""
+    lab = Lab(dataclasses.replace(settings, libvirt_uri=uri))
     try:
-        catalog = Catalog.discover(settings.images_dir)
-    except OSError as exc:  # the header must never stop a run; the fixtures will explain
-        return [f"ost-images: cannot read {settings.images_dir}: {exc.strerror}"]
-    config.stash[CATALOG_KEY] = catalog  # the session's lab uses it: one RPM query per run
-    return report.header_lines(settings, catalog)
+        version = lab.conn.getLibVersion()
+        lines = [f"hypervisor {uri}: libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000}, "
+                 f"{lab.virt_type} guests"]
+        return lines + report.header_lines(settings, Catalog.discover(settings.images_dir, host=lab.host))
+    except OstError as exc:  # the header must never stop a run; the fixtures will explain
+        return [f"hypervisor {uri}: cannot be asked: {str(exc).splitlines()[0]}"]
+    finally:
+        lab.release()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

@@ -35,7 +35,8 @@ JOURNAL_TAIL = 30
 
 def header_lines(config: "OstConfig", catalog: "Catalog") -> list[str]:
     """Where the images come from and where the VMs will run (nothing is created)."""
-    lines = [f"ost-images: {config.images_dir} (found via {catalog.source}), libvirt "
+    where = "" if catalog.host.local else f" on {catalog.host.name}"
+    lines = [f"ost-images: {catalog.directory}{where} (found via {catalog.source}), libvirt "
              f"{config.libvirt_uri}, virt type {config.virt_type}, work dir {config.workdir}"]
     for distro in catalog.distros():
         for layer in catalog.layer_names(distro):

@@ -454,7 +454,9 @@ class Lab:
         run them again, and a changed script makes a new environment.
         """
         config = self.config
-        parts: list[Any] = [config.libvirt_uri, config.virt_type, config.cpu_mode, config.dns_domain,
+        # not the URI: a kept or saved environment is only ever looked for where it is (its hypervisor's
+        # work root), and one hypervisor may be named by several URIs (qemu:///system, qemu+ssh://...)
+        parts: list[Any] = [config.virt_type, config.cpu_mode, config.dns_domain,
                             config.identity, config.ip_version, config.firmware, config.secure_boot,
                             self.ost and self.ost.suite, [(n.role, n.management) for n in self.topology]]
         for spec in sorted(specs, key=lambda s: s.role):
