@@ -64,7 +64,9 @@ class OstSuite:
             raise pytest.UsageError(str(exc)) from None
         # what OST's fixtures read (ost_utils/pytest/fixtures/env.py), before any conftest runs them
         self._export(OST_DEPLOYMENT=str(deployment), SUITE=self.topology.suite,
-                     OST_REPO_ROOT=str(self.root), OST_IMAGES_DISTRO=distro)
+                     OST_REPO_ROOT=str(self.root), OST_IMAGES_DISTRO=distro,
+                     # OST's VirshBackend runs plain virsh: the hypervisor this session's VMs are on
+                     LIBVIRT_DEFAULT_URI=lab.config.libvirt_uri)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
