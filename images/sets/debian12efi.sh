@@ -34,6 +34,11 @@ LAYERS=(engine-installed host-installed)
 declare -A LAYER_ROLE=([engine-installed]=engine [host-installed]=host)
 declare -A LAYER_PACKAGES=([engine-installed]="less" [host-installed]="netcat-openbsd python3-pytest lvm2")
 
+# Boot-time check (build-test-images): OVMF without Secure Boot, 640 MiB; every layer
+# has cloud-init: cloud-init finished (with the check's NoCloud seed) within 35 s.
+BOOT_FIRMWARE=efi BOOT_MEMORY_MIB=640 BOOT_BUDGET=35 BOOT_BUDGET_CLOUD_INIT=35
+declare -A BOOT_CLOUD_INIT=([base]=1 [engine-installed]=1 [host-installed]=1)
+
 SET_TOOLS=(mkfs.vfat mmd mcopy)
 SPEC_DEFINES=(--define "ost_flat 1" --define "with_cloud_installed 0")
 if [ "$bios_twin" = 1 ]; then
@@ -126,15 +131,17 @@ EOF
     # list (one source plus None) ds-identify never searches: cloud-init runs at
     # every boot, seed or not (about 15-19 s of a TCG boot: its first two stages
     # come before sysinit.target), and without a seed it only reports "done". The
-    # NICs stay NetworkManager's keyfiles'. minbase has no locale for the locale
-    # module to set. The image's SSH host keys are kept unless a seed says
-    # otherwise (no key generation at boot).
-    cat >"$ROOT/etc/cloud/cloud.cfg.d/99-ost-images.cfg" <<'EOF'
+    # NICs stay NetworkManager's keyfiles'. The image's SSH host keys are kept
+    # unless a seed says otherwise (no key generation at boot). The modules: those
+    # of EL's cloud.cfg (cloud_init_module_lists).
+    {
+        cat <<'EOF'
 datasource_list: [NoCloud, None]
 network: {config: disabled}
-locale: false
 ssh_deletekeys: false
 EOF
+        cloud_init_module_lists
+    } >"$ROOT/etc/cloud/cloud.cfg.d/99-ost-images.cfg"
     : >"$ROOT/etc/machine-id"   # every boot of a fresh image makes its own
 
     # firewalld (enabled by its package) in its default zone, public: ssh and

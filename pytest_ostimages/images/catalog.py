@@ -113,6 +113,11 @@ class Catalog:
             catalog._add(host.path(path), None)
         return catalog
 
+    @property
+    def where(self) -> str:
+        """The images directory, for messages (on which hypervisor, when it is another machine)."""
+        return str(self.directory) if self.host.local else f"{self.directory} on {self.host.name}"
+
     def exists(self, path: Optional["AnyPath"]) -> bool:
         """Whether `path` was there when the catalog looked (the images do not come and go in a session)."""
         return path is not None and str(path) in self.present
@@ -159,7 +164,7 @@ class Catalog:
         if requested is not None:
             if requested not in distros:
                 raise ImageError(
-                    f"Distro {requested!r} is not installed in {self.directory}.\n"
+                    f"Distro {requested!r} is not installed in {self.where}.\n"
                     f"Installed:\n{self.describe()}\n"
                     f"Choose one of them with --ost-distro, or install ost-images-{requested}-base."
                 )
@@ -173,7 +178,7 @@ class Catalog:
         found = (f"{len(fitting)} of them have all of those layers" if layers and fitting
                  else "none of them has all of those layers" if layers else "")
         raise ImageError(
-            f"Several distros are installed in {self.directory}{'; ' + found if found else ''}. "
+            f"Several distros are installed in {self.where}{'; ' + found if found else ''}. "
             f"Choose the one{needs} with --ost-distro (ini ost_distro, env OST_DISTRO):\n"
             f"{self.describe()}"
         )
@@ -194,10 +199,10 @@ class Catalog:
         if entry is None or not self.exists(entry.path):
             if distro not in self.distros():
                 raise ImageError(self._nothing_installed() if not self.distros() else
-                                 f"Distro {distro!r} is not installed in {self.directory}.\n"
+                                 f"Distro {distro!r} is not installed in {self.where}.\n"
                                  f"Installed:\n{self.describe()}")
             raise ImageError(
-                f"Layer {layer!r} of {distro} is not installed in {self.directory}.\n"
+                f"Layer {layer!r} of {distro} is not installed in {self.where}.\n"
                 f"Installed layers of {distro}: {', '.join(self.layer_names(distro))}\n"
                 f"Use one of them, or install ost-images-{distro}-{layer}."
             )
@@ -254,7 +259,7 @@ class Catalog:
     def _nothing_installed(self) -> str:
         return (
             f"No ost-images are installed: the RPM database has no {PACKAGE_PREFIX}* package "
-            f"with files in {self.directory}, and the directory holds no <distro>-<layer>.qcow2.\n"
+            f"with files in {self.where}, and the directory holds no <distro>-<layer>.qcow2.\n"
             f"Install some (e.g. dnf install ost-images-el9stream-engine-installed "
             f"ost-images-el9stream-host-installed) or point --ost-images-dir at your images."
         )
