@@ -48,7 +48,9 @@ MODULES_OF_KEY = {
     "device_aliases": ("disk_setup",),
     "swap": ("mounts",),
 }
-_MODULE_ERROR = re.compile(r"^\('([A-Za-z0-9_]+)', (.*)\)$", re.DOTALL)
+# cloud-init names a module as its config lists it: "scripts-user" (22.x, cloud.cfg's spelling),
+# "scripts_user" or "cc_scripts_user" (later versions)
+_MODULE_ERROR = re.compile(r"^\('(?:cc_)?([A-Za-z0-9_-]+)', (.*)\)$", re.DOTALL)
 
 
 def asked_modules(user_data: "Optional[UserData]") -> Optional[frozenset[str]]:
@@ -87,7 +89,7 @@ class Report:
             for error in stage.get("errors") or []:
                 found = _MODULE_ERROR.match(str(error))
                 if found:
-                    module_errors[found.group(1)] = found.group(2)
+                    module_errors[found.group(1).replace("-", "_")] = found.group(2)
                 else:
                     stage_errors.append(f"{name}: {error}")
             for level, messages in (stage.get("recoverable_errors") or {}).items():

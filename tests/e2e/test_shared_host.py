@@ -45,7 +45,11 @@ def test_another_users_kept_vms_survive_cleanup_and_other_sessions(tmp_path: Pat
             assert other.returncode == 0, other.stdout + other.stderr
             names = {o.split()[1] for o in objects}
             for output in (cleanup.stdout, other.stdout):
-                assert not [name for name in names if name in output], output
+                removed = [line for line in output.splitlines() if "removed" in line]
+                assert not [name for name in names if any(name in line for line in removed)], output
+            # --ost-cleanup says what it left and why
+            for name in names:
+                assert f"{name} (run " in cleanup.stdout and "is another user's" in cleanup.stdout, cleanup.stdout
             assert objects <= libvirt_objects()
         finally:
             chown_tree(theirs, os.getuid())
