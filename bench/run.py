@@ -35,6 +35,9 @@ Figures:
   warm-ost   the example OST topology ready and deployed, restored  vs  booted +
              deployed; its checkpoint fixture restored  vs  run, and  vs  restoring
              the VMs alone; 2 and 4 sessions restoring one state at once  vs  one
+  remote     one VM through qemu+ssh:// (a hypervisor namespace with an sshd on this
+             machine, tests/e2e/remote.py)  vs  the local URI: boot to ready, an SSH
+             command's round trip through the hypervisor  vs  direct, a warm restore
 """
 
 from __future__ import annotations
@@ -622,17 +625,83 @@ def measure_warm_ost(repeat: int, results: dict) -> None:
             f"{n}: {max(v[:-1]):.1f} s ready, {v[-1]:.1f} s in all" for n, v in concurrent.items()), flush=True)
 
 
+RTT_TEST = """
+import time
+
+def test_rtt(ost_vm):
+    ost_vm.ssh("true", check=True)
+    start, count = time.monotonic(), 20
+    for _ in range(count):
+        ost_vm.ssh("true", check=True)
+    print(f"SSH-RTT {(time.monotonic() - start) / count:.4f}")
+"""
+
+
+def measure_remote(repeat: int, results: dict) -> None:
+    """One VM through a qemu+ssh:// hypervisor (this machine, in tests/e2e/remote.py's rig: a client
+    namespace that reaches only the hypervisor's sshd, and holds none of its files) vs the local URI:
+    boot to ready, an SSH command's round trip, a warm restore; sessions alternate local and remote."""
+    import re
+
+    from tests.e2e.remote import remote_hypervisor
+
+    def figure(output: str, pattern: str) -> float:
+        found = re.search(pattern, output)
+        return float(found.group(1)) if found else float("nan")
+
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp, remote_hypervisor() as hv:
+        os.chmod(tmp, 0o755)
+        (Path(tmp) / "test_rtt.py").write_text(RTT_TEST)
+        common = [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", f"--ost-distro={SETTINGS['ost_distro']}",
+                  f"--ost-memory={MEMORY}", f"--ost-vcpus={VCPUS}", f"--ost-image={LAYER}", "test_rtt.py"]
+        found: dict[str, dict[str, list[float]]] = {where: {"boot": [], "rtt": [], "restore": []}
+                                                     for where in ("local", "remote")}
+
+        def one(where: str, *args: str) -> str:
+            if where == "local":
+                done = subprocess.run([*common, *args], cwd=tmp, capture_output=True, text=True,
+                                      stdin=subprocess.DEVNULL, timeout=SESSION_TIMEOUT)
+            else:
+                done = hv.run([*common, f"--ost-libvirt-uri={hv.uri}", *args], cwd=tmp, timeout=SESSION_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+            if done.returncode != 0:
+                raise SystemExit(f"the {where} session failed:\n{(done.stdout + done.stderr)[-3000:]}")
+            return done.stdout
+
+        for _ in range(repeat):
+            for where in ("local", "remote"):
+                output = one(where, "--ost-warm=off")
+                found[where]["boot"].append(figure(output, r"vm: ssh ready in ([\d.]+) s"))
+                found[where]["rtt"].append(figure(output, r"SSH-RTT ([\d.]+)"))
+        for where in ("local", "remote"):
+            warm = f"--ost-warm-dir={tmp}/warm-{where}"
+            one(where, "--ost-warm=on", warm)  # boots and saves
+            for _ in range(repeat):
+                output = one(where, "--ost-warm=on", warm)
+                found[where]["restore"].append(figure(output, r"vm: restored .* in ([\d.]+) s \("))
+    local, remote = found["local"], found["remote"]
+    results["remote: boot to ready, qemu+ssh:// vs local"] = {"plugin": stats(remote["boot"]),
+                                                              "baseline": stats(local["boot"])}
+    results["remote: SSH command round trip, via the hypervisor vs direct"] = {
+        "plugin": stats(remote["rtt"]), "baseline": stats(local["rtt"])}
+    results["remote: warm restore, qemu+ssh:// vs local"] = {"plugin": stats(remote["restore"]),
+                                                             "baseline": stats(local["restore"])}
+    print(f"  remote: boot {min(remote['boot']):.1f} s vs {min(local['boot']):.1f} s local; SSH round trip "
+          f"{min(remote['rtt']) * 1000:.1f} ms vs {min(local['rtt']) * 1000:.1f} ms; restore "
+          f"{min(remote['restore']):.1f} s vs {min(local['restore']):.1f} s", flush=True)
+
+
 # figures measured after the in-process baseline is closed, in this order: (repeat, results) each
 LATER: dict[str, tuple[Callable[[int, dict], None], ...]] = {
     "inside": (measure_inside,), "identity": (measure_identity,), "warm": (measure_warm,),
     "ost": (measure_ost, measure_ost_reuse), "ip": (measure_ip_versions,), "uefi": (measure_uefi,),
-    "warm-nm": (measure_warm_nm,), "warm-ost": (measure_warm_ost,)}
+    "warm-nm": (measure_warm_nm,), "warm-ost": (measure_warm_ost,), "remote": (measure_remote,)}
 
 
 # --- report -------------------------------------------------------------------------------
 
 FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity", "warm", "ost",
-           "ip", "uefi", "warm-nm", "warm-ost")
+           "ip", "uefi", "warm-nm", "warm-ost", "remote")
 
 GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "boot": ("ratio <= 1.05 and overhead <= 0.5 s",
@@ -640,6 +709,8 @@ GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
              and r["plugin"]["median"] - r["baseline"]["median"] <= 0.5),
     "readiness": ("<= 0.25 s", lambda r: r["plugin"]["median"] <= 0.25),
     "engine_2_hosts": ("together < one after another", lambda r: r["plugin"]["median"] < r["baseline"]["median"]),
+    "remote: boot to ready, qemu+ssh:// vs local": (
+        "ratio <= 1.10", lambda r: r["plugin"]["median"] / r["baseline"]["median"] <= 1.10),
 }
 
 

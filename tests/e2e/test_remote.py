@@ -25,6 +25,7 @@ from .remote import RemoteHypervisor, remote_hypervisor
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 WARM = RESTORABLE[1].split("=", 1)[1]  # on the hypervisor: the client must not see it
+OWN_WARM = "/var/tmp/ost-remote-warm"  # warm caches of a test's own, hidden from the client too
 SMALL = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", f"--ost-distro={DISTRO}", *RESTORABLE]
 
 TESTS = """
@@ -59,7 +60,7 @@ TESTS = """
 @pytest.fixture(scope="module")
 def hv() -> Iterator[RemoteHypervisor]:
     """Two hypervisors (two sshd addresses of the lab), for every test of the module."""
-    with remote_hypervisor(count=2, hide=[WARM]) as rig:
+    with remote_hypervisor(count=2, hide=[WARM, OWN_WARM]) as rig:
         yield rig
 
 
@@ -102,6 +103,24 @@ def test_a_session_runs_its_vms_on_the_hypervisor_and_leaves_nothing(hv: RemoteH
                                cwd=suite, timeout=300))
     assert f"removed domain ost-{run}-vm" in cleanup, cleanup
     assert (libvirt_objects(), leftovers_on_the_hypervisor()) == before
+
+
+def test_warm_start_saves_and_restores_on_the_hypervisor(hv: RemoteHypervisor, suite: Path) -> None:
+    # a warm cache of the test's own on the hypervisor: the first session boots and saves there (the
+    # save image, the disk: files the client never sees), the next restores (the FIFO fed there)
+    warm = Path(OWN_WARM) / suite.name
+    args = ["--ost-image=engine-installed", f"--ost-warm-dir={warm}", "-k", "vm_through"]
+    try:
+        first = assert_ok(client(hv, suite, *args))
+        assert "vm: booting " in first and "vm: state saved for warm starts" in first, first
+        # on the hypervisor (here): the client's own view of that folder is an empty tmpfs
+        assert sorted(p.name for p in warm.glob("*/*")) == ["disk.qcow2", "memory.save", "meta.json"]
+        second = assert_ok(client(hv, suite, *args))
+        assert re.search(r"vm: restored debian12-engine-installed from saved state \w+ as .* in [\d.]+ s \(overlays",
+                         second), second
+        assert ": booting " not in second
+    finally:
+        shutil.rmtree(warm, ignore_errors=True)
 
 
 def test_a_killed_client_session_is_reaped_by_the_clients_next_one(hv: RemoteHypervisor, tmp_path: Path) -> None:
