@@ -23,6 +23,16 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     from .seed import UserData
 
+# Run in the guest: waits until cloud-init has finished, then prints `cloud-init status`'s exit status
+# and its status.json. `status --wait` alone is not enough: up to 23.x it returns as soon as a stage
+# has recorded an error (say, locale's in the config stage) while the final stage, which runs the
+# suite's runcmd, is still to come. result.json is written when the final stage ends; without a
+# status.json cloud-init did not run at all (disabled), and nothing more comes.
+WAIT_COMMAND = """cloud-init status --wait >/dev/null 2>&1
+while [ -e /run/cloud-init/status.json ] && [ ! -e /run/cloud-init/result.json ]; do sleep 0.2; done
+cloud-init status >/dev/null 2>&1; echo $?
+cat /run/cloud-init/status.json"""
+
 # what the plugin's own part of the user-data needs (seed.py): its identity
 PLUGIN_MODULES = frozenset({"bootcmd", "set_hostname", "update_hostname", "ssh"})
 # the module that acts on a cloud-config key, where it is not named after it

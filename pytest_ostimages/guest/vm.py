@@ -202,8 +202,7 @@ class VM:
         """
         start = time.monotonic()
         try:
-            done = self.ssh("cloud-init status --wait >/dev/null 2>&1; echo $?; cat /run/cloud-init/status.json",
-                            timeout=timeout)
+            done = self.ssh(cloudinit.WAIT_COMMAND, timeout=timeout)
         except OstError:
             done = None
         status, _, record = done.stdout.partition("\n") if done is not None else ("", "", "")
