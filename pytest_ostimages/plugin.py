@@ -79,7 +79,7 @@ def pytest_cmdline_main(config: pytest.Config) -> Optional[int]:
 def _cleanup(lab: Lab, warm_cache: bool) -> None:
     """--ost-cleanup on one hypervisor: what dead runs left (and the kept VMs) go; what stays, and why."""
     roots = lab.roots
-    with kept.locked(roots.hypervisor):
+    with kept.locked(roots.hypervisor, lab.host):
         kept.forget(roots.hypervisor)  # the kept VMs are leftovers too now
     removed = ledger.reap(lab.conn, roots.hypervisor, lab.host, roots.local)
     for leftover in removed:

@@ -30,15 +30,15 @@ def fingerprint(lab: Lab, specs: list[VMSpec]) -> str:
 
 def attach_kept(lab: Lab, specs: list[VMSpec]) -> bool:
     """Attach to the kept environment if it matches `specs` and still runs; else drop it."""
-    root = lab.config.workdir
+    root = lab.workdir_root
     if not (root / kept.KEPT_FILE).exists():
         return False
-    with kept.locked(root):
+    with kept.locked(root, lab.host):
         record = kept.read(root)
         if record is None:
             return False
         kept_fingerprint, env = record
-        run = run_workdir(env.workdir, env.run_id)
+        run = run_workdir(env.workdir, env.run_id, lab.host)
         if run is None or not run.kept:  # an adoption that crashed half-way: the reaper's now
             kept.forget(root)
             return False
@@ -68,9 +68,9 @@ def keep(lab: Lab, specs: list[VMSpec]) -> None:
         lab.progress(f"not keeping the VMs for --ost-reuse: {', '.join(not_ready)} never became ready")
         lab.close()
         return
-    root = lab.config.workdir
+    root = lab.workdir_root
     env = lab.environment()
-    with kept.locked(root):
+    with kept.locked(root, lab.host):
         previous = kept.read(root)
         kept.write(root, fingerprint(lab, specs), env)
         faults.point("keep")
@@ -84,10 +84,10 @@ def keep(lab: Lab, specs: list[VMSpec]) -> None:
 
 def drop(lab: Lab) -> None:
     """Remove the kept environment, if any (libvirt is only contacted if there is one)."""
-    root = lab.config.workdir
+    root = lab.workdir_root
     if not (root / kept.KEPT_FILE).exists():
         return
-    with kept.locked(root):
+    with kept.locked(root, lab.host):
         record = kept.read(root)
         kept.forget(root)
     if record is not None:

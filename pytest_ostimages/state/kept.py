@@ -1,4 +1,4 @@
-"""The environment kept for ``--ost-reuse``: ``<workdir root>/kept.json``.
+"""The environment kept for ``--ost-reuse``: ``<workdir root>/kept.json``, on the hypervisor.
 
 It holds the kept run's :class:`Environment` and a fingerprint of everything that
 shaped it; the run's own work directory says "kept" too (owner.RunRecord), and the
@@ -12,23 +12,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
+from ..hypervisor.host import LOCAL
 from .environment import Environment
-from .files import host_lock, write_atomic
+from .files import write_atomic
+
+if TYPE_CHECKING:
+    from ..hypervisor.host import AnyPath, Host
 
 KEPT_FILE = "kept.json"  # in the work directory root
 
 
 @contextlib.contextmanager
-def locked(root: Path) -> Iterator[None]:
-    """The work root's reuse lock: keep, attach, drop and forget hold it."""
-    with host_lock("reuse-" + hashlib.sha256(str(root).encode()).hexdigest()[:12]):
+def locked(root: "AnyPath", host: "Host" = LOCAL) -> Iterator[None]:
+    """The reuse lock of the work root `root` on the hypervisor `host`: keep, attach, drop and
+    forget hold it."""
+    with host.lock("reuse-" + hashlib.sha256(str(root).encode()).hexdigest()[:12]):
         yield
 
 
-def read(root: Path) -> Optional[tuple[str, Environment]]:
+def read(root: "AnyPath") -> Optional[tuple[str, Environment]]:
     """(fingerprint, environment) kept under `root`, None if none; one that does not validate is
     forgotten (hold the lock): its VMs are then the reaper's."""
     try:
@@ -41,7 +45,7 @@ def read(root: Path) -> Optional[tuple[str, Environment]]:
         return None
 
 
-def kept_run(root: Path) -> Optional[str]:
+def kept_run(root: "AnyPath") -> Optional[str]:
     """The run id kept.json names (read only, no lock: it is replaced atomically)."""
     try:
         return str(json.loads(json.loads((root / KEPT_FILE).read_text())["environment"])["run_id"])
@@ -49,9 +53,9 @@ def kept_run(root: Path) -> Optional[str]:
         return None
 
 
-def write(root: Path, fingerprint: str, env: Environment) -> None:
+def write(root: "AnyPath", fingerprint: str, env: Environment) -> None:
     write_atomic(root / KEPT_FILE, json.dumps({"fingerprint": fingerprint, "environment": env.to_json()}))
 
 
-def forget(root: Path) -> None:
+def forget(root: "AnyPath") -> None:
     (root / KEPT_FILE).unlink(missing_ok=True)

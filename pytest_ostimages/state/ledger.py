@@ -273,7 +273,7 @@ def reap(conn: "libvirt.virConnect", workdir_root: "AnyPath", host: "Host" = LOC
     leftovers, _ = find(conn, workdir_root, host, client_root)
     removed = [item for item in remove_all(conn, leftovers, host) if isinstance(item, Leftover)]
     if kept.kept_run(workdir_root) is not None:
-        with kept.locked(workdir_root):
+        with kept.locked(workdir_root, host):
             run_id = kept.kept_run(workdir_root)
             if run_id is not None and run_workdir(workdir_root / run_id, run_id, host) is None:
                 kept.forget(workdir_root)
