@@ -649,8 +649,10 @@ class Lab:
             each(_answers_with_pinned_key, vms)
         self.run = Run.of(env, self.roots, self.host)
         self.ledger.record_environment(env, self.workdir.client if self.workdir.remote else None)
+        owner = Label.current(env.run_id, env.workdir) if adopt else env.owner
         if adopt:
-            RunRecord(Label.current(env.run_id, env.workdir)).write(env.workdir)
+            RunRecord(owner).write(env.workdir)
+        self.workdir.attach_client(owner)
         self.networks = {net.role: Network(net.name, net.name, net.subnet, net.domain,
                                            self._lookup(self.conn.networkLookupByName,
                                                         f"network {net.role} of run {env.run_id}", net.name),

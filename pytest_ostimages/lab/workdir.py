@@ -58,6 +58,16 @@ class WorkDir:
             self.client.mkdir(mode=PRIVATE_ROOT)
             owner.write(self.client)
 
+    def attach_client(self, owner: Label) -> None:
+        """A remote hypervisor's run attached to: this machine's folder of its access files, made if
+        there is none (the run was booted from another machine, or this one's /var/tmp was cleared),
+        with `owner` as its owner from now on."""
+        if not self.remote:
+            return
+        own_folder(self.client.parent, "work root", "--ost-workdir")
+        self.client.mkdir(mode=PRIVATE_ROOT, exist_ok=True)
+        owner.write(self.client)
+
     def overlay(self, image: Image, name: str) -> "AnyPath":
         """A new qcow2 overlay on `image`, backed by absolute path with its format."""
         return create_overlay(image.path, self.path / f"{name}.qcow2", self.host)
