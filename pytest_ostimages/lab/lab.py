@@ -660,6 +660,8 @@ class Lab:
         self._next_host = {net.role: net.next_host for net in env.networks}
         self.vms = {vm.role: vm for vm in vms}
         self.ssh_key = self.workdir.private_key(self.inputs.key_path)
+        if self.workdir.remote:  # this machine's twin of the run's folder may be new (attach_client)
+            self._write_access_files()
         self.progress(f"attached to {len(self.vms)} VMs of run {self.run_id}")
 
     @staticmethod
