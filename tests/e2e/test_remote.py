@@ -109,7 +109,7 @@ def test_warm_start_saves_and_restores_on_the_hypervisor(hv: RemoteHypervisor, s
     # a warm cache of the test's own on the hypervisor: the first session boots and saves there (the
     # save image, the disk: files the client never sees), the next restores (the FIFO fed there)
     warm = Path(OWN_WARM) / suite.name
-    args = ["--ost-image=engine-installed", f"--ost-warm-dir={warm}", "-k", "vm_through"]
+    args = ["--ost-image=engine-installed", f"--ost-warm-dir={warm}", "-k", "test_vm_through"]
     try:
         first = assert_ok(client(hv, suite, *args))
         assert "vm: booting " in first and "vm: state saved for warm starts" in first, first
