@@ -202,6 +202,14 @@ def test_a_bad_remote_hypervisor_is_one_clear_error(hv: RemoteHypervisor, tmp_pa
     result.fnmatch_lines(said)
 
 
+def test_the_example_suite(hv: RemoteHypervisor, tmp_path: Path) -> None:
+    # engine + 2 hosts as the README shows them, restored on the hypervisor where test_examples saved them
+    before = libvirt_objects()
+    output = assert_ok(client(hv, tmp_path, str(EXAMPLES / "basic_suite")))
+    assert "7 passed" in output and "3 VMs ready in " in output, output
+    assert libvirt_objects() == before
+
+
 def test_the_ost_example_suite_with_osts_own_ost_utils(hv: RemoteHypervisor, tmp_path: Path) -> None:
     # OST's ansible fixtures reach the VMs through the deployment's hosts file (a ProxyCommand through
     # the hypervisor), its backend reads the domains over the same libvirt URI
