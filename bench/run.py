@@ -48,6 +48,7 @@ import ipaddress
 import json
 import os
 import platform
+import secrets
 import socket
 import statistics
 import subprocess
@@ -65,7 +66,8 @@ from pytest_ostimages.config import OstConfig, from_environment  # noqa: E402
 from pytest_ostimages import Lab, VMSpec  # noqa: E402
 from pytest_ostimages.ost import deploy as ost  # noqa: E402
 from pytest_ostimages.ost import initconfig  # noqa: E402
-from pytest_ostimages.lab.lab import OstDeployment, Run  # noqa: E402
+from pytest_ostimages.lab.lab import OstDeployment, Roots, Run  # noqa: E402
+from pytest_ostimages.hypervisor.host import LOCAL  # noqa: E402
 from pytest_ostimages.lab.networks import with_free_subnet  # noqa: E402
 from pytest_ostimages.guest.ssh import SSH  # noqa: E402
 from pytest_ostimages.hypervisor import connection as virt  # noqa: E402
@@ -211,7 +213,8 @@ class Baseline:
                  templates: Templates, count: int = 4) -> None:
         self.settings, self.image, self.virt_type, self.cpu_mode = settings, image, virt_type, cpu_mode
         self.templates = templates
-        self.run = Run.new(settings.workdir)
+        root = settings.workdir  # the baseline runs here, on this machine's libvirt
+        self.run = Run.new(secrets.token_hex(4), Roots(root, root, settings.warm_root, root / "layers"), LOCAL)
         self.name = f"ostb-{self.run.run_id}"  # the network and its bridge (at most 15 characters)
         self.ledger = Ledger()
         self.conn = virt.connect(settings.libvirt_uri)
