@@ -106,7 +106,11 @@ def test_setting_abort_stops_a_command(ssh: SSH, thread_errors: list) -> None:
     assert not thread_errors
 
 
+@pytest.mark.timeout(60)  # a regression must not hang the run: the command itself never ends
 def test_ctrl_c_interrupts_a_command(ssh: SSH) -> None:
+    # SIGINT raises KeyboardInterrupt, as in a terminal, even when this run inherited it ignored
+    # (started in the background by a non-interactive shell, or under nohup, as CI runners may)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     ctrl_c = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # KeyboardInterrupt in the main thread
     ctrl_c.start()
     start = time.monotonic()
@@ -115,6 +119,7 @@ def test_ctrl_c_interrupts_a_command(ssh: SSH) -> None:
             ssh.run(TICKING, timeout=None)
     finally:
         ctrl_c.join()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 3
     assert ssh.run("echo after", timeout=10).stdout == "after\n"
 
