@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
@@ -77,12 +78,17 @@ def workdirs() -> set[str]:
 
 @contextlib.contextmanager
 def scratch_root(prefix: str) -> Iterator[Path]:
-    """A work directory root of a test's own under /var/tmp (where qemu's user reaches), removed after."""
+    """A work directory root of a test's own under /var/tmp (where qemu's user reaches), removed after,
+    with what its runs left running (a test that failed half-way may leave kept VMs there: without
+    their work root they would be any later session's leftovers)."""
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
     root.chmod(0o755)
     try:
         yield root
     finally:
+        subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", "/dev/null", "--rootdir=/",
+                        f"--ost-workdir={root}", "--ost-cleanup"], capture_output=True, stdin=subprocess.DEVNULL,
+                       timeout=300)
         shutil.rmtree(root, ignore_errors=True)
 
 
