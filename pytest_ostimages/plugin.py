@@ -26,6 +26,7 @@ from . import config as ostconfig
 from . import fixtures, report
 from .config import OstConfig
 from .errors import OstError
+from .hypervisor import connection as virt
 from .hypervisor.host import is_local
 from .images.catalog import Catalog
 from .inside.run import InsideRun
@@ -161,9 +162,7 @@ def _hypervisor_header(settings: OstConfig, uri: str) -> list[str]:
     """A hypervisor of several, or a remote one: its libvirt, virt type and images (asked over SSH)."""
     lab = Lab(dataclasses.replace(settings, libvirt_uri=uri))
     try:
-        version = lab.conn.getLibVersion()
-        lines = [f"hypervisor {uri}: libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000}, "
-                 f"{lab.virt_type} guests"]
+        lines = [f"hypervisor {uri}: libvirt {virt.libvirt_version(lab.conn)}, {lab.virt_type} guests"]
         return lines + report.header_lines(settings, Catalog.discover(settings.images_dir, host=lab.host))
     except OstError as exc:  # the header must never stop a run; the fixtures will explain
         return [f"hypervisor {uri}: cannot be asked: {str(exc).splitlines()[0]}"]

@@ -41,7 +41,7 @@ def make_lab(config: pytest.Config, specs: Optional[list[VMSpec]] = None) -> tup
         basetemp = config.getoption("basetemp")
         run_folder = (Path(basetemp).parent if basetemp else settings.workdir / "shares") / f"ost-run-{worker['testrunuid']}"
     wanted = specs if specs is not None else planned(config)
-    settings = place(settings, sum(spec.memory or settings.memory.for_role(spec.role) for spec in wanted), run_folder)
+    settings = place(settings, sum(spec.size(settings)[0] for spec in wanted), run_folder)
     share = None
     if settings.share and run_folder is not None:
         share = Share(run_folder / f"share-{share_name(settings)}")

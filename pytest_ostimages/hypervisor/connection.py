@@ -48,6 +48,12 @@ def connect(uri: str) -> "libvirt.virConnect":
         ) from None
 
 
+def libvirt_version(conn: "libvirt.virConnect") -> str:
+    """The version of the libvirt `conn` talks to, e.g. "9.0.0"."""
+    version = conn.getLibVersion()
+    return f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
+
+
 def libvirt_error() -> Any:
     """libvirt.libvirtError (typed loosely: the binding is imported lazily)."""
     return libvirt_module().libvirtError

@@ -42,6 +42,10 @@ class VMSpec:
     disks: tuple["Disk", ...] = ()  # extra empty disks
     deploy_scripts: tuple[Path, ...] = ()  # run as root over SSH after boot, in order
 
+    def size(self, config: OstConfig) -> tuple[int, int]:
+        """Memory (MiB) and vCPUs: its own, else `config`'s setting for its role."""
+        return (self.memory or config.memory.for_role(self.role), self.vcpus or config.vcpus.for_role(self.role))
+
 
 @dataclass(frozen=True)
 class Disk:
@@ -127,11 +131,6 @@ class Inputs:
     def firmware(self, image: Image) -> str:
         """"bios" or "efi" for VMs of `image`: --ost-firmware, else what the image boots with."""
         return self.config.firmware if self.config.firmware != "auto" else self.catalog.firmware(image)
-
-    def size(self, spec: VMSpec) -> tuple[int, int]:
-        """Memory (MiB) and vCPUs of `spec`: its own, else the setting for its role."""
-        return (spec.memory or self.config.memory.for_role(spec.role),
-                spec.vcpus or self.config.vcpus.for_role(spec.role))
 
     def check(self, specs: Iterable[VMSpec]) -> dict[str, Image]:
         """Every input `specs` need, checked; returns role -> image."""

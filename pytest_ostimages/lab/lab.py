@@ -218,8 +218,7 @@ class Lab:
             self.progress(f"removed leftover {leftover}")
         for partial in WarmCache(self.roots.warm, 0, host=self.host).remove_crashed_saves():
             self.progress(f"removed leftover warm state {partial} (its save was interrupted)")
-        version = self.conn.getLibVersion()
-        self.progress(f"libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000} at "
+        self.progress(f"libvirt {virt.libvirt_version(self.conn)} at "
                       f"{self.config.libvirt_uri}: {self.virt_type} guests, CPU {self.cpu_mode}")
         self.ledger.record("workdir", str(self.workdir.path), self.owner)
         if self.workdir.remote:
@@ -392,7 +391,7 @@ class Lab:
     def _plan(self, spec: VMSpec, nics: tuple[tuple[str, HostEntry], ...], image: Image) -> BootPlan:
         """Overlay, disks, identity (host key, NoCloud seed) and domain XML of one VM of a batch."""
         assert self.network is not None
-        memory, vcpus = self.inputs.size(spec)
+        memory, vcpus = spec.size(self.config)
         name, short = self.names(spec.role)
         management = next(e for role, e in nics if role == self.management_role)
         overlay = self.workdir.overlay(image, name)
@@ -460,7 +459,7 @@ class Lab:
                             config.identity, config.ip_version, config.firmware, config.secure_boot,
                             self.ost and self.ost.suite, [(n.role, n.management) for n in self.topology]]
         for spec in sorted(specs, key=lambda s: s.role):
-            parts.append([spec.role, self.inputs.image(spec.image).identity(), *self.inputs.size(spec),
+            parts.append([spec.role, self.inputs.image(spec.image).identity(), *spec.size(self.config),
                           spec.nics, spec.disks, spec.shares, spec.user_data,
                           [hashlib.sha256(script.read_bytes()).hexdigest() for script in spec.deploy_scripts]])
         for name in ("domain.xml", "network.xml"):
