@@ -581,9 +581,14 @@ def ost_session(warm_root: str, *args: str) -> tuple[float, str]:
 def ready_seconds(output: str, what: str) -> float:
     """Seconds from the first progress line to the one matching `what` (both carry no clock: use the
     plugin's own figures where they say them)."""
+    return figure(output, rf"{what} in ([0-9.]+) s")
+
+
+def figure(output: str, pattern: str) -> float:
+    """The number `pattern`'s group catches first in `output` (NaN: none)."""
     import re
 
-    found = re.search(rf"{what} in ([0-9.]+) s", output)
+    found = re.search(pattern, output)
     return float(found.group(1)) if found else float("nan")
 
 
@@ -644,13 +649,7 @@ def measure_remote(repeat: int, results: dict) -> None:
     """One VM through a qemu+ssh:// hypervisor (this machine, in tests/e2e/remote.py's rig: a client
     namespace that reaches only the hypervisor's sshd, and holds none of its files) vs the local URI:
     boot to ready, an SSH command's round trip, a warm restore; sessions alternate local and remote."""
-    import re
-
     from tests.e2e.remote import remote_hypervisor
-
-    def figure(output: str, pattern: str) -> float:
-        found = re.search(pattern, output)
-        return float(found.group(1)) if found else float("nan")
 
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp, remote_hypervisor() as hv:
         os.chmod(tmp, 0o755)
@@ -674,7 +673,7 @@ def measure_remote(repeat: int, results: dict) -> None:
         for _ in range(repeat):
             for where in ("local", "remote"):
                 output = one(where, "--ost-warm=off")
-                found[where]["boot"].append(figure(output, r"vm: ssh ready in ([\d.]+) s"))
+                found[where]["boot"].append(ready_seconds(output, "vm: ssh ready"))
                 found[where]["rtt"].append(figure(output, r"SSH-RTT ([\d.]+)"))
         for where in ("local", "remote"):
             warm = f"--ost-warm-dir={tmp}/warm-{where}"
