@@ -1,8 +1,8 @@
 """Who made a libvirt object or work directory, and whether that owner still lives.
 
 Every network, domain and work directory the plugin makes carries an owner label:
-the run id, the owning process (pid and its start time, so a reused pid is not
-mistaken for the owner), the host, the kernel's boot id and the owner's pid
+the run id, the owning process (pid and its start time since the kernel's boot, so a
+reused pid is not mistaken for the owner, whatever the wall clock does), the host, the kernel's boot id and the owner's pid
 namespace. Containers share a kernel and often a hostname and a libvirtd: a pid is
 only meaningful inside its pid namespace and boot, so an owner in another
 namespace, boot or host counts as alive.
@@ -20,7 +20,7 @@ import json
 import os
 import re
 import socket
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,20 +33,33 @@ METADATA_NS = "urn:pytest-ostimages:run:1"
 METADATA_PREFIX = "ost"
 OWNER_FILE = "owner.json"  # the RunRecord of a work directory
 RUN_ID = re.compile(r"[0-9a-f]{8}")  # names a run: work directory, network and domain names
-START_TOLERANCE = 0.05  # seconds: psutil derives start times from clock ticks since boot
-LEGACY_START = 10**9  # labels of earlier versions held clock ticks, not seconds since the epoch
+START_TOLERANCE = 0.015  # seconds: the kernel counts start times in clock ticks (1/100 s)
+# Labels of earlier versions held only the start time since the epoch, which psutil derives
+# from /proc/stat's btime: whole seconds that follow the wall clock (NTP, a resumed VM), so it
+# moves by up to a second; and before that, clock ticks (below LEGACY_START), nothing to compare.
+EPOCH_TOLERANCE = 2.0
+LEGACY_START = 10**9
 
 
-def process_start(pid: int) -> Optional[float]:
-    """When `pid` started (seconds since the epoch), None if it cannot be read."""
+def process_start(pid: int) -> tuple[float, float]:
+    """When `pid` started: seconds since the epoch (for people) and since this kernel's boot
+    (exact: no step of the wall clock moves it); zeros if it cannot be read."""
     try:
-        return round(psutil.Process(pid).create_time(), 2)
-    except psutil.Error:
-        return None
+        return round(psutil.Process(pid).create_time(), 2), _since_boot(pid)
+    except (psutil.Error, OSError):
+        return 0.0, 0.0
 
 
-def process_alive(pid: int, started: float) -> bool:
-    """False only when `pid` is certainly not the process that started at `started` (0: any).
+def _since_boot(pid: int) -> float:
+    """When `pid` started, in seconds since this kernel's boot: /proc/PID/stat's starttime (clock
+    ticks; psutil's create_time adds btime to it, which moves with the wall clock)."""
+    after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return round(int(after_name[19]) / os.sysconf("SC_CLK_TCK"), 2)
+
+
+def process_alive(pid: int, since_boot: float, started: float = 0.0) -> bool:
+    """False only when `pid` is certainly not the process that started `since_boot` seconds after
+    this kernel's boot (0: compare `started`, an earlier version's seconds since the epoch; 0: any).
 
     A process hidden from us (``/proc`` mounted with ``hidepid``, another user's) or
     whose start time cannot be read counts as alive: not knowing is not "gone".
@@ -57,14 +70,16 @@ def process_alive(pid: int, started: float) -> bool:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:  # it has exited; its parent did not wait yet
             return False
-        created = process.create_time()
-    except psutil.NoSuchProcess:  # the kernel has it, /proc does not show it (hidepid), or it just ended
+        created = _since_boot(pid) if since_boot else process.create_time()
+    except (psutil.NoSuchProcess, FileNotFoundError):  # the kernel has it, /proc hides it (hidepid), or it just ended
         return _exists(pid)
-    except psutil.AccessDenied:
+    except (psutil.AccessDenied, OSError):
         return True
+    if since_boot:
+        return abs(created - since_boot) < START_TOLERANCE
     if not started or started < LEGACY_START:  # nothing to compare with
         return True
-    return abs(created - started) < START_TOLERANCE
+    return abs(created - started) < EPOCH_TOLERANCE
 
 
 def _exists(pid: int) -> bool:
@@ -114,20 +129,21 @@ class Label:
     host: str
     workdir: str
     role: str = ""
-    started: float = 0.0  # the owner's start time (seconds since the epoch)
+    started: float = 0.0  # the owner's start time (seconds since the epoch), for people
     boot: str = ""  # the kernel boot id when the label was made
     pidns: str = ""  # the owner's pid namespace
+    since_boot: float = 0.0  # the owner's start time (seconds since that boot): which process it is
 
     @classmethod
     def current(cls, run_id: str, workdir: Path, pid: Optional[int] = None) -> "Label":
         """A label owned by `pid` (default: this process)."""
         pid = pid if pid is not None else os.getpid()
-        return cls(run_id, pid, socket.gethostname(), str(workdir), "", process_start(pid) or 0.0,
-                   boot_id(), pid_namespace())
+        started, since_boot = process_start(pid)
+        return cls(run_id, pid, socket.gethostname(), str(workdir), "", started, boot_id(), pid_namespace(),
+                   since_boot)
 
     def with_role(self, role: str) -> "Label":
-        return Label(self.run_id, self.pid, self.host, self.workdir, role, self.started,
-                     self.boot, self.pidns)
+        return replace(self, role=role)
 
     def same_run(self, other: "Label") -> bool:
         """Whether `other` labels an object of the same run (roles may differ)."""
@@ -148,14 +164,14 @@ class Label:
             return True
         if (self.boot and self.boot != boot_id()) or (self.pidns and self.pidns != pid_namespace()):
             return True
-        return process_alive(self.pid, self.started)
+        return process_alive(self.pid, self.since_boot, self.started)
 
     # --- libvirt <metadata> ---------------------------------------------------------
 
     def element(self) -> etree._Element:
         attrs = {"run-id": self.run_id, "pid": str(self.pid), "host": self.host,
                  "workdir": self.workdir, "started": f"{self.started:.2f}", "boot": self.boot,
-                 "pidns": self.pidns}
+                 "pidns": self.pidns, "since-boot": f"{self.since_boot:.2f}"}
         if self.role:
             attrs["role"] = self.role
         return etree.Element(f"{{{METADATA_NS}}}owner", attrs, nsmap={METADATA_PREFIX: METADATA_NS})
@@ -169,7 +185,7 @@ class Label:
         try:
             return cls(node.get("run-id", ""), int(node.get("pid", "0")), node.get("host", ""),
                        node.get("workdir", ""), node.get("role", ""), float(node.get("started", "0")),
-                       node.get("boot", ""), node.get("pidns", ""))
+                       node.get("boot", ""), node.get("pidns", ""), float(node.get("since-boot", "0")))
         except ValueError:  # not a label we wrote: treat the object as not ours
             return None
 
@@ -186,10 +202,11 @@ class Label:
                 or not set(data) <= names:
             raise ValueError(f"not an owner label: {data!r}")
         for key, value in data.items():
-            wanted: Any = int if key == "pid" else (int, float) if key == "started" else str
+            wanted: Any = int if key == "pid" else (int, float) if key in ("started", "since_boot") else str
             if not isinstance(value, wanted) or isinstance(value, bool):
                 raise ValueError(f"owner label field {key!r} has the wrong type: {value!r}")
-        return cls(**{**data, "started": float(data.get("started", 0))})
+        return cls(**{**data, "started": float(data.get("started", 0)),
+                      "since_boot": float(data.get("since_boot", 0))})
 
     def write(self, directory: Path) -> None:
         """Make this label the owner of the run whose work directory is `directory`."""

@@ -47,7 +47,7 @@ def test_only_dead_owners_are_reaped(conn, tmp_path: Path) -> None:
     dead = Label("dead0001", dead_pid(), alive.host, str(tmp_path / "dead0001"))
     # the owner's pid was reused by another process: its start time differs
     reused = Label("2e05ed00", os.getpid(), alive.host, str(tmp_path / "2e05ed00"),
-                   started=alive.started - 1)
+                   boot=alive.boot, pidns=alive.pidns, since_boot=alive.since_boot - 1)
     elsewhere = Label("2e307e00", dead_pid(), "another-host", str(tmp_path / "2e307e00"))
     define(conn, alive, "alive", 201)
     define(conn, dead, "dead", 202)

@@ -6,6 +6,7 @@ libvirt's test driver, real files, real processes and real lock files; no VM boo
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -18,7 +19,9 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
+from lxml import etree
 
 from pytest_ostimages.config import OstConfig
 from pytest_ostimages.guest.keys import HostKey
@@ -30,7 +33,7 @@ from pytest_ostimages.lab.inputs import VMSpec
 from pytest_ostimages.lab.lab import Lab
 from pytest_ostimages.state import kept, ledger
 from pytest_ostimages.state.environment import Environment
-from pytest_ostimages.state.owner import Label, RunRecord, process_start
+from pytest_ostimages.state.owner import Label, RunRecord
 from pytest_ostimages.state.share import Share
 from pytest_ostimages.state.warmcache import WarmCache
 
@@ -68,9 +71,7 @@ def a_run(root: Path, run_id: str, pid: int) -> Label:
     """A run's work directory under `root`, labelled with owner `pid`."""
     folder = root / run_id
     folder.mkdir()
-    started = process_start(pid) or 0.0
-    label = Label(run_id, pid, Label.current(run_id, folder).host, str(folder), "", started,
-                  Label.current(run_id, folder).boot, Label.current(run_id, folder).pidns)
+    label = Label.current(run_id, folder, pid)
     label.write(folder)
     return label
 
@@ -241,10 +242,23 @@ def test_another_users_live_session_is_alive_when_proc_hides_it(tmp_path: Path) 
     assert not owner.owner_alive()  # and once it is gone, it is gone
 
 
+def test_a_clock_step_does_not_make_a_live_owner_dead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wall clock moves (NTP, a resumed VM; /proc/stat's btime is whole seconds and flips with
+    it): an owner's start time since boot does not, so a live session is never taken for dead."""
+    me = Label.current("c10c5732", Path("/w"))
+    real = psutil._pslinux.boot_time
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real() + 1.0)
+    assert me.owner_alive()
+    assert Label.from_xml(f"<domain><metadata>{etree.tostring(me.element()).decode()}</metadata></domain>") == me
+
+
 def test_a_reused_pid_is_not_the_owner() -> None:
     me = Label.current("0ddba11b", Path("/w"))
     assert me.owner_alive()
-    assert not Label(me.run_id, me.pid, me.host, me.workdir, "", me.started - 5, me.boot, me.pidns).owner_alive()
+    assert not dataclasses.replace(me, since_boot=me.since_boot - 0.05).owner_alive()
+    # a label of an earlier version: its start time since the epoch, compared with a second's slack
+    assert dataclasses.replace(me, since_boot=0.0, started=me.started + 1).owner_alive()
+    assert not dataclasses.replace(me, since_boot=0.0, started=me.started - 5).owner_alive()
 
 
 # --- 6: the warm cache's one lock protocol ----------------------------------------------------
