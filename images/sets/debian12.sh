@@ -113,6 +113,28 @@ EOF
     # leases and reservations); do not send our own "localhost" as host name.
     sed -i -e '/^send host-name/d' "$ROOT/etc/dhcp/dhclient.conf"
     echo 'send dhcp-client-identifier = hardware;' >>"$ROOT/etc/dhcp/dhclient.conf"
+    # Replace resolv.conf in one step, as NetworkManager on real ost-images does. Debian's
+    # dhclient-script truncates it and writes it again: a lookup in between finds no resolver,
+    # and another NIC's client reading it then (to keep its name servers) writes one without
+    # any, for good. Up to four NICs with two clients each bind at once here.
+    cat >"$ROOT/etc/dhcp/dhclient-enter-hooks.d/ost-images" <<'EOF'
+make_resolv_conf() {
+    case "$reason" in
+    *6) search=$new_dhcp6_domain_search servers=$new_dhcp6_name_servers ;;
+    *) search=${new_domain_search:-$new_domain_name} servers=$new_domain_name_servers ;;
+    esac
+    [ -n "$search$servers" ] || return 0
+    new=/etc/resolv.conf.dhclient-new.$$
+    {
+        [ -z "$search" ] || echo "search $search"
+        if [ -n "$servers" ]; then
+            for server in $servers; do echo "nameserver $server"; done
+        else
+            grep -i '^nameserver' /etc/resolv.conf
+        fi
+    } >"$new" && mv -f "$new" /etc/resolv.conf
+}
+EOF
 
     install -d -m 0700 "$ROOT/root/.ssh"
     install -m 0600 "$OUT/${DISTRO}_id_rsa.pub" "$ROOT/root/.ssh/authorized_keys"

@@ -8,7 +8,9 @@ management NIC the default route and the resolver. Where NetworkManager runs
 (ost-images), it takes each new NIC's fresh leases as it activates the NIC's profile,
 before the reserved addresses go on; elsewhere ifupdown and dhclient take them in the
 background afterwards. The old leases are forgotten: asking for them again costs
-a NAK and a round trip.
+a NAK and a round trip. The guest is handed over once those clients are bound
+(FRESH_LEASES_BOUND): Debian's dhclient-script rewrites /etc/resolv.conf in place as
+it binds, and a lookup in between finds no resolver.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..hypervisor.render import HostEntry
+
+# written by the background part of move_to once the DHCP clients it started are bound (or have had
+# FRESH_LEASES_WAIT s); a saved state may hold one from an earlier restore, so the first part removes it
+FRESH_LEASES_MARK = "/run/pytest-ostimages.fresh-leases"
+FRESH_LEASES_WAIT = 20
+FRESH_LEASES_BOUND = f'[ -e {FRESH_LEASES_MARK} ] || echo "fresh DHCP leases: its DHCP clients are not bound yet"'
 
 # ost_nic: name of the NIC with MAC $1, once udev has named it (a hot-plugged NIC is renamed, e.g. eth0 -> enp1s0)
 GUEST_FUNCTIONS = """ost_nic() {
@@ -86,7 +94,8 @@ class GuestNIC:
 def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
     """(commands that give every NIC its reserved addresses now, commands that take fresh leases in
     the background), for the guest agent; run the first before the guest's identity, the second after."""
-    now, later = [GUEST_FUNCTIONS, "set -e", '[ -n "$nm" ] || pkill -x dhclient || true'], []
+    now = [GUEST_FUNCTIONS, "set -e", f"rm -f {FRESH_LEASES_MARK}", '[ -n "$nm" ] || pkill -x dhclient || true']
+    later, leases = [], []
     for number, nic in enumerate(nics):
         entry, network, var = nic.entry, nic.network, f"n{number}"
         # NetworkManager's fresh leases are the reservations. With ifupdown, a DHCP client that a
@@ -111,6 +120,15 @@ def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
             now.append(f"printf 'search {network.domain}\\nnameserver {nameserver}\\n' >/etc/resolv.conf")
         # without NetworkManager (which has its leases already), ifupdown's stanza for the NIC takes them,
         # unless a hot-plug ifup did meanwhile (ifupdown serialises the two; the second does nothing)
-        later.append(f'[ -n "$m{number}" ] || ifup "${var}"')
+        later.append(f'[ -n "$m{number}" ] || ifup "${var}" || m{number}=failed')
+        # bound: ifupdown's dhclient has written its lease (just before its script runs)
+        leases += [f'[ -n "$m{number}" ] || [ -s /var/lib/dhcp/dhclient{v}.${var}.leases ]'
+                   for v, ip in (("", entry.ip), ("6", entry.ip6)) if ip is not None]
+    # ... and no dhclient-script runs, twice in a row (a script starts just after its lease is written)
+    bound = " && ".join(leases + ["! pgrep -x dhclient-script >/dev/null"])
+    later.append(f"end=$(($(date +%s) + {FRESH_LEASES_WAIT})); settled=0; "
+                 f'while [ "$settled" -lt 2 ] && [ "$(date +%s)" -lt "$end" ]; do '
+                 f"if {bound}; then settled=$((settled + 1)); else settled=0; fi; sleep 0.2; done; "
+                 f"touch {FRESH_LEASES_MARK}")
     fresh = f"({'; '.join(later)}) </dev/null >/dev/null 2>&1 &"
     return "\n".join(now), fresh

@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import paramiko
 from lxml import etree
@@ -225,10 +225,12 @@ class VM:
 
     def wait_for_network(self, ip6: Optional[ipaddress.IPv6Address],
                          names: dict[str, list["ipaddress.IPv4Address | ipaddress.IPv6Address"]],
-                         timeout: float) -> list[str]:
-        """Wait up to `timeout` s until the guest holds `ip6` (if given) and resolves each of `names` over
-        DNS (not /etc/hosts) to each of its addresses; what is still missing then ([] when nothing)."""
+                         timeout: float, also: Sequence[str] = ()) -> list[str]:
+        """Wait up to `timeout` s until the guest holds `ip6` (if given), resolves each of `names` over
+        DNS (not /etc/hosts) to each of its addresses and passes the shell checks `also` (each prints
+        what it misses); what is still missing then ([] when nothing)."""
         checks = ([f'ip -o addr show to {ip6} | grep -q . || echo "address {ip6}"'] if ip6 is not None else [])
+        checks += also
         for name, addresses in names.items():
             for ip in addresses:
                 checks.append(f"getent -s dns ahostsv{ip.version} {shlex.quote(name)} | cut -d' ' -f1 | "

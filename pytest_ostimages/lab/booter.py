@@ -13,14 +13,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from .. import faults
 from ..errors import BootError, WarmStartError
 from ..guest.agent import wait_for_agent
 from ..guest.identity import fixup_script
 from ..guest.keys import HostKey, fingerprint, public_key
-from ..guest.network import GuestNIC, move_to
+from ..guest.network import FRESH_LEASES_BOUND, GuestNIC, move_to
 from ..guest.ssh import SSH
 from ..guest.vm import VM
 from ..hypervisor import connection as virt
@@ -65,6 +65,7 @@ class BootPlan:
     saved: Optional[SavedState] = None  # restore it from this state (or boot, if there is none)
     saved_in: Optional[SavedState] = None  # the cache's state `saved` is in (an environment's, or itself)
     strict: bool = False  # a failed restore is an error (a whole environment's), not a boot
+    names: tuple[HostEntry, ...] = ()  # the session's names on the management network (its own among them)
 
     @property
     def ip(self) -> "ipaddress.IPv4Address | ipaddress.IPv6Address":
@@ -77,6 +78,31 @@ class BootPlan:
         return VM(self.name, self.role, self.hostname, self.ip, self.entry.mac, self.image,
                   overlay or self.overlay, self.console, domain, ssh, ip6=self.entry.ip6, nics=self.nics,
                   **extra)
+
+
+def wait_for_network(vm: VM, own: HostEntry, names: Sequence[HostEntry], restored: bool,
+                     progress: Callable[[str], None]) -> None:
+    """Until the VM has its IPv6 address, resolves the session's names over DNS (`names`: the
+    management network's, its own `own` among them) and, restored, its fresh DHCP leases are
+    bound; for at most NETWORK_WAIT s. A VM that does not resolve them is not handed over (its DHCP
+    clients set its resolver in the background after SSH answers: a test would race them); one
+    without its DHCPv6 address or its fresh leases is, with a word (an image without DHCPv6 by
+    DUID-LL works over IPv4)."""
+    wanted = {name: own.addresses for name in (own.name, vm.hostname)}
+    wanted.update({entry.name: entry.addresses for entry in names if entry.name != own.name})
+    missing = vm.wait_for_network(own.ip6 if vm.ip != own.ip6 else None, wanted, NETWORK_WAIT,
+                                  also=[FRESH_LEASES_BOUND] if restored else [])
+    unresolved = [line for line in missing if line.startswith("name ")]
+    if unresolved:
+        raise BootError(vm.describe_failure(
+            f"does not resolve the session's names over DNS within {NETWORK_WAIT:.0f} s ({'; '.join(unresolved)}): "
+            f"its resolver is not the session network's. The guest's /etc/resolv.conf:\n"
+            f"{vm.diagnostic('cat /etc/resolv.conf')}", hint=False))
+    if any(line.startswith("address ") for line in missing):
+        progress(f"{vm.role}: no IPv6 address {own.ip6} within {NETWORK_WAIT:.0f} s: does the image "
+                 f"ask for it by DHCPv6 with a DUID-LL (NetworkManager: dhcp-duid=ll)?")
+    if any(line.startswith("fresh ") for line in missing):
+        progress(f"{vm.role}: its DHCP clients had not bound fresh leases within {NETWORK_WAIT:.0f} s of the restore")
 
 
 class Booter:
@@ -148,22 +174,7 @@ class Booter:
         return vm
 
     def _wait_for_network(self, vm: VM, plan: BootPlan) -> None:
-        """Until the VM has its IPv6 address and resolves its own names over DNS (the session's
-        names on the management network), for at most NETWORK_WAIT s. A VM that does not resolve them
-        is not handed over (its DHCP clients set its resolver in the background after SSH answers:
-        a test would race them); one without its DHCPv6 address is (an image without DHCPv6 by
-        DUID-LL works over IPv4)."""
-        names = {name: plan.entry.addresses for name in (plan.hostname.split(".")[0], plan.hostname)}
-        missing = vm.wait_for_network(plan.entry.ip6 if plan.ip != plan.entry.ip6 else None, names, NETWORK_WAIT)
-        unresolved = [line for line in missing if not line.startswith("address ")]
-        if unresolved:
-            raise BootError(vm.describe_failure(
-                f"does not resolve its own names over DNS within {NETWORK_WAIT:.0f} s ({'; '.join(unresolved)}): its "
-                f"resolver is not the session network's. The guest's /etc/resolv.conf:\n{vm.diagnostic('cat /etc/resolv.conf')}",
-                hint=False))
-        if missing:
-            self.progress(f"{plan.role}: no IPv6 address {plan.entry.ip6} within {NETWORK_WAIT:.0f} s: does the image "
-                          f"ask for it by DHCPv6 with a DUID-LL (NetworkManager: dhcp-duid=ll)?")
+        wait_for_network(vm, plan.entry, plan.names, vm.origin != "booted", self.progress)
 
     def _restore(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
                  started: Callable[[VM], None]) -> Optional[VM]:

@@ -45,7 +45,7 @@ from ..state.slots import BootSlots
 from ..state.warmcache import SavedState, WarmCache, recipe_key
 from . import warm
 from .access import write_inventory, write_ssh_files
-from .booter import Booter, BootPlan
+from .booter import Booter, BootPlan, wait_for_network
 from .inputs import MANAGEMENT, Inputs, NetworkSpec, VMSpec
 from .networks import Network, entry, with_free_subnet
 from .workdir import WorkDir
@@ -341,7 +341,9 @@ class Lab:
         nics = self._connect(specs)
         if not specs:
             return []
-        plans = [self._plan(spec, spec_nics, images[spec.role]) for spec, spec_nics in zip(specs, nics)]
+        names = self._names() + tuple(e for spec_nics in nics for role, e in spec_nics if role == self.management_role)
+        plans = [dataclasses.replace(self._plan(spec, spec_nics, images[spec.role]), names=names)
+                 for spec, spec_nics in zip(specs, nics)]
         self.specs.update((spec.role, spec) for spec in specs)
         try:
             if environment is not None:
@@ -568,6 +570,12 @@ class Lab:
         vm.replace_domain(domain, overlay, public_key(saved.host_key()))
         vm.backed_by = saved.folder.parent.name
         vm.wait_for_ssh(self.config.boot_timeout)
+        wait_for_network(vm, next(e for role, e in vm.nics if role == self.management_role and vm.ip in e.addresses),
+                         self._names(), True, self.progress)
+
+    def _names(self) -> tuple[HostEntry, ...]:
+        """The session's names on the management network (DNS): each NIC of its VMs there."""
+        return tuple(e for vm in self.vms.values() for role, e in vm.nics if role == self.management_role)
 
     def _replace(self, vm: VM) -> None:
         """Remove `vm`'s domain, which another of the same name (still in the ledger) replaces: through
