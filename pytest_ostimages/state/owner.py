@@ -2,10 +2,10 @@
 
 Every network, domain and work directory the plugin makes carries an owner label:
 the run id, the owning process (pid and its start time since the kernel's boot, so a
-reused pid is not mistaken for the owner, whatever the wall clock does), the host, the kernel's boot id and the owner's pid
-namespace. Containers share a kernel and often a hostname and a libvirtd: a pid is
-only meaningful inside its pid namespace and boot, so an owner in another
-namespace, boot or host counts as alive.
+reused pid is not mistaken for the owner, whatever the wall clock does), the host, the
+kernel's boot id and the owner's pid namespace. Containers share a kernel and often a
+hostname and a libvirtd: a pid is only meaningful inside its pid namespace and boot, so
+an owner in another namespace, boot or host counts as alive.
 
 Who owns a run *now* is written in its work directory (:class:`RunRecord`,
 ``owner.json``): the label of the process that owns it, which a session attaching

@@ -37,7 +37,8 @@ TESTS = {
             # handed over once its DHCP client is bound: Debian's dhclient-script rewrites
             # resolv.conf in place as it binds (a restored guest takes a fresh lease)
             for vm in (b, a):
-                assert vm.ssh("test -s /var/lib/dhcp/dhclient.eth0.leases && ! pgrep -x dhclient-script").returncode == 0
+                bound = "test -s /var/lib/dhcp/dhclient.eth0.leases && ! pgrep -x dhclient-script"
+                assert vm.ssh(bound).returncode == 0
             assert a.ip6 is None and a.ip in ost_network.subnet and a.addresses() == [a.ip]
             assert a.ssh("ip -6 -o addr show dev eth0 scope global").stdout == ""
             for name in ("a", a.hostname):
