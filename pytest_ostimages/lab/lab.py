@@ -21,7 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from ..config import OstConfig
 from ..errors import OstError, SessionError, VMError, WarmStartError
@@ -341,7 +341,7 @@ class Lab:
         nics = self._connect(specs)
         if not specs:
             return []
-        names = self._names() + tuple(e for spec_nics in nics for role, e in spec_nics if role == self.management_role)
+        names = self._names([nic for spec_nics in nics for nic in spec_nics])
         plans = [dataclasses.replace(self._plan(spec, spec_nics, images[spec.role]), names=names)
                  for spec, spec_nics in zip(specs, nics)]
         self.specs.update((spec.role, spec) for spec in specs)
@@ -562,20 +562,21 @@ class Lab:
         fresh = vm.domain.XMLDesc()  # this session's names, networks, MACs and files
         vm.close()
         self._replace(vm)  # the restored domain takes its name (the ledger's)
-        addresses, fresh_leases = move_to([GuestNIC(e, self.addressing(self.networks[role]),
-                                                    role == self.management_role and vm.ip in e.addresses)
+        management = next(e for role, e in vm.nics if role == self.management_role and vm.ip in e.addresses)
+        addresses, fresh_leases = move_to([GuestNIC(e, self.addressing(self.networks[role]), e is management)
                                            for role, e in vm.nics])
         domain, overlay, _ = warm.restore(self.conn, saved, fresh, vm.overlay.with_name(f"{vm.name}.memory"),
                                           f"{addresses}\n{fresh_leases}", self.host)
         vm.replace_domain(domain, overlay, public_key(saved.host_key()))
         vm.backed_by = saved.folder.parent.name
         vm.wait_for_ssh(self.config.boot_timeout)
-        wait_for_network(vm, next(e for role, e in vm.nics if role == self.management_role and vm.ip in e.addresses),
-                         self._names(), True, self.progress)
+        wait_for_network(vm, management, self._names(), True, self.progress)
 
-    def _names(self) -> tuple[HostEntry, ...]:
-        """The session's names on the management network (DNS): each NIC of its VMs there."""
-        return tuple(e for vm in self.vms.values() for role, e in vm.nics if role == self.management_role)
+    def _names(self, batch: Sequence[tuple[str, HostEntry]] = ()) -> tuple[HostEntry, ...]:
+        """The session's names on the management network (DNS): each NIC there of its VMs and of
+        `batch` (the NICs of VMs about to boot)."""
+        nics = [nic for vm in self.vms.values() for nic in vm.nics] + list(batch)
+        return tuple(e for role, e in nics if role == self.management_role)
 
     def _replace(self, vm: VM) -> None:
         """Remove `vm`'s domain, which another of the same name (still in the ledger) replaces: through
