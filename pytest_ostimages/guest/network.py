@@ -25,6 +25,7 @@ from ..hypervisor.render import HostEntry
 # FRESH_LEASES_WAIT s); a saved state may hold one from an earlier restore, so the first part removes it
 FRESH_LEASES_MARK = "/run/pytest-ostimages.fresh-leases"
 FRESH_LEASES_WAIT = 20
+LEASES_DIR = "/var/lib/dhcp"  # Debian's dhclient, as ifupdown runs it
 FRESH_LEASES_BOUND = f'[ -e {FRESH_LEASES_MARK} ] || echo "fresh DHCP leases: its DHCP clients are not bound yet"'
 
 # ost_nic: name of the NIC with MAC $1, once udev has named it (a hot-plugged NIC is renamed, e.g. eth0 -> enp1s0)
@@ -68,6 +69,16 @@ ost_nm_up() {
     case "$(nmcli -g GENERAL.STATE device show "$1" 2>/dev/null)" in "10 "*|"") return 1 ;; esac  # unmanaged
     nmcli --wait 30 device connect "$1" >/dev/null
 }
+# make ifupdown forget that NIC $1 is up without running its stanza's down commands: each one's
+# "dhclient -x" costs a second of guest CPU under TCG, and the clients were stopped already (any
+# a hot-plug ifup started is stopped here, after ifupdown's lock on the NIC let this through).
+# ifdown of a NIC the (empty) interfaces file does not define only drops its state; a full
+# ifdown if that ever leaves the NIC marked up.
+ost_ifupdown_forget() {
+    ifdown --force -i /dev/null "$1" >/dev/null 2>&1
+    ! ifquery --state "$1" >/dev/null 2>&1 || ifdown --force "$1" >/dev/null 2>&1 || true
+    pkill -x dhclient || true
+}
 if command -v nmcli >/dev/null && nmcli -t -f RUNNING general 2>/dev/null | grep -qx running; then nm=1; else nm=; fi"""
 
 
@@ -95,17 +106,17 @@ def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
     """(commands that give every NIC its reserved addresses now, commands that take fresh leases in
     the background), for the guest agent; run the first before the guest's identity, the second after."""
     now = [GUEST_FUNCTIONS, "set -e", f"rm -f {FRESH_LEASES_MARK}", '[ -n "$nm" ] || pkill -x dhclient || true']
-    later, leases = [], []
+    later, failed = [], []
     for number, nic in enumerate(nics):
         entry, network, var = nic.entry, nic.network, f"n{number}"
-        # NetworkManager's fresh leases are the reservations. With ifupdown, a DHCP client that a
-        # hot-plug ifup may have started on the new NIC is stopped and the NIC marked down (one
-        # "ifup" later, not two: a second dhclient replacing the first removes its addresses, the
-        # reserved ones), and the old leases go, with their addresses
+        # NetworkManager's fresh leases are the reservations. With ifupdown, the NIC is marked down
+        # (one "ifup" later, not two: a second dhclient replacing the first removes its addresses, the
+        # reserved ones) and a DHCP client that a hot-plug ifup may have started on it is stopped,
+        # and the old leases go, with their addresses
         now += [f"{var}=$(ost_nic {entry.mac})",
                 f'if [ -n "$nm" ] && ost_nm_up "${var}"; then m{number}=1; else m{number}=',
-                f'    ifdown --force "${var}" >/dev/null 2>&1 || true',
-                f'    rm -f /var/lib/dhcp/dhclient.${var}.leases /var/lib/dhcp/dhclient6.${var}.leases',
+                f'    ost_ifupdown_forget "${var}"',
+                f'    rm -f {LEASES_DIR}/dhclient.${var}.leases {LEASES_DIR}/dhclient6.${var}.leases',
                 f'    ip addr flush dev "${var}" scope global',
                 'fi']
         if entry.ip is not None:
@@ -119,16 +130,24 @@ def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
             nameserver = network.gateway if entry.ip is not None else network.gateway6
             now.append(f"printf 'search {network.domain}\\nnameserver {nameserver}\\n' >/etc/resolv.conf")
         # without NetworkManager (which has its leases already), ifupdown's stanza for the NIC takes them,
-        # unless a hot-plug ifup did meanwhile (ifupdown serialises the two; the second does nothing)
-        later.append(f'[ -n "$m{number}" ] || ifup "${var}" || m{number}=failed')
-        # bound: ifupdown's dhclient has written its lease (just before its script runs)
-        leases += [f'[ -n "$m{number}" ] || [ -s /var/lib/dhcp/dhclient{v}.${var}.leases ]'
-                   for v, ip in (("", entry.ip), ("6", entry.ip6)) if ip is not None]
-    # ... and no dhclient-script runs, twice in a row (a script starts just after its lease is written)
-    bound = " && ".join(leases + ["! pgrep -x dhclient-script >/dev/null"])
+        # unless a hot-plug ifup did meanwhile (ifupdown serialises the two; the second does nothing);
+        # every NIC's at once (ifupdown locks each NIC on its own): their DHCP exchanges overlap
+        later.append(f'{{ [ -n "$m{number}" ] || ifup "${var}"; }} &')
+        failed.append(f'[ -n "$m{number}" ] || ifquery --state "${var}" >/dev/null 2>&1 || m{number}=failed')
+    later += ["wait", *failed]  # a NIC whose ifup failed gets no lease: not waited for
     later.append(f"end=$(($(date +%s) + {FRESH_LEASES_WAIT})); settled=0; "
                  f'while [ "$settled" -lt 2 ] && [ "$(date +%s)" -lt "$end" ]; do '
-                 f"if {bound}; then settled=$((settled + 1)); else settled=0; fi; sleep 0.2; done; "
+                 f"if {leases_bound(nics)}; then settled=$((settled + 1)); else settled=0; fi; sleep 0.2; done; "
                  f"touch {FRESH_LEASES_MARK}")
-    fresh = f"({'; '.join(later)}) </dev/null >/dev/null 2>&1 &"
+    fresh = "(\n{}\n) </dev/null >/dev/null 2>&1 &".format("\n".join(later))
     return "\n".join(now), fresh
+
+
+def leases_bound(nics: Sequence[GuestNIC]) -> str:
+    """Shell condition: the DHCP clients that move_to's ifups started are bound. ifupdown's dhclient
+    has written each lease of a NIC ifupdown brought up ($mN empty), just before its script runs,
+    and no dhclient-script runs (asked twice in a row by the caller)."""
+    leases = [f'{{ [ -n "$m{number}" ] || [ -s {LEASES_DIR}/dhclient{v}.$n{number}.leases ]; }}'
+              for number, nic in enumerate(nics)
+              for v, ip in (("", nic.entry.ip), ("6", nic.entry.ip6)) if ip is not None]
+    return " && ".join(leases + ["! pgrep -x dhclient-script >/dev/null"])

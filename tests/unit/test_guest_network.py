@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ostimages.guest.network import GUEST_FUNCTIONS, Addressing, GuestNIC, move_to
+from pytest_ostimages.guest.network import (FRESH_LEASES_MARK, GUEST_FUNCTIONS, LEASES_DIR, Addressing,
+                                            GuestNIC, leases_bound, move_to)
 from pytest_ostimages.hypervisor.render import HostEntry
 
 IP = """#!/bin/sh
@@ -115,5 +116,52 @@ def test_without_networkmanager_a_nic_is_brought_up_once() -> None:
     (a second dhclient on the NIC made the first remove the reserved IPv6 address)."""
     entry = HostEntry("engine", "52:54:00:00:00:0a", ipaddress.IPv4Address("192.0.2.10"), None)
     now, later = move_to([GuestNIC(entry, Addressing(24, ipaddress.IPv4Address("192.0.2.1"), "lab"), True)])
-    assert now.index('ifdown --force "$n0"') < now.index('ost_address "$n0"')
+    assert now.index('ost_ifupdown_forget "$n0"') < now.index('ost_address "$n0"')
     assert "--force" not in later
+
+
+DUAL = Addressing(24, ipaddress.IPv4Address("192.0.2.1"), "lab", 64, ipaddress.IPv6Address("fd00::1"))
+TWO_NICS = [GuestNIC(HostEntry("host-0", f"52:54:00:00:00:0{n}", ipaddress.IPv4Address(f"192.0.2.1{n}"),
+                               ipaddress.IPv6Address(f"fd00::{n}")), DUAL, n == 0) for n in (0, 1)]
+NIC_NAMES = 'n0=eth0; n1=eth1; m0=; m1=\n'
+
+
+@pytest.mark.parametrize("missing", ["dhclient.eth0", "dhclient6.eth0", "dhclient.eth1", "dhclient6.eth1", None])
+def test_fresh_leases_are_bound_once_every_client_of_every_nic_has_its_lease(tmp_path: Path, missing) -> None:
+    for name in {"dhclient.eth0", "dhclient6.eth0", "dhclient.eth1", "dhclient6.eth1"} - {missing}:
+        (tmp_path / f"{name}.leases").write_text("lease {}\n")
+    condition = leases_bound(TWO_NICS).replace(LEASES_DIR, str(tmp_path))
+    done = subprocess.run(["sh", "-c", f"{NIC_NAMES}if {condition}; then echo bound; fi"], capture_output=True,
+                          text=True)
+    assert done.stdout.strip() == ("bound" if missing is None else ""), (missing, condition)
+
+
+IFUP = """#!/bin/sh
+# ifup NIC: eth0's waits (up to 5 s) for eth1's to have started, then each writes its NIC's leases
+echo "$1" >>"{dir}/started"
+if [ "$1" = eth0 ]; then
+    for i in $(seq 50); do grep -qx eth1 "{dir}/started" && break; sleep 0.1; done
+    grep -qx eth1 "{dir}/started" || echo "eth0's ifup ran alone" >>"{dir}/errors"
+fi
+echo "lease {{}}" >"{dir}/dhclient.$1.leases"; echo "lease {{}}" >"{dir}/dhclient6.$1.leases"
+"""
+
+
+def test_without_networkmanager_the_nics_take_their_fresh_leases_at_once(tmp_path: Path) -> None:
+    """Each NIC's ifup and DHCP exchange takes seconds under TCG: they overlap, and the mark that
+    the guest is handed over by is written once every NIC's leases are there."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ifup").write_text(IFUP.format(dir=tmp_path))
+    (bin_dir / "ifquery").write_text("#!/bin/sh\nexit 0\n")  # both brought up
+    for tool in ("ifup", "ifquery"):
+        (bin_dir / tool).chmod(0o755)
+    _, later = move_to(TWO_NICS)
+    script = later.replace(LEASES_DIR, str(tmp_path)).replace(FRESH_LEASES_MARK, str(tmp_path / "mark"))
+    script = script.removesuffix(" &")  # the agent runs it in the background; here, to its end
+    done = subprocess.run(["sh", "-c", NIC_NAMES + script], env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "errors").exists(), (tmp_path / "errors").read_text()
+    assert sorted((tmp_path / "started").read_text().split()) == ["eth0", "eth1"]
+    assert (tmp_path / "mark").exists()
