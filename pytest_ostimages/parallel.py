@@ -20,8 +20,12 @@ def each(work: Callable[[T], R], items: Iterable[T], interrupted: Optional[Calla
     if not items:
         return []
     pool = ThreadPoolExecutor(max_workers=len(items))
-    futures = [pool.submit(work, item) for item in items]
+    futures = []
     try:
+        # submitted inside the try: an interrupt that lands in submit(), after it started a worker but
+        # before the pool registered it, must still reach shutdown(), whose wake-up ends that worker
+        # too (else it waits for work for ever, and the interpreter's exit waits for it)
+        futures += [pool.submit(work, item) for item in items]
         errors = [f.exception() for f in futures if f.exception() is not None]
     finally:
         if interrupted is not None and not all(f.done() for f in futures):
