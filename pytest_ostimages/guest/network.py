@@ -75,7 +75,7 @@ ost_nm_up() {
 # ifdown of a NIC the (empty) interfaces file does not define only drops its state; a full
 # ifdown if that ever leaves the NIC marked up.
 ost_ifupdown_forget() {
-    ifdown --force -i /dev/null "$1" >/dev/null 2>&1
+    ifdown --force -i /dev/null "$1" >/dev/null 2>&1 || true
     ! ifquery --state "$1" >/dev/null 2>&1 || ifdown --force "$1" >/dev/null 2>&1 || true
     pkill -x dhclient || true
 }

@@ -165,3 +165,16 @@ def test_without_networkmanager_the_nics_take_their_fresh_leases_at_once(tmp_pat
     assert not (tmp_path / "errors").exists(), (tmp_path / "errors").read_text()
     assert sorted((tmp_path / "started").read_text().split()) == ["eth0", "eth1"]
     assert (tmp_path / "mark").exists()
+
+
+def test_forgetting_a_nic_never_stops_the_move(tmp_path: Path) -> None:
+    """The move runs under `set -e`: a guest whose ifdown fails (or that has no ifupdown) still gets
+    its addresses."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("ifdown", "ifquery", "pkill"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    done = subprocess.run(["sh", "-c", f"{GUEST_FUNCTIONS}\nset -e\nost_ifupdown_forget eth0\necho moved"],
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True)
+    assert done.stdout.strip() == "moved", done.stderr
