@@ -24,13 +24,21 @@ esac
 """
 
 
-def set_address(tmp_path: Path, refusals: int) -> tuple[subprocess.CompletedProcess, list[str]]:
-    bin_dir, log = tmp_path / "bin", tmp_path / "ip.log"
+def stand_ins(tmp_path: Path, **scripts: str) -> dict[str, str]:
+    """An environment whose PATH finds these scripts (name -> text) before the real tools."""
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "ip").write_text(IP.format(log=log, count=tmp_path / "count", refusals=refusals))
-    (bin_dir / "ip").chmod(0o755)
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+
+def set_address(tmp_path: Path, refusals: int) -> tuple[subprocess.CompletedProcess, list[str]]:
+    log = tmp_path / "ip.log"
+    env = stand_ins(tmp_path, ip=IP.format(log=log, count=tmp_path / "count", refusals=refusals))
     done = subprocess.run(["sh", "-c", f'{GUEST_FUNCTIONS}\nset -e\nost_address enp1s0 192.0.2.10/24 192.0.2.1'],
-                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True)
     return done, log.read_text().splitlines()
 
 
@@ -72,12 +80,10 @@ esac
 
 
 def nm_up(tmp_path: Path, polls: int, final: str = "100 (connected)", wait: int = 15) -> tuple[int, list[str]]:
-    bin_dir, log = tmp_path / "bin", tmp_path / "nmcli.log"
-    bin_dir.mkdir()
-    (bin_dir / "nmcli").write_text(NMCLI.format(log=log, count=tmp_path / "count", polls=polls, final=final))
-    (bin_dir / "nmcli").chmod(0o755)
+    log = tmp_path / "nmcli.log"
+    env = stand_ins(tmp_path, nmcli=NMCLI.format(log=log, count=tmp_path / "count", polls=polls, final=final))
     done = subprocess.run(["sh", "-c", f'{GUEST_FUNCTIONS}\nnm_wait={wait}\nost_nm_up enp2s0'],
-                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True)
     return done.returncode, [c for c in log.read_text().splitlines() if c != "-t -f RUNNING general"]
 
 
@@ -150,17 +156,11 @@ echo "lease {{}}" >"{dir}/dhclient.$1.leases"; echo "lease {{}}" >"{dir}/dhclien
 def test_without_networkmanager_the_nics_take_their_fresh_leases_at_once(tmp_path: Path) -> None:
     """Each NIC's ifup and DHCP exchange takes seconds under TCG: they overlap, and the mark that
     the guest is handed over by is written once every NIC's leases are there."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "ifup").write_text(IFUP.format(dir=tmp_path))
-    (bin_dir / "ifquery").write_text("#!/bin/sh\nexit 0\n")  # both brought up
-    for tool in ("ifup", "ifquery"):
-        (bin_dir / tool).chmod(0o755)
+    env = stand_ins(tmp_path, ifup=IFUP.format(dir=tmp_path), ifquery="#!/bin/sh\nexit 0\n")  # both brought up
     _, later = move_to(TWO_NICS)
     script = later.replace(LEASES_DIR, str(tmp_path)).replace(FRESH_LEASES_MARK, str(tmp_path / "mark"))
     script = script.removesuffix(" &")  # the agent runs it in the background; here, to its end
-    done = subprocess.run(["sh", "-c", NIC_NAMES + script], env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["sh", "-c", NIC_NAMES + script], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "errors").exists(), (tmp_path / "errors").read_text()
     assert sorted((tmp_path / "started").read_text().split()) == ["eth0", "eth1"]
@@ -170,11 +170,7 @@ def test_without_networkmanager_the_nics_take_their_fresh_leases_at_once(tmp_pat
 def test_forgetting_a_nic_never_stops_the_move(tmp_path: Path) -> None:
     """The move runs under `set -e`: a guest whose ifdown fails (or that has no ifupdown) still gets
     its addresses."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("ifdown", "ifquery", "pkill"):
-        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
-        (bin_dir / tool).chmod(0o755)
+    env = stand_ins(tmp_path, **dict.fromkeys(("ifdown", "ifquery", "pkill"), "#!/bin/sh\nexit 1\n"))
     done = subprocess.run(["sh", "-c", f"{GUEST_FUNCTIONS}\nset -e\nost_ifupdown_forget eth0\necho moved"],
-                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "moved", done.stderr
