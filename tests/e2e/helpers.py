@@ -26,7 +26,7 @@ LIBVIRT_URI = os.environ.get("OST_LIBVIRT_URI", "qemu:///system")
 # BIOS, ifupdown and eth0, layers as overlays on base
 DISTRO = "debian12"
 # options of the inner sessions run by pytester: they do not read our pytest.ini
-INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", "--ost-warm=off", f"--ost-distro={DISTRO}"]
+INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=2", "--ost-warm=off", f"--ost-distro={DISTRO}"]
 # Sessions that need VMs but do not test booting them: restored from the states earlier sessions of
 # the run (or of an earlier run) saved, booted and saved when there are none. They pass either way.
 RESTORABLE = ["--ost-warm=on", f"--ost-warm-dir={WORKDIR.parent / 'pytest-ostimages-e2e-warm'}"]

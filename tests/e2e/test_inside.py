@@ -10,7 +10,7 @@ import pytest
 from .helpers import DISTRO, RESTORABLE, libvirt_objects, workdirs
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "inside"
-SMALL = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", f"--ost-distro={DISTRO}"]
+SMALL = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=2", f"--ost-distro={DISTRO}"]
 
 
 def test_example_passes_inside_and_lists_each_test(pytester: pytest.Pytester, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from .remote import RemoteHypervisor, remote_hypervisor
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 WARM = RESTORABLE[1].split("=", 1)[1]  # on the hypervisor: the client must not see it
 OWN_WARM = "/var/tmp/ost-remote-warm"  # warm caches of a test's own, hidden from the client too
-SMALL = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", f"--ost-distro={DISTRO}", *RESTORABLE]
+SMALL = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=2", f"--ost-distro={DISTRO}", *RESTORABLE]
 
 TESTS = """
     import os, subprocess

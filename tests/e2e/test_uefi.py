@@ -137,7 +137,7 @@ def test_a_suite_runs_inside_a_uefi_guest(pytester: pytest.Pytester) -> None:
     # booted (with its NoCloud seed: cloud-init and firewalld at work), every run
     result = pytester.runpytest_subprocess("--ost-run-inside=host-installed", f"--ost-distro={EFI}",
                                            "--ost-inside-share=copy", str(EXAMPLE_INSIDE), "-p", "no:cacheprovider",
-                                           "--ost-memory=640", "--ost-vcpus=1", "--ost-warm=off")
+                                           "--ost-memory=640", "--ost-vcpus=2", "--ost-warm=off")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines([f"*inside: booting {EFI}-host-installed *",
                                  "*inside: ssh ready in *, cloud-init done in *"])

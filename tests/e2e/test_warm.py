@@ -49,7 +49,7 @@ def boot_id(output: str) -> tuple[str, str]:
 
 def test_sessions_restore_saved_vms(pytester: pytest.Pytester, warm_workdir: Path, unchanged: None) -> None:
     pytester.makepyfile(SESSION)
-    args = ["-s", "-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=1", "--ost-hosts=1",
+    args = ["-s", "-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=2", "--ost-hosts=1",
             "--ost-warm=on", f"--ost-workdir={warm_workdir}", f"--ost-distro={DISTRO}"]
     first = pytester.runpytest_subprocess(*args)
     first.assert_outcomes(passed=2)
