@@ -28,6 +28,12 @@ def wait_for_agent(dom: "libvirt.virDomain", timeout: float) -> bool:
                      retry_on=(libvirt.libvirtError,)))
 
 
+def has_nic(dom: "libvirt.virDomain", mac: str) -> bool:
+    """Whether the guest has a network interface with MAC `mac` (its kernel registered it)."""
+    interfaces = agent_command(dom, "guest-network-get-interfaces", {})
+    return any(i.get("hardware-address", "").lower() == mac.lower() for i in interfaces)
+
+
 def guest_exec(dom: "libvirt.virDomain", command: str, timeout: float = 60) -> None:
     """Run the shell script `command` in the guest through its agent, which needs no network."""
     pid = agent_command(dom, "guest-exec", {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True})["pid"]

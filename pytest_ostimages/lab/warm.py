@@ -42,7 +42,7 @@ from lxml import etree
 
 from .. import faults
 from ..errors import ImageError, WarmStartError
-from ..guest.agent import guest_exec, wait_for_agent
+from ..guest.agent import guest_exec, has_nic, wait_for_agent
 from ..hypervisor.connection import libvirt_module, remove
 from ..hypervisor.host import LOCAL
 from ..images.catalog import backing_chain
@@ -52,6 +52,7 @@ from ..guest.keys import openssh_line
 from ..state.files import write_atomic
 from ..state.owner import RUN_ID
 from ..state.warmcache import SavedState, WarmCache
+from ..waiting import poll
 
 if TYPE_CHECKING:
     import libvirt
@@ -252,6 +253,28 @@ def saved_disks(domain: etree._Element, state: SavedState) -> list[tuple[etree._
     return [(disk, layer) for disk, layer in _disk_layers(domain, state) if layer.is_file()]
 
 
+NIC_SEEN_TIMEOUT = 30  # s for a hot-plugged NIC to reach the guest's kernel
+
+
+def attach_nics(dom: "libvirt.virDomain", nics: list[etree._Element], seen: Callable[[str], bool]) -> None:
+    """Hot-plug `nics` (interface XML) in their order, each once the guest has the one before.
+
+    A guest that names its NICs eth0, eth1, ... names them in the order its kernel probes them; two
+    hot-plugs at once on a guest of 2 vCPUs were probed either way round (a restored OST host's eth0
+    was its storage NIC). `seen(mac)`: whether the guest has that NIC yet.
+    """
+    libvirt = libvirt_module()
+    for number, new in enumerate(nics):
+        nic = copy.deepcopy(new)
+        for child in nic.findall("alias") + nic.findall("target"):
+            nic.remove(child)
+        dom.attachDeviceFlags(etree.tostring(nic, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        mac = nic.findall("mac")[0].get("address", "")
+        if number < len(nics) - 1 and not poll(lambda: seen(mac), NIC_SEEN_TIMEOUT, 0.1,
+                                               retry_on=(libvirt.libvirtError,)):
+            raise WarmStartError(f"the guest did not see its new NIC {mac} within {NIC_SEEN_TIMEOUT} s")
+
+
 def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memory_fifo: "AnyPath",
             guest_setup: str, host: "Host" = LOCAL) -> tuple["libvirt.virDomain", Path, dict[str, float]]:
     """Restore `state` as the domain of `fresh_xml` (this session's), on its networks with its MACs,
@@ -292,20 +315,16 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memor
         raise WarmStartError(f"libvirt could not restore it: {exc.get_error_message()}") from None
     step("restore")
     try:
+        if not wait_for_agent(dom, 10):
+            raise WarmStartError("its guest agent does not answer")
+        step("agent")
         # The guest keeps the saved MACs with its device state: give it new NICs instead, each
         # where the old one was (on q35 its own PCIe bus: the guest names it as before)
         flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
         for old in etree.fromstring(dom.XMLDesc().encode()).findall("devices/interface"):
             dom.detachDeviceFlags(etree.tostring(old, encoding="unicode"), flags)
-        for new in fresh.findall("devices/interface"):
-            nic = copy.deepcopy(new)
-            for child in nic.findall("alias") + nic.findall("target"):
-                nic.remove(child)
-            dom.attachDeviceFlags(etree.tostring(nic, encoding="unicode"), flags)
+        attach_nics(dom, fresh.findall("devices/interface"), lambda mac: has_nic(dom, mac))
         step("new NICs")
-        if not wait_for_agent(dom, 10):
-            raise WarmStartError("its guest agent does not answer")
-        step("agent")
         now = time.time()
         dom.setTime({"seconds": int(now), "nseconds": int(now % 1 * 1e9)}, 0)
         guest_exec(dom, guest_setup)

@@ -241,3 +241,45 @@ def test_a_fifo_nobody_reads_is_gone_at_once(tmp_path: Path) -> None:
     with streamed(tmp_path / "memory.save", tmp_path / "vm.memory", restored_xml(etree.fromstring(FRESH))):
         pass
     assert time.monotonic() - start < 5 and not (tmp_path / "vm.memory").exists()
+
+
+class HotPlugGuest:
+    """A domain's hot-plug calls as a guest sees them: a NIC reaches its kernel only a few polls after
+    its attach, and the guest names its NICs eth0, eth1, ... in the order they reach it."""
+
+    def __init__(self, polls_to_probe: dict[str, int]) -> None:
+        self.polls_to_probe, self.pending, self.names = polls_to_probe, {}, []
+
+    def attachDeviceFlags(self, xml: str, flags: int) -> None:  # noqa: N802 (libvirt's name)
+        mac = etree.fromstring(xml).find("mac").get("address")
+        self.pending[mac] = self.polls_to_probe.get(mac, 10**6)
+
+    def has(self, mac: str) -> bool:
+        """One poll of the guest: every pending NIC comes one step closer; those that arrive are named."""
+        self.pending = {other: polls - 1 for other, polls in self.pending.items()}
+        self.names += [other for other, polls in self.pending.items() if polls <= 0]
+        self.pending = {other: polls for other, polls in self.pending.items() if polls > 0}
+        return mac in self.names
+
+
+def test_a_restored_guest_gets_its_new_nics_in_order_even_when_a_later_one_would_probe_first() -> None:
+    from pytest_ostimages.lab.warm import attach_nics
+
+    macs = ["52:54:00:00:01:01", "52:54:00:00:02:01", "52:54:00:00:03:01"]
+    nics = [etree.fromstring(f"<interface type='network'><mac address='{mac}'/><alias name='net{i}'/>"
+                             f"<target dev='vnet{i}'/></interface>") for i, mac in enumerate(macs)]
+    guest = HotPlugGuest({macs[0]: 5, macs[1]: 1, macs[2]: 1})  # the management NIC is the slowest to probe
+    attach_nics(guest, nics, guest.has)
+    while guest.pending:
+        guest.has("")
+    assert guest.names == macs  # eth0 is the management NIC, as after a boot
+
+
+def test_a_new_nic_the_guest_never_sees_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_ostimages.lab import warm
+
+    monkeypatch.setattr(warm, "NIC_SEEN_TIMEOUT", 0.3)
+    nics = [etree.fromstring(f"<interface type='network'><mac address='52:54:00:00:0{i}:01'/></interface>")
+            for i in (1, 2)]
+    with pytest.raises(WarmStartError, match="did not see its new NIC 52:54:00:00:01:01 within"):
+        warm.attach_nics(HotPlugGuest({}), nics, lambda mac: False)
