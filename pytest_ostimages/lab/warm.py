@@ -319,7 +319,8 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memor
             raise WarmStartError("its guest agent does not answer")
         step("agent")
         # The guest keeps the saved MACs with its device state: give it new NICs instead, each
-        # where the old one was (on q35 its own PCIe bus: the guest names it as before)
+        # where the old one was (on q35 its own PCIe bus, which enpNs0 names follow; eth names
+        # follow the order, which attach_nics keeps)
         flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
         for old in etree.fromstring(dom.XMLDesc().encode()).findall("devices/interface"):
             dom.detachDeviceFlags(etree.tostring(old, encoding="unicode"), flags)
