@@ -693,17 +693,58 @@ def measure_remote(repeat: int, results: dict) -> None:
           f"{min(remote['restore']):.1f} s vs {min(local['restore']):.1f} s", flush=True)
 
 
+ANSIBLE_TEST = """
+import tempfile, time
+
+import ansible_runner
+
+
+def call(inventory):
+    with tempfile.TemporaryDirectory() as private:
+        start = time.monotonic()
+        run = ansible_runner.run(private_data_dir=private, inventory=inventory, host_pattern="all", module="shell",
+                                 module_args="cat /etc/hostname", quiet=True)
+        assert run.status == "successful", run.status
+        return time.monotonic() - start
+
+
+def test_calls(ost_vm, ost_ansible_inventory, tmp_path):
+    written = ost_ansible_inventory.read_text()
+    assert " ansible_pipelining=true" in written
+    without = tmp_path / "without"  # the same inventory, ansible's default transfer of each module
+    without.write_text(written.replace(" ansible_pipelining=true", ""))
+    call(str(ost_ansible_inventory))  # the first login and python's first start are in neither figure
+    for _ in range(REPEAT):
+        print(f"ANSIBLE-CALL {call(str(ost_ansible_inventory)):.3f} {call(str(without)):.3f}")
+"""
+
+
+def measure_ansible(repeat: int, results: dict) -> None:
+    """One ansible module run through the session's inventory (pipelined) vs the same inventory
+    without pipelining, on one booted VM, alternating (ansible-runner, as OST's ost_utils runs it)."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        (Path(tmp) / "test_ansible.py").write_text(ANSIBLE_TEST.replace("REPEAT", str(max(repeat, 3))))
+        output = session([sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", "-c", "/dev/null",
+                          f"--rootdir={tmp}", f"--ost-distro={SETTINGS['ost_distro']}", f"--ost-memory={MEMORY}",
+                          f"--ost-vcpus={VCPUS}", f"--ost-image={LAYER}", str(Path(tmp) / "test_ansible.py")],
+                         "the ansible session").stdout
+    calls = [line.split()[1:] for line in output.splitlines() if line.startswith("ANSIBLE-CALL ")]
+    results["ansible: a module through the session's inventory, pipelined vs not"] = {
+        "plugin": stats([float(p) for p, _ in calls]), "baseline": stats([float(b) for _, b in calls])}
+    print("  ansible call: " + ", ".join(f"{p} vs {b} s" for p, b in calls), flush=True)
+
+
 # figures measured after the in-process baseline is closed, in this order: (repeat, results) each
 LATER: dict[str, tuple[Callable[[int, dict], None], ...]] = {
     "inside": (measure_inside,), "identity": (measure_identity,), "warm": (measure_warm,),
     "ost": (measure_ost, measure_ost_reuse), "ip": (measure_ip_versions,), "uefi": (measure_uefi,),
-    "warm-nm": (measure_warm_nm,), "warm-ost": (measure_warm_ost,), "remote": (measure_remote,)}
+    "warm-nm": (measure_warm_nm,), "warm-ost": (measure_warm_ost,), "remote": (measure_remote,), "ansible": (measure_ansible,)}
 
 
 # --- report -------------------------------------------------------------------------------
 
 FIGURES = ("overlay", "boot", "parallel", "revert", "reuse", "suite", "inside", "identity", "warm", "ost",
-           "ip", "uefi", "warm-nm", "warm-ost", "remote")
+           "ip", "uefi", "warm-nm", "warm-ost", "remote", "ansible")
 
 GOALS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     "boot": ("ratio <= 1.05 and overhead <= 0.5 s",

@@ -27,6 +27,7 @@ def test_numbered_roles_are_grouped_and_nothing_prompts(tmp_path: Path) -> None:
     assert "host0 ansible_host=fd00::11 " in text and "host1 ansible_host=192.0.2.12 " in text  # IPv6 first, as OST
     assert "ansible_ssh_common_args='-o UserKnownHostsFile=/w/known_hosts -o GlobalKnownHostsFile=/dev/null " \
            "-o StrictHostKeyChecking=yes'" in text
+    assert all(line.endswith(" ansible_pipelining=true") for line in text.splitlines() if "ansible_host=" in line)
 
 
 def test_ost_hosts_file_has_lagofys_line_format(tmp_path: Path) -> None:
@@ -34,3 +35,4 @@ def test_ost_hosts_file_has_lagofys_line_format(tmp_path: Path) -> None:
     text = write_ost_hosts(tmp_path / "hosts", vms, Path("/w/key"), Path("/w/kh")).read_text()
     assert text.startswith("ost-basic-suite-engine ansible_host=fd00::10 ansible_ssh_private_key_file=/w/key "
                            "ansible_ssh_extra_args='-o UserKnownHostsFile=/w/kh ")
+    assert text.endswith("' ansible_pipelining=true\n")  # after what lagofy.sh's own sed reads
