@@ -24,9 +24,11 @@ def test_deploy_scripts_ran_in_each_vm(backend, ansible_by_hostname, suite):
 
 
 def test_storage_has_its_extra_disks(ansible_storage):
-    disks = ansible_storage.shell("lsblk -bndo NAME,SIZE,SERIAL /dev/sda /dev/sdb")["stdout"]
-    # sizes and serials as the init-config gives them (serials 2, 3, ... in key order, as OST)
-    assert [line.split() for line in disks.splitlines()] == [["sda", str(2**30), "2"], ["sdb", str(2 * 2**30), "3"]]
+    # sizes and serials as the init-config gives them (serials 2, 3, ... in key order, as OST). By serial,
+    # as OST's deploy scripts find them: the guest names SCSI disks (sda, sdb) in the order their
+    # asynchronous probes end, which differs from boot to boot
+    disks = ansible_storage.shell("lsblk -bndo SERIAL,SIZE -I 8")["stdout"]
+    assert sorted(line.split() for line in disks.splitlines()) == [["2", str(2**30)], ["3", str(2 * 2**30)]]
     # the deploy script found them by serial and made one volume group of both
     size = ansible_storage.shell("vgs --noheadings --units b --nosuffix -o vg_size ost_storage")["stdout"]
     assert 2.9 * 2**30 < int(size) <= 3 * 2**30
