@@ -40,7 +40,7 @@ def group(role: str) -> str:
 
 
 # Each module is fed to the guest's python over the SSH session that runs it, not copied there first
-# and removed after: one SSH command per module instead of four (3.9 -> 2.7 s a call under TCG,
+# and removed after: one SSH command per module instead of three or four (3.9 -> 2.8 s a call under TCG,
 # bench/README.md). All log in as root, so no sudo `requiretty` stands in the way.
 PIPELINING = "ansible_pipelining=true"
 
