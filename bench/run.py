@@ -738,7 +738,8 @@ def measure_ansible(repeat: int, results: dict) -> None:
 LATER: dict[str, tuple[Callable[[int, dict], None], ...]] = {
     "inside": (measure_inside,), "identity": (measure_identity,), "warm": (measure_warm,),
     "ost": (measure_ost, measure_ost_reuse), "ip": (measure_ip_versions,), "uefi": (measure_uefi,),
-    "warm-nm": (measure_warm_nm,), "warm-ost": (measure_warm_ost,), "remote": (measure_remote,), "ansible": (measure_ansible,)}
+    "warm-nm": (measure_warm_nm,), "warm-ost": (measure_warm_ost,), "remote": (measure_remote,),
+    "ansible": (measure_ansible,)}
 
 
 # --- report -------------------------------------------------------------------------------
