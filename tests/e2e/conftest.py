@@ -6,12 +6,14 @@ hosts once for the whole session, plus a few short inner sessions.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pwd
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
@@ -20,10 +22,75 @@ from pytest_ostimages import vm_fixture
 from .helpers import IMAGES, image_state, libvirt_objects, workdirs
 
 
+# Under pytest-xdist (.ci/run: -n 2) every e2e module goes to one worker whole (its module fixtures set
+# up once), the modules whose tests use the session's own engine and hosts (below) to one worker together
+# (so that only one boots them); unit tests go one by one.
+SESSION_ENVIRONMENT = {"test_clean_vm", "test_environment", "test_identity"}
+# The longest modules (about 3-6 minutes each on a cold 2-core CI machine), handed out first, after the
+# modules with exclusive tests, so that no worker is left with one of them at the end.
+LONGEST = ["test_uefi", "test_warm_environments", "test_remote", "test_warm", "test_cloud_init"]
+LOCKS = Path("/var/lock/pytest-ostimages-e2e")  # the e2e tests of every run on this host take turns here
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if Path(__file__).parent in Path(item.path).parents:
-            item.add_marker(pytest.mark.e2e)
+    e2e = {item for item in items if Path(__file__).parent in Path(item.path).parents}
+    for item in e2e:
+        item.add_marker(pytest.mark.e2e)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    exclusive = {Path(item.path).stem for item in e2e if item.get_closest_marker("exclusive")}
+
+    def order(item: pytest.Item) -> tuple[int, int, int]:
+        if item not in e2e:  # unit tests last: they fill the workers' gaps at the end
+            return (3, 0, 0)
+        module = Path(item.path).stem
+        turn = 0 if module in exclusive else 1 if module in LONGEST else 2
+        return (turn, LONGEST.index(module) if module in LONGEST else 0,
+                0 if item.get_closest_marker("exclusive") else 1)
+
+    items.sort(key=order)  # stable: modules and tests otherwise as collected
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Modules(LoadScopeScheduling):
+        """Units of work: an e2e module, the session environment's modules, a unit test."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            if not path.startswith("tests/e2e/"):
+                return nodeid
+            return "session-environment" if Path(path).stem in SESSION_ENVIRONMENT else path
+
+    return Modules(config, log)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
+    """Under xdist, an e2e test marked `exclusive` (it kills sessions, whose leftovers any other session's
+    reaper would remove first, or reads what --ost-cleanup finds on the host) runs alone; the others run
+    side by side. Around the whole protocol: the module fixtures set up and torn down with a test count."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not item.get_closest_marker("e2e"):
+        return (yield)
+    with turn(exclusive=item.get_closest_marker("exclusive") is not None):
+        return (yield)
+
+
+@contextlib.contextmanager
+def turn(exclusive: bool) -> Iterator[None]:
+    """A readers-writer lock across processes: `gate` lets no new test in while an exclusive one waits
+    (flock alone would let the others' next tests overtake it for ever), `room` holds the tests running."""
+    LOCKS.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with open(LOCKS / "gate", "a") as gate, open(LOCKS / "room", "a") as room:
+        if exclusive:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            fcntl.flock(room, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(gate, fcntl.LOCK_SH)
+            fcntl.flock(room, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # closing the files releases their locks
 
 
 @pytest.fixture

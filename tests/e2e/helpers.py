@@ -20,7 +20,17 @@ if TYPE_CHECKING:
     import libvirt
 
 IMAGES = Path(os.environ.get("OST_IMAGES_DIR", "/usr/share/ost-images"))
-WORKDIR = Path(os.environ.get("OST_WORKDIR") or default_workdir())
+_ROOT = Path(os.environ.get("OST_WORKDIR") or default_workdir())
+# Under pytest-xdist (.ci/run: -n 2) each worker keeps the work roots of its sessions in an area of its
+# own (its default work root, which its sessions inherit as OST_WORKDIR, and the scratch roots), so that
+# the before/after checks of one worker's tests do not count another worker's VMs (libvirt_objects).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+AREAS = f"{_ROOT}-e2e-"  # every worker's area starts so
+AREA: Optional[Path] = Path(f"{AREAS}{WORKER}") if WORKER else None
+WORKDIR = AREA / "work" if AREA else _ROOT
+if AREA:
+    AREA.mkdir(mode=0o755, exist_ok=True)  # traversable by qemu's user, as /var/tmp
+    os.environ["OST_WORKDIR"] = str(WORKDIR)
 LIBVIRT_URI = os.environ.get("OST_LIBVIRT_URI", "qemu:///system")
 # The project's test images (images/build-test-images), whatever else is installed beside them:
 # BIOS, ifupdown and eth0, layers as overlays on base
@@ -29,7 +39,8 @@ DISTRO = "debian12"
 INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=2", "--ost-warm=off", f"--ost-distro={DISTRO}"]
 # Sessions that need VMs but do not test booting them: restored from the states earlier sessions of
 # the run (or of an earlier run) saved, booted and saved when there are none. They pass either way.
-RESTORABLE = ["--ost-warm=on", f"--ost-warm-dir={WORKDIR.parent / 'pytest-ostimages-e2e-warm'}"]
+# (One cache for all xdist workers: a state is saved under a host-wide lock.)
+RESTORABLE = ["--ost-warm=on", f"--ost-warm-dir={_ROOT.parent / 'pytest-ostimages-e2e-warm'}"]
 
 
 def free_subnet(conn: "libvirt.virConnect") -> ipaddress.IPv4Network:
@@ -66,9 +77,14 @@ def libvirt_objects(pid: Optional[int] = None) -> set[str]:
                   [("network", n) for n in conn.listAllNetworks()]
         labelled = [(kind, o.name(), Label.from_xml(o.XMLDesc())) for kind, o in objects]
         return {f"{kind} {name}" for kind, name, label in labelled
-                if label is not None and pid in (None, label.pid)}
+                if label is not None and pid in (None, label.pid) and not another_workers(label.workdir)}
     finally:
         conn.close()
+
+
+def another_workers(workdir: str) -> bool:
+    """Whether a work directory is in the area of another xdist worker of this run."""
+    return AREA is not None and workdir.startswith(AREAS) and not workdir.startswith(f"{AREA}/")
 
 
 def workdirs() -> set[str]:
@@ -78,10 +94,11 @@ def workdirs() -> set[str]:
 
 @contextlib.contextmanager
 def scratch_root(prefix: str) -> Iterator[Path]:
-    """A work directory root of a test's own under /var/tmp (where qemu's user reaches), removed after,
+    """A work directory root of a test's own under /var/tmp (where qemu's user reaches; in the xdist
+    worker's area), removed after,
     with what its runs left running (a test that failed half-way may leave kept VMs there: without
     their work root they would be any later session's leftovers)."""
-    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=AREA or "/var/tmp"))
     root.chmod(0o755)
     try:
         yield root

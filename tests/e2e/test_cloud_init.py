@@ -22,18 +22,20 @@ ANSWERS = {  # as hosted-engine-setup injects engine-setup's answer file
 
 def test_clones_with_cloud_init_and_user_data(ost_vm_factory: VMFactory, ost_lab: Lab,
                                               request: pytest.FixtureRequest) -> None:
-    specs = [VMSpec("cloud0", "cloud-installed", user_data=ANSWERS), VMSpec("cloud1", "cloud-installed"),
-             VMSpec("cloud2", "cloud-installed", user_data="#cloud-config\n{}\n"),
+    # two clones (one with the suite's user-data as a dict, one with user-data that asks nothing, as text)
+    # and a third whose user-data fails: three cloud-init guests booting at once cost minutes under TCG
+    specs = [VMSpec("cloud0", "cloud-installed", user_data=ANSWERS),
+             VMSpec("cloud1", "cloud-installed", user_data="#cloud-config\n{}\n"),
              VMSpec("broken", "cloud-installed", user_data={"runcmd": [["false"]]})]
     # booted together: the one whose runcmd fails is that VM's failed boot, the others are handed over
     with pytest.raises(pytest.fail.Exception, match=r"(?s)VM broken .* answers SSH, but cloud-init did not do what "
                                                      r"was asked of it: module scripts_user: .*runcmd"):
         ost_vm_factory.many(specs)
-    vms = [ost_lab.vms[spec.role] for spec in specs[:3]]
+    vms = [ost_lab.vms[spec.role] for spec in specs[:2]]
     machine_ids = {vm.ssh("cat /etc/machine-id", check=True).stdout.strip() for vm in vms}
     keys = [vm.ssh(GUEST_KEY, check=True).stdout.split()[1] for vm in vms]
-    assert len(machine_ids) == 3, machine_ids
-    assert len(set(keys)) == 3
+    assert len(machine_ids) == 2, machine_ids
+    assert len(set(keys)) == 2
     assert keys == [fingerprint(vm.host_key) for vm in vms]  # injected by the seed, pinned
     assert [vm.ssh("hostname && hostname -f", check=True).stdout.split() for vm in vms] == \
         [[vm.role, vm.hostname] for vm in vms]

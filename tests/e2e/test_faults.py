@@ -27,6 +27,8 @@ from .helpers import INNER, LIBVIRT_URI, RESTORABLE, libvirt_objects, read_until
 
 VM_TEST = "def test_vm(ost_vm):\n    assert ost_vm.ssh('true').returncode == 0\n"
 VM = ["--ost-image=engine-installed"]  # the bystanders and the sessions killed after boot: restorable
+# the killed sessions' leftovers are the next session's to reap, not another xdist worker's
+pytestmark = pytest.mark.exclusive
 NEXT_SESSION = "def test_net(ost_network):\n    pass\n"  # its reaper runs before it makes its network
 
 

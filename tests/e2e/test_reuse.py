@@ -37,6 +37,7 @@ TESTS = """
 """
 
 
+@pytest.mark.exclusive  # a session killed at its end: its leftovers are the next session's to reap
 def test_reuse_skips_the_boot_until_something_changes(pytester: pytest.Pytester, unchanged: None,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     pytester.makepyfile(TESTS)
