@@ -19,7 +19,7 @@ import pytest
 
 from pytest_ostimages import vm_fixture
 
-from .helpers import IMAGES, image_state, libvirt_objects, workdirs
+from .helpers import IMAGES, WORKER, image_state, libvirt_objects, workdirs
 
 
 # Under pytest-xdist (.ci/run: -n 2) every e2e module goes to one worker whole (its module fixtures set
@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     e2e = {item for item in items if Path(__file__).parent in Path(item.path).parents}
     for item in e2e:
         item.add_marker(pytest.mark.e2e)
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    if not WORKER:
         return
     exclusive = {Path(item.path).stem for item in e2e if item.get_closest_marker("exclusive")}
 
@@ -71,7 +71,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) 
     """Under xdist, an e2e test marked `exclusive` (it kills sessions, whose leftovers any other session's
     reaper would remove first, or reads what --ost-cleanup finds on the host) runs alone; the others run
     side by side. Around the whole protocol: the module fixtures set up and torn down with a test count."""
-    if not os.environ.get("PYTEST_XDIST_WORKER") or not item.get_closest_marker("e2e"):
+    if not WORKER or not item.get_closest_marker("e2e"):
         return (yield)
     with turn(exclusive=item.get_closest_marker("exclusive") is not None):
         return (yield)

@@ -31,6 +31,9 @@ WORKDIR = AREA / "work" if AREA else _ROOT
 if AREA:
     AREA.mkdir(mode=0o755, exist_ok=True)  # traversable by qemu's user, as /var/tmp
     os.environ["OST_WORKDIR"] = str(WORKDIR)
+# The inner sessions are no workers of this run (test code in them reads PYTEST_XDIST_WORKER)
+for _name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+    os.environ.pop(_name, None)
 LIBVIRT_URI = os.environ.get("OST_LIBVIRT_URI", "qemu:///system")
 # The project's test images (images/build-test-images), whatever else is installed beside them:
 # BIOS, ifupdown and eth0, layers as overlays on base
@@ -75,7 +78,12 @@ def libvirt_objects(pid: Optional[int] = None) -> set[str]:
     try:
         objects = [("domain", d) for d in conn.listAllDomains()] + \
                   [("network", n) for n in conn.listAllNetworks()]
-        labelled = [(kind, o.name(), Label.from_xml(o.XMLDesc())) for kind, o in objects]
+        labelled = []
+        for kind, obj in objects:
+            try:
+                labelled.append((kind, obj.name(), Label.from_xml(obj.XMLDesc())))
+            except libvirt.libvirtError:  # removed meanwhile (by another xdist worker's session)
+                continue
         return {f"{kind} {name}" for kind, name, label in labelled
                 if label is not None and pid in (None, label.pid) and not another_workers(label.workdir)}
     finally:

@@ -26,7 +26,8 @@ DAMAGED: dict[str, "str | bytes"] = {
 @pytest.fixture
 def warm(tmp_path: Path) -> Path:
     root = tmp_path / "warm"
-    states: dict[str, "str | bytes"] = {"a" * 16: json.dumps(GOOD), **DAMAGED}
+    # saved two hours before the test runs, not before it was collected (an xdist worker may run it 30 minutes later)
+    states: dict[str, "str | bytes"] = {"a" * 16: json.dumps({**GOOD, "saved": time.time() - 7200}), **DAMAGED}
     for age, (key, meta) in enumerate(states.items(), 1):
         (root / key).mkdir(parents=True)
         (root / key / "memory.save").write_bytes(b"\0" * 2**20)
