@@ -71,13 +71,25 @@ def host_routes(route_file: "AnyPath" = Path("/proc/net/route")) -> list[ipaddre
     return routes
 
 
+# The sessions' IPv6 /64s are made of their IPv4 /24s (state/environment.py, ipv6_subnet):
+# fd6f:7374:AABB:CC00::/64 for A.B.C.0/24
+OUR_ULA = ipaddress.IPv6Network("fd6f:7374::/32")
+
+
 def network_subnets(conn: "libvirt.virConnect") -> list[ipaddress.IPv4Network]:
-    """The IPv4 subnets of every libvirt network, active or not."""
+    """The IPv4 subnets of every libvirt network, active or not; for an IPv6 /64 of ours (an
+    IPv6-only session's network has no IPv4 one), the /24 it was made of: a session that took
+    that /24 would make the same /64, and the host would route it to one of the two bridges."""
     subnets = []
     for net in conn.listAllNetworks():
         with contextlib.suppress(libvirt_error()):  # removed meanwhile
             for ip in etree.fromstring(net.XMLDesc().encode()).findall("ip"):
-                if ip.get("family", "ipv4") != "ipv4" or not ip.get("address"):
+                if not ip.get("address"):
+                    continue
+                if ip.get("family", "ipv4") == "ipv6":
+                    net6 = ipaddress.IPv6Network(f"{ip.get('address')}/{ip.get('prefix') or '64'}", strict=False)
+                    if net6.prefixlen == 64 and net6.subnet_of(OUR_ULA):
+                        subnets.append(ipaddress.IPv4Network((net6.network_address.packed[4:8], 24)))
                     continue
                 suffix = ip.get("prefix") or ip.get("netmask") or "24"
                 subnets.append(ipaddress.IPv4Network(f"{ip.get('address')}/{suffix}", strict=False))

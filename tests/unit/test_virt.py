@@ -15,6 +15,7 @@ from lxml import etree
 from pytest_ostimages.hypervisor import connection as virt
 from pytest_ostimages.hypervisor import subnets
 from pytest_ostimages.lab import networks
+from pytest_ostimages.state import environment
 from pytest_ostimages.state import ledger as reaper
 from pytest_ostimages.errors import VirtError
 from pytest_ostimages.state.owner import Label
@@ -52,6 +53,23 @@ def test_subnet_skips_libvirt_networks_and_routes(conn) -> None:
     assert subnets.free_subnet(pool, [ipaddress.IPv4Network("192.168.120.0/23"),
                                    ipaddress.IPv4Network("192.168.122.0/24")]) \
         == ipaddress.IPv4Network("192.168.123.0/24")
+
+
+def test_subnet_skips_the_one_an_ipv6_only_network_was_made_of(conn) -> None:
+    # an IPv6-only session's network (--ost-ip-version=6) has only the /64 made of its /24: a second
+    # session that took the /24 made the same /64, and the first one's guests lost their DNS server
+    pool = ipaddress.IPv4Network("192.168.120.0/22")
+    xml = network_xml(Templates().load("network.xml"), name="v6only", bridge="v6only", subnet=None,
+                      subnet6=environment.ipv6_subnet(ipaddress.IPv4Network("192.168.120.0/24")),
+                      domain="ost.test", hosts=[], label=LABEL)
+    virt.create_network(conn, xml)
+    try:
+        assert "192.168.120" not in xml and "fd6f:7374:c0a8:7800::" in xml
+        assert ipaddress.IPv4Network("192.168.120.0/24") in subnets.network_subnets(conn)
+        assert networks.with_free_subnet(conn, pool, lambda s: s, routes=lambda: []) \
+            == ipaddress.IPv4Network("192.168.121.0/24")
+    finally:
+        reaper.remove(conn, Owned("network", "v6only", LABEL))
 
 
 def test_exhausted_pool_is_a_clear_error(conn, tmp_path: Path) -> None:
