@@ -1349,8 +1349,10 @@ class SSHHost:
             try:
                 return self._transport.open_session(timeout=timeout)
             except (paramiko.SSHException, EOFError, OSError) as exc:
-                if not self._transport.is_active():
-                    raise self._lost() from None
+                # EOFError, OSError: the request could not be sent, the connection is gone (its transport's
+                # thread may not have noticed yet: it still says active)
+                if not self._transport.is_active() or isinstance(exc, (EOFError, OSError)):
+                    raise self._lost(f"{type(exc).__name__} {exc}".strip()) from None
                 refused = isinstance(exc, paramiko.ChannelException) or "Unable to open channel" in str(exc)
                 if not refused:
                     raise TimeoutError(f"the hypervisor {self.name} did not open a session for {purpose}: "
