@@ -70,7 +70,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
     """Under xdist, an e2e test marked `exclusive` (it kills sessions, whose leftovers any other session's
     reaper would remove first, or reads what --ost-cleanup finds on the host) runs alone; the others run
-    side by side. Around the whole protocol: the module fixtures set up and torn down with a test count."""
+    side by side. The turn spans the test's whole protocol: module fixtures set up or torn down with it too."""
     if not WORKER or not item.get_closest_marker("e2e"):
         return (yield)
     with turn(exclusive=item.get_closest_marker("exclusive") is not None):

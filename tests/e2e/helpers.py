@@ -91,7 +91,7 @@ def libvirt_objects(pid: Optional[int] = None) -> set[str]:
 
 
 def another_workers(workdir: str) -> bool:
-    """Whether a work directory is in the area of another xdist worker of this run."""
+    """Whether a work directory is in the area of another xdist worker."""
     return AREA is not None and workdir.startswith(AREAS) and not workdir.startswith(f"{AREA}/")
 
 
@@ -102,10 +102,9 @@ def workdirs() -> set[str]:
 
 @contextlib.contextmanager
 def scratch_root(prefix: str) -> Iterator[Path]:
-    """A work directory root of a test's own under /var/tmp (where qemu's user reaches; in the xdist
-    worker's area), removed after,
-    with what its runs left running (a test that failed half-way may leave kept VMs there: without
-    their work root they would be any later session's leftovers)."""
+    """A work directory root of a test's own under /var/tmp (where qemu's user reaches; under xdist in
+    the worker's area), removed after, with what its runs left running (a test that failed half-way
+    may leave kept VMs there: without their work root they would be any later session's leftovers)."""
     root = Path(tempfile.mkdtemp(prefix=prefix, dir=AREA or "/var/tmp"))
     root.chmod(0o755)
     try:
