@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from .. import faults
 from ..errors import OstError
+from ..hypervisor.connection import libvirt_module
 from ..state import kept
 from ..state.environment import Environment
 from ..state.ledger import Ledger, run_workdir
@@ -103,8 +104,11 @@ def _remove(lab: Lab, env: Environment) -> None:
 
 def _not_running(lab: Lab, env: Environment) -> str:
     """The first VM or network of `env` that does not run any more ("" if all do)."""
-    running = {d.name() for d in lab.conn.listAllDomains() if d.isActive()}
-    running |= {n.name() for n in lab.conn.listAllNetworks() if n.isActive()}
+    # libvirt lists the active ones itself: asking each listed object (isActive) fails for one that
+    # another session removed meanwhile
+    libvirt = libvirt_module()
+    running = {d.name() for d in lab.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+    running |= {n.name() for n in lab.conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE)}
     stopped = [f"VM {vm.role} ({vm.name})" for vm in env.vms if vm.name not in running]
     stopped += [f"network {net.name}" for net in env.networks if net.name not in running]
     return stopped[0] if stopped else ""

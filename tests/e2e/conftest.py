@@ -54,6 +54,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     from xdist.scheduler import LoadScopeScheduling
 
+    config.option.loadscopereorder = False  # the order of pytest_collection_modifyitems, not by test count
+
     class Modules(LoadScopeScheduling):
         """Units of work: an e2e module, the session environment's modules, a unit test."""
 

@@ -312,3 +312,28 @@ def test_a_kept_environment_whose_network_is_gone_is_not_attached(root: Path, co
         if f"ost-{RUN}-vm" in [d.name() for d in conn.listAllDomains()]:
             domain.destroy()
         lab.close()
+
+
+def test_a_vm_another_session_removes_meanwhile_does_not_stop_the_check(conn) -> None:
+    # listed by libvirt, then removed by another session before it is asked whether it runs (seen with two
+    # sessions at once: "Domain not found" from isActive became an INTERNALERROR at collection)
+    gone = conn.createXML("<domain type='test'><name>gone</name><memory>1024</memory><os><type>hvm</type></os>"
+                          "</domain>")
+    kept = conn.createXML(f"<domain type='test'><name>ost-{RUN}-vm</name><memory>1024</memory>"
+                          f"<os><type>hvm</type></os></domain>")
+    gone.destroy()
+
+    class Listing:  # the real connection, whose listing still holds the domain removed meanwhile
+        def listAllDomains(self, flags: int = 0) -> list:
+            return [gone, *conn.listAllDomains(flags)]
+
+        def listAllNetworks(self, flags: int = 0) -> list:
+            return conn.listAllNetworks(flags)
+
+    lab = type("Lab", (), {"conn": Listing()})()
+    env = type("Environment", (), {"vms": [type("VM", (), {"role": "vm", "name": f"ost-{RUN}-vm"})()],
+                                   "networks": []})()
+    try:
+        assert reuse._not_running(lab, env) == ""  # type: ignore[arg-type]
+    finally:
+        kept.destroy()
