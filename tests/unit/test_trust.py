@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import paramiko
@@ -330,9 +331,8 @@ def test_a_vm_another_session_removes_meanwhile_does_not_stop_the_check(conn) ->
         def listAllNetworks(self, flags: int = 0) -> list:
             return conn.listAllNetworks(flags)
 
-    lab = type("Lab", (), {"conn": Listing()})()
-    env = type("Environment", (), {"vms": [type("VM", (), {"role": "vm", "name": f"ost-{RUN}-vm"})()],
-                                   "networks": []})()
+    lab = SimpleNamespace(conn=Listing())
+    env = SimpleNamespace(vms=[SimpleNamespace(role="vm", name=f"ost-{RUN}-vm")], networks=[])
     try:
         assert reuse._not_running(lab, env) == ""  # type: ignore[arg-type]
     finally:
