@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 from lxml import etree
 
 from ..errors import SessionError
+from ..state.environment import ipv4_subnet
 from .connection import libvirt_error
 from .host import LOCAL
 
@@ -71,11 +72,6 @@ def host_routes(route_file: "AnyPath" = Path("/proc/net/route")) -> list[ipaddre
     return routes
 
 
-# The sessions' IPv6 /64s are made of their IPv4 /24s (state/environment.py, ipv6_subnet):
-# fd6f:7374:AABB:CC00::/64 for A.B.C.0/24
-OUR_ULA = ipaddress.IPv6Network("fd6f:7374::/32")
-
-
 def network_subnets(conn: "libvirt.virConnect") -> list[ipaddress.IPv4Network]:
     """The IPv4 subnets of every libvirt network, active or not; for an IPv6 /64 of ours (an
     IPv6-only session's network has no IPv4 one), the /24 it was made of: a session that took
@@ -87,9 +83,9 @@ def network_subnets(conn: "libvirt.virConnect") -> list[ipaddress.IPv4Network]:
                 if not ip.get("address"):
                     continue
                 if ip.get("family", "ipv4") == "ipv6":
-                    net6 = ipaddress.IPv6Network(f"{ip.get('address')}/{ip.get('prefix') or '64'}", strict=False)
-                    if net6.prefixlen == 64 and net6.subnet_of(OUR_ULA):
-                        subnets.append(ipaddress.IPv4Network((net6.network_address.packed[4:8], 24)))
+                    made_of = ipv4_subnet(ipaddress.IPv6Network(f"{ip.get('address')}/{ip.get('prefix') or '64'}",
+                                                                strict=False))
+                    subnets += [made_of] if made_of else []
                     continue
                 suffix = ip.get("prefix") or ip.get("netmask") or "24"
                 subnets.append(ipaddress.IPv4Network(f"{ip.get('address')}/{suffix}", strict=False))

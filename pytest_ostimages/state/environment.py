@@ -28,10 +28,20 @@ LAST_VM_HOST = 99
 VERSION = 3
 
 
+ULA = ipaddress.IPv6Network("fd6f:7374::/32")  # the sessions' IPv6 /64s: fd6f:7374:AABB:CC00::/64 for A.B.C.0/24
+
+
 def ipv6_subnet(subnet: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
     """A ULA /64 made of an IPv4 subnet's address: unique wherever the IPv4 one is."""
     o = subnet.network_address.packed
     return ipaddress.IPv6Network(f"fd6f:7374:{o[0]:02x}{o[1]:02x}:{o[2]:02x}{o[3]:02x}::/64")
+
+
+def ipv4_subnet(subnet6: ipaddress.IPv6Network) -> Optional[ipaddress.IPv4Network]:
+    """The /24 a /64 of ipv6_subnet's was made of (None for any other IPv6 network)."""
+    if subnet6.prefixlen != 64 or not subnet6.subnet_of(ULA):
+        return None
+    return ipaddress.IPv4Network((subnet6.network_address.packed[4:8], 24))
 
 
 def vm_names(run_id: str, role: str, suite: Optional[str] = None) -> tuple[str, str]:
