@@ -16,6 +16,7 @@ it binds, and a lookup in between finds no resolver.
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -151,3 +152,23 @@ def leases_bound(nics: Sequence[GuestNIC]) -> str:
               for number, nic in enumerate(nics)
               for v, ip in (("", nic.entry.ip), ("6", nic.entry.ip6)) if ip is not None]
     return " && ".join(leases + ["! pgrep -x dhclient-script >/dev/null"])
+
+
+def network_wait_script(ip6: Optional[ipaddress.IPv6Address],
+                        names: dict[str, list["ipaddress.IPv4Address | ipaddress.IPv6Address"]],
+                        timeout: float, also: Sequence[str] = ()) -> str:
+    """A guest script that waits up to `timeout` s until the guest holds `ip6` (if given), resolves
+    each of `names` over DNS (not /etc/hosts) to each of its addresses and passes the shell checks
+    `also` (each prints what it misses); it exits 1 printing what is still missing then. A lookup
+    gets only the time left: with no answer from a resolver, getent retries for up to 10 s each."""
+    checks = ([f'ip -o addr show to {ip6} | grep -q . || echo "address {ip6}"'] if ip6 is not None else [])
+    checks += also
+    for name, addresses in names.items():
+        for ip in addresses:
+            checks.append(f'timeout "$left" getent -s dns ahostsv{ip.version} {shlex.quote(name)} | cut -d" " -f1 | '
+                          f"grep -qx {ip} || echo \"name {name} (IPv{ip.version}: {ip})\"")
+    return "\n".join([f"end=$(($(date +%s) + {int(timeout)}))", "while :; do",
+                      '    left=$((end - $(date +%s))); [ "$left" -ge 1 ] || left=1',
+                      f"    missing=$({'; '.join(checks)})", '    [ -z "$missing" ] && exit 0',
+                      '    [ "$(date +%s)" -ge "$end" ] && { echo "$missing"; exit 1; }', "    sleep 0.2",
+                      "done"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
-import shlex
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from ..images.catalog import Image
 from . import cloudinit, testinfra_host
 from .identity import fixup_script
 from .keys import HostKey
+from .network import network_wait_script
 from .ssh import SSH, CommandResult, HostKeyMismatch, NotReady
 
 CLEAN_SNAPSHOT = "ost-clean"
@@ -229,16 +229,7 @@ class VM:
         """Wait up to `timeout` s until the guest holds `ip6` (if given), resolves each of `names` over
         DNS (not /etc/hosts) to each of its addresses and passes the shell checks `also` (each prints
         what it misses); what is still missing then ([] when nothing)."""
-        checks = ([f'ip -o addr show to {ip6} | grep -q . || echo "address {ip6}"'] if ip6 is not None else [])
-        checks += also
-        for name, addresses in names.items():
-            for ip in addresses:
-                checks.append(f"getent -s dns ahostsv{ip.version} {shlex.quote(name)} | cut -d' ' -f1 | "
-                              f"grep -qx {ip} || echo \"name {name} (IPv{ip.version}: {ip})\"")
-        script = "\n".join([f"end=$(($(date +%s) + {int(timeout)}))", "while :; do",
-                             f"    missing=$({'; '.join(checks)})", '    [ -z "$missing" ] && exit 0',
-                             '    [ "$(date +%s)" -ge "$end" ] && { echo "$missing"; exit 1; }', "    sleep 0.2",
-                             "done"])
+        script = network_wait_script(ip6, names, timeout, also)
         result = self.ssh(script, timeout=timeout + 30)
         return [line for line in result.stdout.splitlines() if line.strip()] if result.returncode else []
 

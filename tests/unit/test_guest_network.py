@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from pytest_ostimages.guest.network import (FRESH_LEASES_MARK, GUEST_FUNCTIONS, LEASES_DIR, Addressing,
-                                            GuestNIC, leases_bound, move_to)
+                                            GuestNIC, leases_bound, move_to, network_wait_script)
 from pytest_ostimages.hypervisor.render import HostEntry
 
 IP = """#!/bin/sh
@@ -174,3 +175,20 @@ def test_forgetting_a_nic_never_stops_the_move(tmp_path: Path) -> None:
     done = subprocess.run(["sh", "-c", f"{GUEST_FUNCTIONS}\nset -e\nost_ifupdown_forget eth0\necho moved"],
                           env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "moved", done.stderr
+
+
+NAMES = {"engine": [ipaddress.IPv4Address("192.0.2.10"), ipaddress.IPv6Address("fd00::10")]}
+
+
+@pytest.mark.parametrize("getent, missing", [
+    ('case "$4" in engine) echo "${3#ahostsv}" | sed "s/^4$/192.0.2.10/; s/^6$/fd00::10/";; esac', []),
+    ("echo 192.0.2.99", ["name engine (IPv4: 192.0.2.10)", "name engine (IPv6: fd00::10)"]),
+    ("sleep 60", ["name engine (IPv4: 192.0.2.10)", "name engine (IPv6: fd00::10)"]),  # no resolver answers
+])
+def test_the_network_wait_ends_by_its_deadline_with_what_is_missing(tmp_path: Path, getent: str, missing) -> None:
+    env = stand_ins(tmp_path, getent=f"#!/bin/sh\n{getent}\n")
+    start = time.monotonic()
+    done = subprocess.run(["sh", "-c", network_wait_script(None, NAMES, 2)], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.stdout.splitlines() == missing and done.returncode == (1 if missing else 0), done
+    assert time.monotonic() - start < 6  # 2 s and the lookups under way then, which get the time left
