@@ -64,11 +64,25 @@ nm_wait=15
 ost_nm_up() {
     end=$(($(date +%s) + nm_wait))
     while [ "$(date +%s)" -lt "$end" ]; do
-        case "$(nmcli -g GENERAL.STATE device show "$1" 2>/dev/null)" in 100*) return 0 ;; esac
+        [ "$(ost_nm_state "$1")" = 100 ] && return 0
         sleep 0.2
     done
-    case "$(nmcli -g GENERAL.STATE device show "$1" 2>/dev/null)" in "10 "*|"") return 1 ;; esac  # unmanaged
+    case "$(ost_nm_state "$1")" in 10|"") return 1 ;; esac  # unmanaged
     nmcli --wait 30 device connect "$1" >/dev/null
+}
+# NetworkManager's state of device $1 (100 activated, 10 unmanaged; nothing if it does not know it),
+# asked over D-Bus with busctl: nmcli loads NetworkManager's every object first, 0.4 s of a TCG
+# guest's CPU a call (busctl: 0.08 s), taken from NetworkManager's own activation of the NIC
+ost_nm_state() {
+    if ! command -v busctl >/dev/null; then
+        nmcli -g GENERAL.STATE device show "$1" 2>/dev/null | cut -d" " -f1
+        return 0
+    fi
+    set -- "$(busctl --auto-start=no --timeout=5 call org.freedesktop.NetworkManager /org/freedesktop/NetworkManager \
+        org.freedesktop.NetworkManager GetDeviceByIpIface s "$1" 2>/dev/null | cut -d'"' -f2)"
+    [ -n "$1" ] || return 0
+    busctl --auto-start=no --timeout=5 get-property org.freedesktop.NetworkManager "$1" \
+        org.freedesktop.NetworkManager.Device State 2>/dev/null | cut -d" " -f2
 }
 # make ifupdown forget that NIC $1 is up without running its stanza's down commands: each one's
 # "dhclient -x" costs a second of guest CPU under TCG, and the clients were stopped already (any
@@ -80,7 +94,11 @@ ost_ifupdown_forget() {
     ! ifquery --state "$1" >/dev/null 2>&1 || ifdown --force "$1" >/dev/null 2>&1 || true
     pkill -x dhclient || true
 }
-if command -v nmcli >/dev/null && nmcli -t -f RUNNING general 2>/dev/null | grep -qx running; then nm=1; else nm=; fi"""
+if ! command -v nmcli >/dev/null; then nm=
+elif ! command -v busctl >/dev/null; then nmcli -t -f RUNNING general 2>/dev/null | grep -qx running && nm=1 || nm=
+else busctl --auto-start=no --timeout=5 get-property org.freedesktop.NetworkManager /org/freedesktop/NetworkManager \
+    org.freedesktop.NetworkManager Version >/dev/null 2>&1 && nm=1 || nm=
+fi"""
 
 
 @dataclass(frozen=True)

@@ -69,41 +69,60 @@ def test_only_the_management_nic_gets_the_default_route(management: bool) -> Non
 
 
 # NetworkManager autoconnects a new NIC's profile and flushes its addresses as it does: the
-# reserved addresses go on once it has activated the NIC, and nothing connects it again later
-NMCLI = """#!/bin/sh
-echo "$*" >>"{log}"
-case "$1 $2 $3 $4" in
-"-g GENERAL.STATE device show")
+# reserved addresses go on once it has activated the NIC, and nothing connects it again later.
+# Its device state is asked over D-Bus (busctl), nmcli only connects.
+BUSCTL = """#!/bin/sh
+echo "busctl $*" >>"{log}"
+case "$*" in
+*" Version") ;;  # NetworkManager runs
+*" GetDeviceByIpIface s enp2s0") echo 'o "/org/freedesktop/NetworkManager/Devices/3"' ;;
+*" get-property org.freedesktop.NetworkManager /org/freedesktop/NetworkManager/Devices/3 "*" State")
     n=$(cat "{count}" 2>/dev/null || echo 0); echo $((n + 1)) >"{count}"
-    if [ "$n" -ge {polls} ]; then echo "{final}"; else echo "30 (disconnected)"; fi
+    if [ "$n" -ge {polls} ]; then echo "u {final}"; else echo "u 30"; fi ;;
+*) echo "Call failed: No device found for the requested iface." >&2; exit 1 ;;
 esac
 """
+NMCLI = """#!/bin/sh
+echo "nmcli $*" >>"{log}"
+"""
+STATE = ("busctl --auto-start=no --timeout=5 get-property org.freedesktop.NetworkManager /org/freedesktop/NetworkManager/Devices/3 "
+         "org.freedesktop.NetworkManager.Device State")
 
 
-def nm_up(tmp_path: Path, polls: int, final: str = "100 (connected)", wait: int = 15) -> tuple[int, list[str]]:
-    log = tmp_path / "nmcli.log"
-    env = stand_ins(tmp_path, nmcli=NMCLI.format(log=log, count=tmp_path / "count", polls=polls, final=final))
-    done = subprocess.run(["sh", "-c", f'{GUEST_FUNCTIONS}\nnm_wait={wait}\nost_nm_up enp2s0'],
+def nm_up(tmp_path: Path, polls: int, final: int = 100, wait: int = 15, nic: str = "enp2s0") -> tuple[int, list[str]]:
+    log = tmp_path / "calls.log"
+    env = stand_ins(tmp_path, busctl=BUSCTL.format(log=log, count=tmp_path / "count", polls=polls, final=final),
+                    nmcli=NMCLI.format(log=log))
+    done = subprocess.run(["sh", "-c", f'{GUEST_FUNCTIONS}\nnm_wait={wait}\nost_nm_up {nic}'],
                           env=env, capture_output=True, text=True)
-    return done.returncode, [c for c in log.read_text().splitlines() if c != "-t -f RUNNING general"]
+    return done.returncode, [c for c in log.read_text().splitlines() if not c.endswith((" Version", f" s {nic}"))]
 
 
 def test_a_nic_networkmanager_activates_by_itself_is_not_connected_again(tmp_path: Path) -> None:
     code, calls = nm_up(tmp_path, polls=3)
     assert code == 0
-    assert calls == ["-g GENERAL.STATE device show enp2s0"] * 4  # waited for it, nothing else
+    assert calls == [STATE] * 4  # waited for it, nothing else
 
 
 def test_a_nic_networkmanager_leaves_alone_is_connected(tmp_path: Path) -> None:
     code, calls = nm_up(tmp_path, polls=10**6, wait=1)
     assert code == 0
-    assert calls[-1] == "--wait 30 device connect enp2s0"
+    assert calls[-1] == "nmcli --wait 30 device connect enp2s0"
 
 
-def test_a_nic_networkmanager_does_not_manage_is_ifupdowns(tmp_path: Path) -> None:
-    code, calls = nm_up(tmp_path, polls=0, final="10 (unmanaged)", wait=1)
+@pytest.mark.parametrize("nic", ["enp2s0", "enp9s0"])  # unmanaged; unknown to NetworkManager
+def test_a_nic_networkmanager_does_not_manage_is_ifupdowns(tmp_path: Path, nic: str) -> None:
+    code, calls = nm_up(tmp_path, polls=0, final=10, wait=1, nic=nic)
     assert code == 1
     assert not [call for call in calls if "connect" in call]
+
+
+@pytest.mark.parametrize("runs", [True, False])
+def test_networkmanager_moves_the_nics_where_it_runs(tmp_path: Path, runs: bool) -> None:
+    busctl = "#!/bin/sh\ncase \"$*\" in *\" Version\") exit %d ;; esac\nexit 1\n" % (0 if runs else 1)
+    env = stand_ins(tmp_path, busctl=busctl, nmcli="#!/bin/sh\nexit 0\n")
+    done = subprocess.run(["sh", "-c", f'{GUEST_FUNCTIONS}\necho "nm=$nm"'], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == ("nm=1" if runs else "nm=")
 
 
 def test_the_reserved_addresses_go_on_after_networkmanager_activated_the_nic() -> None:
