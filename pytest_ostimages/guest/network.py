@@ -1,4 +1,5 @@
-"""The guest side of a VM's networking: commands that move a restored guest to this session's networks.
+"""The guest side of a VM's networking: commands that move a restored guest to this session's networks,
+and the wait until a guest holds its addresses and resolves the session's names (network_wait_script).
 
 A restored guest wakes up with NICs that have new MACs (the old ones belonged to
 another session's networks). Each NIC is found by its MAC, never by a name: the
