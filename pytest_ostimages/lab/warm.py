@@ -326,9 +326,10 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memor
             dom.detachDeviceFlags(etree.tostring(old, encoding="unicode"), flags)
         attach_nics(dom, fresh.findall("devices/interface"), lambda mac: has_nic(dom, mac))
         step("new NICs")
-        now = time.time()
-        dom.setTime({"seconds": int(now), "nseconds": int(now % 1 * 1e9)}, 0)
-        guest_exec(dom, guest_setup)
+        # The guest's clock stopped at the save: it is set first thing in the same agent command, not
+        # with the agent's guest-set-time, which also writes the RTC with hwclock and so waits for a
+        # second's edge (the emulated RTC follows the host's clock anyway)
+        guest_exec(dom, f"date -u -s @{time.time():.6f} >/dev/null\n{guest_setup}")
         step("clock, addresses and identity")
     except (libvirt.libvirtError, KeyError, ValueError, WarmStartError) as exc:
         message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)

@@ -13,9 +13,14 @@ import pytest
 from .helpers import DISTRO, scratch_root
 
 SESSION = """
+    import time
+
+
     def test_vms(engine, host0):
         for vm, other in ((engine, host0), (host0, engine)):
             assert vm.ssh("hostname", check=True).stdout.strip() == vm.role
+            # a restored guest's clock stopped at the save: it is set again
+            assert abs(float(vm.ssh("date +%s.%N", check=True).stdout) - time.time()) < 3
             assert f"inet {vm.ip}/" in vm.ssh("ip -4 addr show eth0", check=True).stdout
             addresses6 = vm.ssh("ip -6 addr show eth0 scope global", check=True).stdout
             assert f"inet6 {vm.ip6}/" in addresses6 and addresses6.count("inet6 ") == 1  # the old lease is gone
