@@ -85,8 +85,8 @@ esac
 NMCLI = """#!/bin/sh
 echo "nmcli $*" >>"{log}"
 """
-STATE = ("busctl --auto-start=no --timeout=5 get-property org.freedesktop.NetworkManager /org/freedesktop/NetworkManager/Devices/3 "
-         "org.freedesktop.NetworkManager.Device State")
+STATE = ("busctl --auto-start=no --timeout=5 get-property org.freedesktop.NetworkManager "
+         "/org/freedesktop/NetworkManager/Devices/3 org.freedesktop.NetworkManager.Device State")
 
 
 def nm_up(tmp_path: Path, polls: int, final: int = 100, wait: int = 15, nic: str = "enp2s0") -> tuple[int, list[str]]:
