@@ -176,18 +176,36 @@ def leases_bound(nics: Sequence[GuestNIC]) -> str:
 def network_wait_script(ip6: Optional[ipaddress.IPv6Address],
                         names: dict[str, list["ipaddress.IPv4Address | ipaddress.IPv6Address"]],
                         timeout: float, also: Sequence[str] = ()) -> str:
-    """A guest script that waits up to `timeout` s until the guest holds `ip6` (if given), resolves
-    each of `names` over DNS (not /etc/hosts) to each of its addresses and passes the shell checks
-    `also` (each prints what it misses); it exits 1 printing what is still missing then. A lookup
-    gets only the time left: with no answer from a resolver, getent retries for up to 10 s each."""
+    """A guest script that waits up to `timeout` s until the guest holds `ip6` (if given) and passes the
+    shell checks `also` (each prints what it misses), then up to `timeout` s more until it has resolved
+    each of `names` over DNS (not /etc/hosts) to each of its addresses, once. It exits 1 printing what
+    is still missing then (a name with what the resolver answered). The names are looked up once the
+    other checks pass (the DHCP clients that rewrite the resolver are bound by then) and have a
+    deadline of their own: a guest slow to bind its leases is handed over late, not refused. A lookup
+    gets only the time left: with no answer from a resolver, getent retries for up to 10 s."""
     checks = ([f'ip -o addr show to {ip6} | grep -q . || echo "address {ip6}"'] if ip6 is not None else [])
     checks += also
+    lookups, numbers = [], []
     for name, addresses in names.items():
         for ip in addresses:
-            checks.append(f'timeout "$left" getent -s dns ahostsv{ip.version} {shlex.quote(name)} | cut -d" " -f1 | '
-                          f"grep -qx {ip} || echo \"name {name} (IPv{ip.version}: {ip})\"")
-    return "\n".join([f"end=$(($(date +%s) + {int(timeout)}))", "while :; do",
-                      '    left=$((end - $(date +%s))); [ "$left" -ge 1 ] || left=1',
-                      f"    missing=$({'; '.join(checks)})", '    [ -z "$missing" ] && exit 0',
-                      '    [ "$(date +%s)" -ge "$end" ] && { echo "$missing"; exit 1; }', "    sleep 0.2",
-                      "done"])
+            number = len(numbers)
+            numbers.append(str(number))
+            # what it answered, one line: every address it gave, or nothing
+            lookups.append(f'ost_name_{number}() {{ got=$(timeout "$left" getent -s dns ahostsv{ip.version} '
+                           f'{shlex.quote(name)} | cut -d" " -f1 | sort -u | tr "\\n" " "); '
+                           f'case " $got" in *" {ip} "*) return 0 ;; esac; '
+                           f'echo "name {name} (IPv{ip.version}: {ip}), answered: ${{got:-nothing}}"; return 1; }}')
+    tick = 'left=$((end - $(date +%s))); [ "$left" -ge 1 ] || left=1'
+    return "\n".join([
+        *lookups,
+        f"end=$(($(date +%s) + {int(timeout)}))", "while :; do",
+        f"    missing=$({'; '.join(checks) or ':'})", '    [ -z "$missing" ] && break',
+        '    [ "$(date +%s)" -ge "$end" ] && break', "    sleep 0.2", "done",
+        f"end=$(($(date +%s) + {int(timeout)})); pending='{' '.join(numbers)}'", "while :; do", f"    {tick}",
+        "    still=; unresolved=",
+        '    for n in $pending; do line=$(ost_name_$n) || { still="$still $n"; unresolved="$unresolved$line',
+        '"; }; done',
+        '    pending=$still; [ -z "$pending" ] && break',
+        '    [ "$(date +%s)" -ge "$end" ] && break', "    sleep 0.2", "done",
+        '[ -z "$missing$pending" ] && exit 0',
+        'printf "%s\\n%s" "$missing" "$unresolved"', "exit 1"])

@@ -226,11 +226,12 @@ class VM:
     def wait_for_network(self, ip6: Optional[ipaddress.IPv6Address],
                          names: dict[str, list["ipaddress.IPv4Address | ipaddress.IPv6Address"]],
                          timeout: float, also: Sequence[str] = ()) -> list[str]:
-        """Wait up to `timeout` s until the guest holds `ip6` (if given), resolves each of `names` over
-        DNS (not /etc/hosts) to each of its addresses and passes the shell checks `also` (each prints
-        what it misses); what is still missing then ([] when nothing)."""
+        """Wait up to `timeout` s until the guest holds `ip6` (if given) and passes the shell checks
+        `also` (each prints what it misses), then up to `timeout` s more until it resolves each of
+        `names` over DNS (not /etc/hosts) to each of its addresses; what is still missing then ([] when
+        nothing)."""
         script = network_wait_script(ip6, names, timeout, also)
-        result = self.ssh(script, timeout=timeout + 30)
+        result = self.ssh(script, timeout=2 * timeout + 30)
         return [line for line in result.stdout.splitlines() if line.strip()] if result.returncode else []
 
     def pin_offered_key(self) -> None:

@@ -82,12 +82,12 @@ class BootPlan:
 
 def wait_for_network(vm: VM, own: HostEntry, names: Sequence[HostEntry], restored: bool,
                      progress: Callable[[str], None]) -> None:
-    """Until the VM has its IPv6 address, resolves the session's names over DNS (`names`: the
-    management network's, its own `own` among them) and, restored, its fresh DHCP leases are
-    bound; for at most NETWORK_WAIT s. A VM that does not resolve them is not handed over (its DHCP
-    clients set its resolver in the background after SSH answers: a test would race them); one
-    without its DHCPv6 address or its fresh leases is, with a word (an image without DHCPv6 by
-    DUID-LL works over IPv4)."""
+    """Until the VM has its IPv6 address and, restored, its fresh DHCP leases are bound, for at most
+    NETWORK_WAIT s; then until it resolves the session's names over DNS (`names`: the management
+    network's, its own `own` among them), for at most NETWORK_WAIT s more. A VM that does not resolve
+    them is not handed over (its DHCP clients set its resolver in the background after SSH answers: a
+    test would race them); one without its DHCPv6 address or its fresh leases is, with a word (an
+    image without DHCPv6 by DUID-LL works over IPv4)."""
     wanted = {name: own.addresses for name in (own.name, vm.hostname)}
     wanted.update({entry.name: entry.addresses for entry in names if entry.name != own.name})
     missing = vm.wait_for_network(own.ip6 if vm.ip != own.ip6 else None, wanted, NETWORK_WAIT,
@@ -96,7 +96,7 @@ def wait_for_network(vm: VM, own: HostEntry, names: Sequence[HostEntry], restore
     if unresolved:
         raise BootError(vm.describe_failure(
             f"does not resolve the session's names over DNS within {NETWORK_WAIT:.0f} s ({'; '.join(unresolved)}): "
-            f"its resolver is not the session network's. The guest's /etc/resolv.conf:\n"
+            f"its resolver should be the session network's. The guest's /etc/resolv.conf:\n"
             f"{vm.diagnostic('cat /etc/resolv.conf')}", hint=False))
     if any(line.startswith("address ") for line in missing):
         progress(f"{vm.role}: no IPv6 address {own.ip6} within {NETWORK_WAIT:.0f} s: does the image "

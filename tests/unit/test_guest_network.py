@@ -197,17 +197,52 @@ def test_forgetting_a_nic_never_stops_the_move(tmp_path: Path) -> None:
 
 
 NAMES = {"engine": [ipaddress.IPv4Address("192.0.2.10"), ipaddress.IPv6Address("fd00::10")]}
+RESOLVES = 'case "$4" in engine) echo "${3#ahostsv}" | sed "s/^4$/192.0.2.10/; s/^6$/fd00::10/";; esac'
+
+
+def wait(tmp_path: Path, timeout: float = 2, also: tuple[str, ...] = (), **tools: str
+         ) -> tuple[subprocess.CompletedProcess, float]:
+    env = stand_ins(tmp_path, **{name: f"#!/bin/sh\n{text}\n" for name, text in tools.items()})
+    start = time.monotonic()
+    done = subprocess.run(["sh", "-c", network_wait_script(None, NAMES, timeout, also)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    return done, time.monotonic() - start
 
 
 @pytest.mark.parametrize("getent, missing", [
-    ('case "$4" in engine) echo "${3#ahostsv}" | sed "s/^4$/192.0.2.10/; s/^6$/fd00::10/";; esac', []),
-    ("echo 192.0.2.99", ["name engine (IPv4: 192.0.2.10)", "name engine (IPv6: fd00::10)"]),
-    ("sleep 60", ["name engine (IPv4: 192.0.2.10)", "name engine (IPv6: fd00::10)"]),  # no resolver answers
+    (RESOLVES, []),
+    ("echo 192.0.2.99 STREAM engine", ["name engine (IPv4: 192.0.2.10), answered: 192.0.2.99",
+                                       "name engine (IPv6: fd00::10), answered: 192.0.2.99"]),
+    ("sleep 60", ["name engine (IPv4: 192.0.2.10), answered: nothing",  # no resolver answers
+                  "name engine (IPv6: fd00::10), answered: nothing"]),
 ])
 def test_the_network_wait_ends_by_its_deadline_with_what_is_missing(tmp_path: Path, getent: str, missing) -> None:
-    env = stand_ins(tmp_path, getent=f"#!/bin/sh\n{getent}\n")
-    start = time.monotonic()
-    done = subprocess.run(["sh", "-c", network_wait_script(None, NAMES, 2)], env=env, capture_output=True,
-                          text=True, timeout=30)
-    assert done.stdout.splitlines() == missing and done.returncode == (1 if missing else 0), done
-    assert time.monotonic() - start < 6  # 2 s and the lookups under way then, which get the time left
+    done, seconds = wait(tmp_path, getent=getent)
+    assert [line.strip() for line in done.stdout.splitlines() if line.strip()] == missing, done
+    assert done.returncode == (1 if missing else 0), done
+    assert seconds < 6  # 2 s and the lookups under way then, which get the time left
+
+
+def test_names_are_looked_up_once_the_leases_are_bound_with_time_of_their_own(tmp_path: Path) -> None:
+    """A restored guest whose DHCP clients bind late (here: at the end of the first deadline) is still
+    handed over: its names get a deadline of their own, and are not looked up before."""
+    bound = tmp_path / "bound"
+    late = f"[ -e {bound} ] || {{ echo 'fresh DHCP leases'; [ -e {tmp_path}/n ] && touch {bound}; touch {tmp_path}/n; }}"
+    lookups = tmp_path / "lookups"
+    getent = f'echo "$4" >>{lookups}\n[ -e {bound} ] || exit 2\n{RESOLVES}'
+    done, _ = wait(tmp_path, timeout=1, also=(late,), getent=getent)
+    assert done.returncode == 0 and done.stdout == "", done
+    assert lookups.read_text().split() == ["engine", "engine"]  # each address once, after the leases
+
+
+def test_a_name_resolved_once_is_not_asked_again(tmp_path: Path) -> None:
+    """A lookup that fails now and then (a lost answer) does not keep a guest waiting for a round in
+    which every name answers at once."""
+    count = tmp_path / "count"
+    # the IPv4 lookup answers only the first time, the IPv6 one only from the second time on
+    getent = (f'n=$(cat {count}.$3 2>/dev/null || echo 0); echo $((n + 1)) >{count}.$3\n'
+              f'[ "$3" = ahostsv4 ] && [ "$n" -gt 0 ] && exit 2\n[ "$3" = ahostsv6 ] && [ "$n" -eq 0 ] && exit 2\n'
+              f'{RESOLVES}')
+    done, _ = wait(tmp_path, timeout=5, getent=getent)
+    assert done.returncode == 0, done
+    assert (tmp_path / "count.ahostsv4").read_text().strip() == "1"
