@@ -63,24 +63,31 @@ ost_address() {
 # $nm_wait s; fails (ifupdown's then) if NetworkManager does not manage it
 nm_wait=15
 ost_nm_up() {
-    end=$(($(date +%s) + nm_wait))
+    end=$(($(date +%s) + nm_wait)); path=
     while [ "$(date +%s)" -lt "$end" ]; do
-        [ "$(ost_nm_state "$1")" = 100 ] && return 0
+        [ -n "$path" ] || path=$(ost_nm_path "$1")  # once NetworkManager knows the NIC, it keeps its path
+        [ "$(ost_nm_state "$1" "$path")" = 100 ] && return 0
         sleep 0.2
     done
-    case "$(ost_nm_state "$1")" in 10|"") return 1 ;; esac  # unmanaged
+    case "$(ost_nm_state "$1" "$path")" in 10|"") return 1 ;; esac  # unmanaged
     nmcli --wait 30 device connect "$1" >/dev/null
 }
-# NetworkManager's state of device $1 (100 activated, 10 unmanaged; nothing if it does not know it),
-# asked over D-Bus with busctl: nmcli loads NetworkManager's every object first, 0.4 s of a TCG
-# guest's CPU a call (busctl: 0.08 s), taken from NetworkManager's own activation of the NIC
+# NetworkManager's D-Bus object of NIC $1 (nothing if it does not know it, or there is no busctl)
+ost_nm_path() {
+    command -v busctl >/dev/null || return 0
+    busctl --auto-start=no --timeout=5 call org.freedesktop.NetworkManager /org/freedesktop/NetworkManager \
+        org.freedesktop.NetworkManager GetDeviceByIpIface s "$1" 2>/dev/null | cut -d'"' -f2
+}
+# NetworkManager's state of NIC $1 (100 activated, 10 unmanaged; nothing if it does not know it),
+# asked over D-Bus with busctl, at its object $2 if known: nmcli loads NetworkManager's every object
+# first, 0.4 s of a TCG guest's CPU a call (busctl: 0.08 s), taken from NetworkManager's own
+# activation of the NIC
 ost_nm_state() {
     if ! command -v busctl >/dev/null; then
         nmcli -g GENERAL.STATE device show "$1" 2>/dev/null | cut -d" " -f1
         return 0
     fi
-    set -- "$(busctl --auto-start=no --timeout=5 call org.freedesktop.NetworkManager /org/freedesktop/NetworkManager \
-        org.freedesktop.NetworkManager GetDeviceByIpIface s "$1" 2>/dev/null | cut -d'"' -f2)"
+    set -- "${2:-$(ost_nm_path "$1")}"
     [ -n "$1" ] || return 0
     busctl --auto-start=no --timeout=5 get-property org.freedesktop.NetworkManager "$1" \
         org.freedesktop.NetworkManager.Device State 2>/dev/null | cut -d" " -f2

@@ -104,6 +104,13 @@ def test_a_nic_networkmanager_activates_by_itself_is_not_connected_again(tmp_pat
     assert calls == [STATE] * 4  # waited for it, nothing else
 
 
+def test_the_nics_object_is_looked_up_once_while_it_is_awaited(tmp_path: Path) -> None:
+    """Each busctl call costs a TCG guest CPU: the NIC's D-Bus object does not change while it activates."""
+    code, _ = nm_up(tmp_path, polls=3)
+    lookups = [c for c in (tmp_path / "calls.log").read_text().splitlines() if c.endswith(" s enp2s0")]
+    assert code == 0 and len(lookups) == 1, lookups
+
+
 def test_a_nic_networkmanager_leaves_alone_is_connected(tmp_path: Path) -> None:
     code, calls = nm_up(tmp_path, polls=10**6, wait=1)
     assert code == 0
