@@ -79,17 +79,16 @@ ost_nm_path() {
         org.freedesktop.NetworkManager GetDeviceByIpIface s "$1" 2>/dev/null | cut -d'"' -f2
 }
 # NetworkManager's state of NIC $1 (100 activated, 10 unmanaged; nothing if it does not know it),
-# asked over D-Bus with busctl, at its object $2 if known: nmcli loads NetworkManager's every object
-# first, 0.4 s of a TCG guest's CPU a call (busctl: 0.08 s), taken from NetworkManager's own
-# activation of the NIC
+# asked over D-Bus with busctl at its object $2 (ost_nm_path's; empty: not known yet): nmcli loads
+# NetworkManager's every object first, 0.4 s of a TCG guest's CPU a call (busctl: 0.08 s), taken
+# from NetworkManager's own activation of the NIC
 ost_nm_state() {
     if ! command -v busctl >/dev/null; then
         nmcli -g GENERAL.STATE device show "$1" 2>/dev/null | cut -d" " -f1
         return 0
     fi
-    set -- "${2:-$(ost_nm_path "$1")}"
-    [ -n "$1" ] || return 0
-    busctl --auto-start=no --timeout=5 get-property org.freedesktop.NetworkManager "$1" \
+    [ -n "$2" ] || return 0
+    busctl --auto-start=no --timeout=5 get-property org.freedesktop.NetworkManager "$2" \
         org.freedesktop.NetworkManager.Device State 2>/dev/null | cut -d" " -f2
 }
 # make ifupdown forget that NIC $1 is up without running its stanza's down commands: each one's
@@ -193,22 +192,22 @@ def network_wait_script(ip6: Optional[ipaddress.IPv6Address],
     checks = ([f'ip -o addr show to {ip6} | grep -q . || echo "address {ip6}"'] if ip6 is not None else [])
     checks += also
     lookups, numbers = [], []
+    left = 'left=$((end - $(date +%s))); [ "$left" -ge 1 ] || left=1'  # each lookup: the time left when it starts
     for name, addresses in names.items():
         for ip in addresses:
             number = len(numbers)
             numbers.append(str(number))
             # what it answered, one line: every address it gave, or nothing
-            lookups.append(f'ost_name_{number}() {{ got=$(timeout "$left" getent -s dns ahostsv{ip.version} '
+            lookups.append(f'ost_name_{number}() {{ {left}; got=$(timeout "$left" getent -s dns ahostsv{ip.version} '
                            f'{shlex.quote(name)} | cut -d" " -f1 | sort -u | tr "\\n" " "); '
                            f'case " $got" in *" {ip} "*) return 0 ;; esac; '
-                           f'echo "name {name} (IPv{ip.version}: {ip}), answered: ${{got:-nothing}}"; return 1; }}')
-    tick = 'left=$((end - $(date +%s))); [ "$left" -ge 1 ] || left=1'
+                           f'got=${{got% }}; echo "name {name} (IPv{ip.version}: {ip}), answered: ${{got:-nothing}}"; return 1; }}')
     return "\n".join([
         *lookups,
         f"end=$(($(date +%s) + {int(timeout)}))", "while :; do",
         f"    missing=$({'; '.join(checks) or ':'})", '    [ -z "$missing" ] && break',
         '    [ "$(date +%s)" -ge "$end" ] && break', "    sleep 0.2", "done",
-        f"end=$(($(date +%s) + {int(timeout)})); pending='{' '.join(numbers)}'", "while :; do", f"    {tick}",
+        f"end=$(($(date +%s) + {int(timeout)})); pending='{' '.join(numbers)}'", "while :; do",
         "    still=; unresolved=",
         '    for n in $pending; do line=$(ost_name_$n) || { still="$still $n"; unresolved="$unresolved$line',
         '"; }; done',

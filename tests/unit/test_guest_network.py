@@ -230,6 +230,18 @@ def test_the_network_wait_ends_by_its_deadline_with_what_is_missing(tmp_path: Pa
     assert seconds < 6  # 2 s and the lookups under way then, which get the time left
 
 
+def test_each_lookup_gets_the_time_left_when_it_starts(tmp_path: Path) -> None:
+    """Six lookups of which none answers, 2 s to go: the first has the 2 s, each later one the
+    least a lookup gets (1 s), not the 2 s the round started with (12 s in all)."""
+    names = {name: NAMES["engine"] for name in ("engine", "host-0", "host-1")}
+    env = stand_ins(tmp_path, getent="#!/bin/sh\nsleep 60\n")
+    start = time.monotonic()
+    done = subprocess.run(["sh", "-c", network_wait_script(None, names, 2)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout.count("answered: nothing") == 6, done
+    assert time.monotonic() - start < 9
+
+
 def test_names_are_looked_up_once_the_leases_are_bound_with_time_of_their_own(tmp_path: Path) -> None:
     """A restored guest whose DHCP clients bind late (here: at the end of the first deadline) is still
     handed over: its names get a deadline of their own, and are not looked up before."""
