@@ -8,9 +8,12 @@ import ipaddress
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -100,19 +103,91 @@ def workdirs() -> set[str]:
     return {p.parent.name for p in WORKDIR.glob("*/owner.json")}
 
 
+# pid 1 of a PidNamespace: it reaps the orphans of the sessions killed in there (a zombie would pass
+# for a live process), SIGCHLD blocked so that none is missed between two waits
+_INIT = """
+import os, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+while True:
+    try:
+        os.waitpid(-1, 0)
+    except ChildProcessError:
+        signal.sigtimedwait({signal.SIGCHLD}, 1)
+"""
+
+
+@dataclass(frozen=True)
+class PidNamespace:
+    """A pid namespace of a test's own, with its own /proc, as a container has one.
+
+    A session judges the objects of a session in another pid namespace alive, whatever became of
+    it (it cannot see that process): so the leftovers of a session killed in here are reaped by the
+    next session in here only, never by another xdist worker's sessions, and a test that kills
+    sessions need not run alone. The sessions it kills and the ones that must reap after them
+    (and the bystanders whose liveness counts) all run in the same one: `command`.
+    """
+
+    init: int  # its pid 1, as this process sees it
+
+    def command(self, argv: list[str], cwd: "os.PathLike[str] | str") -> list[str]:
+        """`argv` run in this namespace (and its mount namespace: its /proc), in folder `cwd`."""
+        return ["nsenter", f"--target={self.init}", "--pid", "--mount", f"--wd={cwd}", "--", *argv]
+
+    def pytest(self, cwd: "os.PathLike[str] | str", *args: str) -> list[str]:
+        return self.command([sys.executable, "-m", "pytest", *args], cwd)
+
+    @staticmethod
+    def kill(proc: "subprocess.Popen[str]") -> None:
+        """SIGKILL what `proc`, an nsenter of `command`, runs (nsenter itself cannot pass SIGKILL on;
+        it exits as its command did)."""
+        [child] = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.kill(int(child), signal.SIGKILL)
+
+
 @contextlib.contextmanager
-def scratch_root(prefix: str) -> Iterator[Path]:
+def pid_namespace() -> Iterator[PidNamespace]:
+    """A PidNamespace for the block; everything still running in it is killed after (needs root)."""
+    unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "slave",
+                                "--kill-child", sys.executable, "-c", _INIT], stdin=subprocess.DEVNULL)
+    mine = os.readlink("/proc/self/ns/pid")
+    init = None
+    try:
+        for _ in range(200):  # its child, once it runs _INIT (it mounts /proc in there first)
+            try:
+                child = int(Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()[0])
+                if os.readlink(f"/proc/{child}/ns/pid") != mine and \
+                        Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0] == os.fsencode(sys.executable):
+                    init = child
+                    break
+            except (OSError, IndexError, ValueError):
+                pass
+            assert unshare.poll() is None, f"unshare exited with {unshare.returncode}"
+            time.sleep(0.05)
+        assert init is not None, "the pid namespace's init did not start within 10 s"
+        yield PidNamespace(init)
+    finally:
+        if init is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(init, signal.SIGKILL)  # and with it everything in the namespace
+        unshare.kill()
+        unshare.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def scratch_root(prefix: str, pidns: Optional[PidNamespace] = None) -> Iterator[Path]:
     """A work directory root of a test's own under /var/tmp (where qemu's user reaches; under xdist in
     the worker's area), removed after, with what its runs left running (a test that failed half-way
-    may leave kept VMs there: without their work root they would be any later session's leftovers)."""
+    may leave kept VMs there: without their work root they would be any later session's leftovers).
+    Its sessions run in `pidns`: so does the clean-up (to it, theirs are a live container's)."""
     root = Path(tempfile.mkdtemp(prefix=prefix, dir=AREA or "/var/tmp"))
     root.chmod(0o755)
     try:
         yield root
     finally:
-        subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", "/dev/null", "--rootdir=/",
-                        f"--ost-workdir={root}", "--ost-cleanup"], capture_output=True, stdin=subprocess.DEVNULL,
-                       timeout=300)
+        cleanup = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", "/dev/null", "--rootdir=/",
+                   f"--ost-workdir={root}", "--ost-cleanup"]
+        subprocess.run(pidns.command(cleanup, "/") if pidns else cleanup, capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=300)
         shutil.rmtree(root, ignore_errors=True)
 
 

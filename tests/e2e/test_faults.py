@@ -4,6 +4,9 @@ and nothing foreign is touched meanwhile (pytest_ostimages/faults.py names the s
 Beside every killed session stand: a domain and a network of the user's (no label), an
 environment kept by --ost-reuse under another work root, and a live session of a third
 work root, booted and waiting. All of them must come out as they went in.
+
+All of them run in a pid namespace of the module's own: to every other session on the host (another
+xdist worker's) the killed sessions' leftovers are then a live container's, never theirs to reap.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +25,20 @@ import pytest
 from pytest_ostimages import faults
 from pytest_ostimages.state.kept import KEPT_FILE
 
-from .helpers import INNER, LIBVIRT_URI, RESTORABLE, libvirt_objects, read_until, scratch_root, users_own_objects
+from .helpers import (INNER, LIBVIRT_URI, RESTORABLE, PidNamespace, libvirt_objects, pid_namespace, read_until,
+                      scratch_root, users_own_objects)
 
 VM_TEST = "def test_vm(ost_vm):\n    assert ost_vm.ssh('true').returncode == 0\n"
 VM = ["--ost-image=engine-installed"]  # the bystanders and the sessions killed after boot: restorable
-# the killed sessions' leftovers are the next session's to reap, not another xdist worker's
-pytestmark = pytest.mark.exclusive
+pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="runs its sessions in a pid namespace of its own (needs root)")
 NEXT_SESSION = "def test_net(ost_network):\n    pass\n"  # its reaper runs before it makes its network
 
 
-def session(folder: Path, root: Path, *args: str, env: dict[str, str] | None = None,
+def session(pidns: PidNamespace, folder: Path, root: Path, *args: str, env: dict[str, str] | None = None,
             test: str = VM_TEST) -> subprocess.CompletedProcess:
     (folder / "test_it.py").write_text(test)
-    return subprocess.run([sys.executable, "-m", "pytest", *INNER, "-s", f"--ost-workdir={root}", *args, "test_it.py"],
-                          cwd=folder, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    return subprocess.run(pidns.pytest(folder, *INNER, "-s", f"--ost-workdir={root}", *args, "test_it.py"),
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           env={**os.environ, **(env or {})}, timeout=900)
 
 
@@ -60,15 +62,21 @@ class Bystanders:
 
 
 @pytest.fixture(scope="module")
-def bystanders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bystanders]:
+def pidns() -> Iterator[PidNamespace]:
+    with pid_namespace() as namespace:
+        yield namespace
+
+
+@pytest.fixture(scope="module")
+def bystanders(pidns: PidNamespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bystanders]:
     already = libvirt_objects()  # the outer session's own VMs, for one
     folder = tmp_path_factory.mktemp("bystanders")
     release = folder / "release"
-    with users_own_objects() as foreign, scratch_root("ost-faults-") as kept_root, \
-            scratch_root("ost-faults-") as live_root:
+    with users_own_objects() as foreign, scratch_root("ost-faults-", pidns) as kept_root, \
+            scratch_root("ost-faults-", pidns) as live_root:
         live = None
         try:
-            kept = session(folder, kept_root, *VM, *RESTORABLE, "--ost-reuse")
+            kept = session(pidns, folder, kept_root, *VM, *RESTORABLE, "--ost-reuse")
             assert kept.returncode == 0 and "keeping 1 VMs" in kept.stdout, kept.stdout + kept.stderr
             (folder / "live").mkdir()
             (folder / "live" / "test_live.py").write_text(textwrap.dedent(f"""
@@ -80,8 +88,8 @@ def bystanders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bystanders]
                     while not Path({str(release)!r}).exists():
                         time.sleep(0.5)
             """))
-            live = subprocess.Popen([sys.executable, "-m", "pytest", *INNER, *RESTORABLE, "-s",
-                                     f"--ost-workdir={live_root}", *VM, "test_live.py"], cwd=folder / "live",
+            live = subprocess.Popen(pidns.pytest(folder / "live", *INNER, *RESTORABLE, "-s",
+                                                 f"--ost-workdir={live_root}", *VM, "test_live.py"),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     stdin=subprocess.DEVNULL)
             read_until(live, "LIVE-READY")
@@ -92,7 +100,7 @@ def bystanders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bystanders]
             release.touch()
             if live is not None:
                 assert live.wait(timeout=300) == 0, live.stdout.read() if live.stdout else ""
-            cleanup = session(folder, kept_root, "--ost-cleanup")
+            cleanup = session(pidns, folder, kept_root, "--ost-cleanup")
             assert cleanup.returncode == 0, cleanup.stdout
 
 
@@ -113,18 +121,19 @@ def step_args(step: str, folder: Path, root: Path) -> tuple[list[str], str]:
 
 
 @pytest.mark.parametrize("step", faults.STEPS)
-def test_a_session_killed_at_a_step_leaves_nothing(step: str, bystanders: Bystanders, tmp_path: Path) -> None:
-    with scratch_root("ost-faults-") as root:
+def test_a_session_killed_at_a_step_leaves_nothing(step: str, pidns: PidNamespace, bystanders: Bystanders,
+                                                   tmp_path: Path) -> None:
+    with scratch_root("ost-faults-", pidns) as root:
         before = bystanders.state()
         args, test = step_args(step, tmp_path, root)
         if step == "adopt":  # something kept in this root, to adopt
-            kept = session(tmp_path, root, *args, test=test)
+            kept = session(pidns, tmp_path, root, *args, test=test)
             assert "keeping 1 VMs" in kept.stdout, kept.stdout + kept.stderr
-        killed = session(tmp_path, root, *args, test=test, env={faults.VARIABLE: step})
+        killed = session(pidns, tmp_path, root, *args, test=test, env={faults.VARIABLE: step})
         assert killed.returncode == -signal.SIGKILL, f"never reached {step}:\n{killed.stdout}{killed.stderr}"
         assert libvirt_objects() != before[2] or step == "warm-save" or list(root.iterdir()), "it left nothing to reap"
 
-        reaper = session(tmp_path, root, test=NEXT_SESSION)
+        reaper = session(pidns, tmp_path, root, test=NEXT_SESSION)
         assert reaper.returncode == 0, reaper.stdout + reaper.stderr
         assert bystanders.state() == before  # the foreign, kept and live ones as they were; nothing of ours left
         assert sorted(p.name for p in root.iterdir()) in ([], ["warm"]), list(root.rglob("*"))

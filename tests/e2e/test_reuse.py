@@ -4,14 +4,14 @@ leaves nothing the reaper cannot take."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from .helpers import DISTRO, INNER, libvirt_objects, read_until
+from .helpers import DISTRO, INNER, libvirt_objects, pid_namespace, read_until
 
 
 def boot_id(result: pytest.RunResult) -> str:
@@ -37,7 +37,7 @@ TESTS = """
 """
 
 
-@pytest.mark.exclusive  # a session killed at its end: its leftovers are the next session's to reap
+@pytest.mark.skipif(os.getuid() != 0, reason="kills a session in a pid namespace of its own (needs root)")
 def test_reuse_skips_the_boot_until_something_changes(pytester: pytest.Pytester, unchanged: None,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     pytester.makepyfile(TESTS)
@@ -64,19 +64,21 @@ def test_reuse_skips_the_boot_until_something_changes(pytester: pytest.Pytester,
                                   f"*vm: booting {DISTRO}-base*640 MiB*"])
     assert boot_id(changed) != boot_id(first)
 
-    # a reusing session killed with SIGKILL: its VMs are the next session's leftovers
+    # a reusing session killed with SIGKILL: its VMs are the next session's leftovers (both sessions
+    # in a pid namespace of their own: to any other session, such as another xdist worker's, they
+    # are a live container's)
     pytester.makepyfile(test_sleep="def test_sleep(ost_vm, clean_vm):\n    __import__('time').sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "--ost-reuse", "test_sleep.py", *args,
-                             "--ost-memory=640"], cwd=pytester.path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    seen = read_until(proc, "reusing the VMs kept by an earlier run", forbidden="booting")
-    time.sleep(1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, seen
-    left = libvirt_objects()
-    assert any(o.startswith("domain") for o in left)
-    pytester.makepyfile(test_sleep="def test_net(ost_network):\n    pass\n")
-    after = pytester.runpytest_subprocess("test_sleep.py", *INNER)
+    with pid_namespace() as pidns:
+        proc = subprocess.Popen(pidns.pytest(pytester.path, "--ost-reuse", "test_sleep.py", *args, "--ost-memory=640"),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        seen = read_until(proc, "reusing the VMs kept by an earlier run", forbidden="booting")
+        time.sleep(1)
+        pidns.kill(proc)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, seen
+        left = libvirt_objects()
+        assert any(o.startswith("domain") for o in left)
+        pytester.makepyfile(test_sleep="def test_net(ost_network):\n    pass\n")
+        after = pytester.run(*pidns.pytest(pytester.path, "test_sleep.py", *INNER))
     after.assert_outcomes(passed=1)
     after.stdout.fnmatch_lines(["*removed leftover domain ost-*-vm *", "*removed leftover network ost-*"])

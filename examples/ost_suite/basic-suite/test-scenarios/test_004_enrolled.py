@@ -4,7 +4,7 @@ whether the fixture ran now or its saved state was restored."""
 
 def test_engine_reaches_every_enrolled_host_with_its_key(hosts_enrolled, ansible_engine):
     for host in hosts_enrolled["hosts"]:  # by name, against the host key the engine pinned
-        name = ansible_engine.shell(f"ssh -i /root/.ssh/engine_id_rsa -o StrictHostKeyChecking=yes "
+        name = ansible_engine.shell(f"ssh -i /root/.ssh/engine_id_ed25519 -o StrictHostKeyChecking=yes "
                                     f"-o BatchMode=yes {host} hostname")["stdout"]
         assert name == host
 
