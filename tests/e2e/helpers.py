@@ -12,12 +12,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from pytest_ostimages.config import default_workdir
+from pytest_ostimages.waiting import poll
 
 if TYPE_CHECKING:
     import libvirt
@@ -140,8 +140,15 @@ class PidNamespace:
     def kill(proc: "subprocess.Popen[str]") -> None:
         """SIGKILL what `proc`, an nsenter of `command`, runs (nsenter itself cannot pass SIGKILL on;
         it exits as its command did)."""
-        [child] = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        os.kill(int(child), signal.SIGKILL)
+        child = _child(proc.pid)
+        assert child is not None, "nsenter has not started its command"
+        os.kill(child, signal.SIGKILL)
+
+
+def _child(pid: int) -> Optional[int]:
+    """The first child of process `pid` (None: none yet)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(children[0]) if children else None
 
 
 @contextlib.contextmanager
@@ -149,20 +156,18 @@ def pid_namespace() -> Iterator[PidNamespace]:
     """A PidNamespace for the block; everything still running in it is killed after (needs root)."""
     unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "slave",
                                 "--kill-child", sys.executable, "-c", _INIT], stdin=subprocess.DEVNULL)
-    mine = os.readlink("/proc/self/ns/pid")
+
+    def started() -> Optional[int]:
+        """unshare's child (pid 1 in there), once it runs _INIT: it mounts /proc in there first."""
+        assert unshare.poll() is None, f"unshare exited with {unshare.returncode}"
+        child = _child(unshare.pid)
+        if child is None or Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0] != os.fsencode(sys.executable):
+            return None
+        return child
+
     init = None
     try:
-        for _ in range(200):  # its child, once it runs _INIT (it mounts /proc in there first)
-            try:
-                child = int(Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()[0])
-                if os.readlink(f"/proc/{child}/ns/pid") != mine and \
-                        Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0] == os.fsencode(sys.executable):
-                    init = child
-                    break
-            except (OSError, IndexError, ValueError):
-                pass
-            assert unshare.poll() is None, f"unshare exited with {unshare.returncode}"
-            time.sleep(0.05)
+        init = poll(started, 10, 0.05, retry_on=(OSError,))
         assert init is not None, "the pid namespace's init did not start within 10 s"
         yield PidNamespace(init)
     finally:
