@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import shlex
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..hypervisor.render import HostEntry
 
@@ -167,6 +167,20 @@ def move_to(nics: Sequence[GuestNIC]) -> tuple[str, str]:
                  f"touch {FRESH_LEASES_MARK}")
     fresh = "(\n{}\n) </dev/null >/dev/null 2>&1 &".format("\n".join(later))
     return "\n".join(now), fresh
+
+
+def restore_script(nics: Sequence[GuestNIC], identity: str = "") -> Callable[[bool], str]:
+    """What a restored guest runs through its agent (lab/warm.py), `identity` (identity.py) included,
+    given whether it kept its NICs: with the saved MACs, and so the saved addresses, its leases are
+    this network's (FRESH_LEASES_BOUND holds at once); else it moves to its reserved ones (move_to)."""
+
+    def script(kept: bool) -> str:
+        if kept:
+            return "\n".join([f"rm -f {FRESH_LEASES_MARK}", identity, f"touch {FRESH_LEASES_MARK}"])
+        addresses, fresh_leases = move_to(nics)
+        return f"{addresses}\n{identity}\n{fresh_leases}"
+
+    return script
 
 
 def leases_bound(nics: Sequence[GuestNIC]) -> str:

@@ -138,15 +138,22 @@ def network_xml(
     subnet6: Optional[ipaddress.IPv6Network] = None,
     dns: bool = True,
     ost: Optional[OstMetadata] = None,
+    bridge_mac: Optional[str] = None,
 ) -> str:
     """`subnet` and/or `subnet6` (a /64): the network's IPv4 and IPv6 address ranges.
 
     Each host gets a DHCP reservation per family (DHCPv6 keyed on the DUID-LL of
-    its MAC); with `dns` (the management network) also A and AAAA records.
+    its MAC); with `dns` (the management network) also A and AAAA records. Leases
+    never expire (unless the template's ranges say otherwise), and `bridge_mac` is
+    the host's own MAC on it: a guest saved on a network of the same addresses and
+    restored on this one finds the leases, neighbours and router it knew still
+    valid (lab/warm.py keeps its NICs then).
     """
     root = copy.deepcopy(template)
     _child(root, "name").text = name
     _child(root, "bridge").set("name", bridge)
+    if bridge_mac is not None:
+        _child(root, "mac").set("address", bridge_mac)
     _set_metadata(root, label, ost)
     _child(root, "domain").set("name", domain)
     _dnsmasq_option(root, "no-hosts")  # the guests resolve the session's names, not the host's /etc/hosts
@@ -207,6 +214,8 @@ def _ip(root: etree._Element, template: etree._Element, subnet: ipaddress._BaseN
     dynamic = _child(dhcp, "range")
     dynamic.set("start", str(rng[0]))
     dynamic.set("end", str(rng[1]))
+    if dynamic.find("lease") is None:  # the reservations' too: a restored guest's clock jumps ahead
+        etree.SubElement(dynamic, "lease", expiry="0")
     return dhcp
 
 

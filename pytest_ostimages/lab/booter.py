@@ -20,7 +20,7 @@ from ..errors import BootError, WarmStartError
 from ..guest.agent import wait_for_agent
 from ..guest.identity import fixup_script
 from ..guest.keys import HostKey, fingerprint, public_key
-from ..guest.network import FRESH_LEASES_BOUND, GuestNIC, move_to
+from ..guest.network import FRESH_LEASES_BOUND, GuestNIC, restore_script
 from ..guest.ssh import SSH
 from ..guest.vm import VM
 from ..hypervisor import connection as virt
@@ -201,9 +201,8 @@ class Booter:
             # its own identity in the same agent command: one SSH login, with the new host key
             identity = (fixup_script(plan.hostname.split(".")[0], plan.hostname, str(plan.ip), plan.host_key,
                                      sshd="restart") if plan.host_key is not None else "")
-            addresses, fresh_leases = move_to(plan.guest_nics)
             domain, overlay, steps = warm.restore(conn, state, plan.xml, plan.overlay.with_name(f"{plan.name}.memory"),
-                                                  f"{addresses}\n{identity}\n{fresh_leases}", self.host)
+                                                  restore_script(plan.guest_nics, identity), self.host)
         except (WarmStartError, OSError) as exc:
             if plan.strict:
                 raise WarmStartError(f"{plan.role}: {exc}") from None

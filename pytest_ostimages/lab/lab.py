@@ -27,7 +27,7 @@ from ..config import OstConfig
 from ..errors import OstError, SessionError, VMError, WarmStartError
 from ..guest import cloudinit
 from ..guest.keys import HostKey, openssh_line, public_key
-from ..guest.network import Addressing, GuestNIC, move_to
+from ..guest.network import Addressing, GuestNIC, restore_script
 from ..guest.seed import write_seed
 from ..guest.ssh import SSH
 from ..guest.vm import CLEAN_SNAPSHOT, VM
@@ -260,7 +260,8 @@ class Lab:
                               subnet=subnet if 4 in versions else None,
                               subnet6=ipv6_subnet(subnet) if 6 in versions else None,
                               domain=self.config.dns_domain, dns=spec.management, label=self.owner, ost=ost,
-                              hosts=[entry(subnet, versions, host_name, host) for host_name, host in hosts])
+                              hosts=[entry(subnet, versions, host_name, host) for host_name, host in hosts],
+                              bridge_mac=entry(subnet, versions, name, 1).mac)  # the gateway's address's
             # recorded first: an interrupt right after creation still removes it
             self.ledger.record("network", name, self.owner)
             handle = virt.create_network(self.conn, xml)
@@ -563,10 +564,10 @@ class Lab:
         vm.close()
         self._replace(vm)  # the restored domain takes its name (the ledger's)
         management = next(e for role, e in vm.nics if role == self.management_role and vm.ip in e.addresses)
-        addresses, fresh_leases = move_to([GuestNIC(e, self.addressing(self.networks[role]), e is management)
-                                           for role, e in vm.nics])
-        domain, overlay, _ = warm.restore(self.conn, saved, fresh, vm.overlay.with_name(f"{vm.name}.memory"),
-                                          f"{addresses}\n{fresh_leases}", self.host)
+        script = restore_script([GuestNIC(e, self.addressing(self.networks[role]), e is management)
+                                 for role, e in vm.nics])
+        domain, overlay, _ = warm.restore(self.conn, saved, fresh, vm.overlay.with_name(f"{vm.name}.memory"), script,
+                                          self.host)
         vm.replace_domain(domain, overlay, public_key(saved.host_key()))
         vm.backed_by = saved.folder.parent.name
         vm.wait_for_ssh(self.config.boot_timeout)

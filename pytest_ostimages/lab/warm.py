@@ -21,6 +21,12 @@ any number of them at once, restores it in seconds:
    so that the first SSH login, on the new address, already checks the new host
    key (the saved one with ``--ost-identity=keep``).
 
+A session whose networks have the saved state's addresses (the first free subnets of the
+pool are the same ones from one session to the next) gives each NIC the saved MAC, as a
+MAC is made of its address (networks.entry): then the guest keeps its NICs, addresses and
+leases (which never expire, and the bridge has the saved one's MAC: render.network_xml),
+and only its clock and identity are set (steps 2 and 3 shrink to one short command).
+
 Anything that does not work (no agent, a restore error, an unknown save format)
 falls back to a normal boot, with one progress line saying why. The cache is
 bounded in size (least recently used out, never a state in use) and removed by
@@ -275,13 +281,19 @@ def attach_nics(dom: "libvirt.virDomain", nics: list[etree._Element], seen: Call
             raise WarmStartError(f"the guest did not see its new NIC {mac} within {NIC_SEEN_TIMEOUT} s")
 
 
+def nic_macs(domain: etree._Element) -> list[str]:
+    """The MACs of a domain's NICs (XML), in order."""
+    return [mac.get("address", "").lower() for mac in domain.findall("devices/interface/mac")]
+
+
 def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memory_fifo: "AnyPath",
-            guest_setup: str, host: "Host" = LOCAL) -> tuple["libvirt.virDomain", Path, dict[str, float]]:
+            guest_setup: Callable[[bool], str], host: "Host" = LOCAL) -> tuple["libvirt.virDomain", Path, dict[str, float]]:
     """Restore `state` as the domain of `fresh_xml` (this session's), on its networks with its MACs,
     every disk a new overlay on the state's, beside the file `fresh_xml` names (which a boot
     after a failed restore still uses).
 
-    `guest_setup`: shell commands run in the guest through its agent (guest_network and its identity).
+    `guest_setup(kept)`: shell commands run in the guest through its agent (guest_network and its
+    identity); `kept`: the saved NICs had this session's MACs, and so its addresses, and were kept.
 
     Returns the domain, its root disk's overlay and the seconds each step took.
     """
@@ -307,8 +319,15 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memor
     if nvram and state.nvram.is_file():  # the firmware's variables of the saved state (UEFI)
         host.copyfile(state.nvram, host.path(nvram))
     step("overlays")
+    saved_macs: list[str] = []
+    edit = restored_xml(fresh)
+
+    def edit_noting_macs(saved: etree._Element) -> None:
+        saved_macs.extend(nic_macs(saved))
+        edit(saved)
+
     try:
-        with streamed(state.memory, memory_fifo, restored_xml(fresh), host) as memory:
+        with streamed(state.memory, memory_fifo, edit_noting_macs, host) as memory:
             conn.restoreFlags(str(memory), None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
         dom = conn.lookupByName(fresh.findtext("name"))
     except libvirt.libvirtError as exc:
@@ -318,19 +337,21 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memor
         if not wait_for_agent(dom, 10):
             raise WarmStartError("its guest agent does not answer")
         step("agent")
-        # The guest keeps the saved MACs with its device state: give it new NICs instead, each
-        # where the old one was (on q35 its own PCIe bus, which enpNs0 names follow; eth names
-        # follow the order, which attach_nics keeps)
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-        for old in etree.fromstring(dom.XMLDesc().encode()).findall("devices/interface"):
-            dom.detachDeviceFlags(etree.tostring(old, encoding="unicode"), flags)
-        attach_nics(dom, fresh.findall("devices/interface"), lambda mac: has_nic(dom, mac))
-        step("new NICs")
+        kept = bool(saved_macs) and saved_macs == nic_macs(fresh)
+        if not kept:
+            # The guest keeps the saved MACs with its device state: give it new NICs instead, each
+            # where the old one was (on q35 its own PCIe bus, which enpNs0 names follow; eth names
+            # follow the order, which attach_nics keeps)
+            flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+            for old in etree.fromstring(dom.XMLDesc().encode()).findall("devices/interface"):
+                dom.detachDeviceFlags(etree.tostring(old, encoding="unicode"), flags)
+            attach_nics(dom, fresh.findall("devices/interface"), lambda mac: has_nic(dom, mac))
+            step("new NICs")
         # The guest's clock stopped at the save: it is set first thing in the same agent command, not
         # with the agent's guest-set-time, which also writes the RTC with hwclock and so waits for a
         # second's edge (the emulated RTC follows the host's clock anyway)
-        guest_exec(dom, f"date -u -s @{time.time():.6f} >/dev/null\n{guest_setup}")
-        step("clock, addresses and identity")
+        guest_exec(dom, f"date -u -s @{time.time():.6f} >/dev/null\n{guest_setup(kept)}")
+        step("clock and identity, addresses kept" if kept else "clock, addresses and identity")
     except (libvirt.libvirtError, KeyError, ValueError, WarmStartError) as exc:
         message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
         remove(dom)  # the one just restored: the fallback boot takes its name

@@ -4,7 +4,8 @@ NetworkManager, cloud-init and firewalld inside.
 One OST topology (engine and two hosts on a management and a storage network, deploy
 scripts) boots on them (or is restored deployed, when an earlier run saved it) and is kept
 (--ost-reuse); the next session attaches to it; a third restores it deployed (warm start)
-on other subnets, every NIC re-addressed; a suite runs inside a guest booted for it.
+on other subnets, every NIC re-addressed; a fourth on the first one's subnets, where the
+guests keep their NICs and leases; a suite runs inside a guest booted for it.
 """
 
 from __future__ import annotations
@@ -105,9 +106,14 @@ def run(suite: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+POOL = "--ost-subnet-pool=192.168.232.0/21"  # the module's own: its sessions get the same subnets
+OTHER_POOL = "--ost-subnet-pool=192.168.224.0/21"
+RESTORED = re.compile(r"^\[ost\] (\S+): restored \S+ from saved state .*\((.*)\)$", re.M)
+
+
 def test_an_ost_topology_on_uefi_images_kept_attached_and_restored(suite: Path, work_root: Path) -> None:
     before = libvirt_objects(), workdirs()
-    booted = run(suite, work_root, "--ost-reuse")
+    booted = run(suite, work_root, "--ost-reuse", POOL)
     assert "2 passed" in booted.stdout
     # booted and deployed (then saved), or restored deployed as an earlier run saved it
     assert ("engine: booting debian12efi-engine-installed" in booted.stdout and "deploy scripts of 3 VMs done"
@@ -116,19 +122,33 @@ def test_an_ost_topology_on_uefi_images_kept_attached_and_restored(suite: Path, 
     for line in ("host-1: clean state saved in", "keeping 3 VMs"):
         assert line in booted.stdout, booted.stdout
     boot_id, *addresses = (suite / "seen").read_text().split()
+    # saved on these subnets (now, or by an earlier run that kept the addresses)
+    same_subnets = "restored deployed from saved environment" not in booted.stdout or \
+        "addresses kept" in booted.stdout
 
-    attached = run(suite, work_root, "--ost-reuse")
+    attached = run(suite, work_root, "--ost-reuse", POOL)
     assert "reusing the VMs kept by an earlier run" in attached.stdout and ": booting " not in attached.stdout
     assert (suite / "seen").read_text().split() == [boot_id, *addresses]  # the same guests, where they were
 
     # no --ost-reuse: the kept VMs go; the deployed state is restored on other subnets instead
-    restored = run(suite, work_root, "--ost-subnet-pool=192.168.224.0/20")
+    restored = run(suite, work_root, OTHER_POOL)
     assert "restored deployed from saved environment" in restored.stdout, restored.stdout
     assert ": booting " not in restored.stdout and "deploy script " not in restored.stdout
     seen_boot, *seen_addresses = (suite / "seen").read_text().split()
     assert seen_boot == boot_id  # the saved guests, not booted again
     assert not set(seen_addresses) & set(addresses)  # every NIC on this session's networks
-    assert all(re.match(r"192\.168\.2(2[4-9]|3\d)\.|fd6f:7374:c0a8:e", a) for a in seen_addresses), seen_addresses
+    assert all(re.match(r"192\.168\.2(2[4-9]|3[01])\.|fd6f:7374:c0a8:e[0-7]", a) for a in seen_addresses), \
+        seen_addresses
+    moved = RESTORED.findall(restored.stdout)
+    assert len(moved) == 3 and all("new NICs" in steps for _, steps in moved), restored.stdout
+
+    # on the saved subnets again: NetworkManager's NICs, addresses and leases are kept as they were
+    again = run(suite, work_root, POOL)
+    assert "restored deployed from saved environment" in again.stdout, again.stdout
+    assert (suite / "seen").read_text().split() == [boot_id, *addresses]  # the tests above passed on them
+    restores = RESTORED.findall(again.stdout)
+    assert len(restores) == 3 and all(("addresses kept" in steps) == same_subnets for _, steps in restores), \
+        again.stdout
     assert (libvirt_objects(), workdirs()) == before
 
 

@@ -24,6 +24,8 @@ from .helpers import INNER, RESTORABLE, libvirt_objects, scratch_root, workdirs
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ost_suite"
 # the deploy effects, both NICs, the extra disks with their data, and the checkpoint's effects
 SOME = "deploy_scripts or extra_disks or nic_on_each or enrolled or engines_service"  # 5 tests
+# a pool of its own: each session gets the same subnets, those its saved states were saved on
+POOL = "--ost-subnet-pool=192.168.240.0/21"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def warm_root() -> Iterator[Path]:
 
 
 def command(suite: Path, root: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", *INNER, *RESTORABLE, f"--ost-workdir={root}",
+    return [sys.executable, "-m", "pytest", *INNER, *RESTORABLE, POOL, f"--ost-workdir={root}",
             f"--ost-init-config={suite / 'basic-suite' / 'ost.json'}", f"--ost-root={suite}",
             str(suite / "basic-suite"), *args]
 
@@ -55,6 +57,8 @@ def test_a_deployed_topology_and_its_checkpoint_are_restored(pytester: pytest.Py
                         r"deploy scripts of 4 VMs done in", r"checkpoint hosts_enrolled: ran in"):
             assert re.search(pattern, first.stdout), (pattern, first.stdout)
         assert first.stdout.count("environment of 4 VMs saved as") == 2, first.stdout  # deployed; enrolled
+    # saved on these subnets (now, or by an earlier run that kept the addresses): a restore keeps them
+    same_subnets = "restored deployed from saved environment" not in first.stdout or "addresses kept" in first.stdout
 
     # a later session restores both saved states (on its own networks) and reruns nothing
     second = subprocess.run(command(suite, warm_root, "-k", SOME), cwd=pytester.path, capture_output=True, text=True)
@@ -64,6 +68,12 @@ def test_a_deployed_topology_and_its_checkpoint_are_restored(pytester: pytest.Py
     assert "checkpoint hosts_enrolled: saved state " in output and "VMs restored from" in output, output
     assert not re.search(r"deploy script \S+ done|deploy scripts of|checkpoint hosts_enrolled: ran|: booting ",
                          output), output
+    # each VM restored on the saved subnets keeps its NICs, addresses and leases (the tests above passed
+    # on them: names, both networks, the engine's service); on others it is moved to new ones
+    restores = re.findall(r"^\[ost\] (\S+): restored \S+ from saved state .*\((.*)\)$", output, re.M)
+    assert len(restores) == 4, output
+    for role, steps in restores:
+        assert ("addresses kept" in steps, "new NICs" in steps) == (same_subnets, not same_subnets), (role, steps)
 
     listing = subprocess.run([sys.executable, "-m", "pytest", "--ost-warm-list", *RESTORABLE], cwd=pytester.path,
                              capture_output=True, text=True).stdout

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ostimages.guest.network import (FRESH_LEASES_MARK, GUEST_FUNCTIONS, LEASES_DIR, Addressing,
-                                            GuestNIC, leases_bound, move_to, network_wait_script)
+from pytest_ostimages.guest.network import (FRESH_LEASES_BOUND, FRESH_LEASES_MARK, GUEST_FUNCTIONS, LEASES_DIR,
+                                            Addressing, GuestNIC, leases_bound, move_to, network_wait_script,
+                                            restore_script)
 from pytest_ostimages.hypervisor.render import HostEntry
 
 IP = """#!/bin/sh
@@ -265,3 +266,20 @@ def test_a_name_resolved_once_is_not_asked_again(tmp_path: Path) -> None:
     done, _ = wait(tmp_path, timeout=5, getent=getent)
     assert done.returncode == 0, done
     assert (tmp_path / "count.ahostsv4").read_text().strip() == "1"
+
+
+def test_a_restored_guest_that_kept_its_nics_only_takes_its_identity(tmp_path: Path) -> None:
+    """Restored on networks of the saved addresses (the same MACs), a guest keeps its NICs and leases:
+    nothing re-addresses or restarts a DHCP client, and the fresh-lease check holds at once."""
+    env = stand_ins(tmp_path, **dict.fromkeys(("ip", "ifup", "ifdown", "pkill", "dhclient", "nmcli", "busctl"),
+                                              f"#!/bin/sh\necho \"$0\" >>{tmp_path}/ran\n"))
+    script = restore_script(TWO_NICS, identity="echo identity taken")
+    kept = script(True).replace(FRESH_LEASES_MARK, str(tmp_path / "mark"))
+    done = subprocess.run(["sh", "-c", kept], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout == "identity taken\n", done.stderr
+    assert not (tmp_path / "ran").exists(), (tmp_path / "ran").read_text()
+    check = FRESH_LEASES_BOUND.replace(FRESH_LEASES_MARK, str(tmp_path / "mark"))
+    assert subprocess.run(["sh", "-c", check], capture_output=True, text=True).stdout == ""
+    # moved to other addresses, it gets them and fresh leases, its identity between the two
+    addresses, fresh_leases = move_to(TWO_NICS)
+    assert script(False) == f"{addresses}\necho identity taken\n{fresh_leases}"

@@ -149,6 +149,27 @@ def test_keep_is_honoured_by_an_attached_lab(images: Path, workdir: Path) -> Non
         booter.close()
 
 
+def test_a_sessions_network_gives_a_restored_guest_what_it_knew(images: Path, workdir: Path) -> None:
+    """On the same addresses, a network of a later session is what a saved guest knew (lab/warm.py keeps
+    its NICs): the host's MAC on it is made of its address (the gateway's), as a VM's is, and the
+    leases never expire (a restored guest's clock jumps ahead by the state's age), as libvirt reads it."""
+    from lxml import etree
+
+    config = OstConfig(images_dir=images, libvirt_uri="test:///default", workdir=workdir,
+                       subnet_pool=__import__("ipaddress").IPv4Network("127.102.0.0/23"))
+    lab = Lab(config)
+    lab.ensure_network()
+    try:
+        network = lab.networks[lab.management_role]
+        root = etree.fromstring(network.handle.XMLDesc())
+        o = network.subnet.network_address.packed
+        assert root.find("mac").get("address") == f"52:54:00:{o[1]:02x}:{o[2]:02x}:01"
+        ranges = root.findall("ip/dhcp/range")
+        assert len(ranges) == 2 and [r.find("lease").get("expiry") for r in ranges] == ["0", "0"]
+    finally:
+        lab.close()
+
+
 def test_a_failed_shared_boot_reaches_every_worker_at_once(images: Path, tmp_path: Path) -> None:
     private = tmp_path / "private"
     private.mkdir(mode=0o700)  # qemu's user cannot reach a work directory in here
