@@ -261,7 +261,7 @@ class Lab:
                               subnet6=ipv6_subnet(subnet) if 6 in versions else None,
                               domain=self.config.dns_domain, dns=spec.management, label=self.owner, ost=ost,
                               hosts=[entry(subnet, versions, host_name, host) for host_name, host in hosts],
-                              bridge_mac=entry(subnet, versions, name, 1).mac)  # the gateway's address's
+                              bridge_mac=entry(subnet, versions, name, 1).mac)  # made of the gateway address
             # recorded first: an interrupt right after creation still removes it
             self.ledger.record("network", name, self.owner)
             handle = virt.create_network(self.conn, xml)
