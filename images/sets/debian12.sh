@@ -26,11 +26,14 @@ declare -A LAYER_ROLE=([engine-installed]=engine [host-installed]=host [cloud-in
 declare -A LAYER_PACKAGES=([engine-installed]="less" [host-installed]="netcat-openbsd python3-pytest lvm2"
                            [cloud-installed]="cloud-init")
 
-# Boot-time check (build-test-images): SeaBIOS, 512 MiB, 1 vCPU. Measured 2026-12-04
-# on a lab machine: SSH login 19 s, cloud-installed's cloud-init done 35 s (the goal
-# of issue 27 is 10 s and 35 s). The budgets leave room for a machine 1.8x slower
-# and catch what a regression costs most often: a wait that runs into its timeout.
-BOOT_FIRMWARE=bios BOOT_MEMORY_MIB=512 BOOT_BUDGET=40 BOOT_BUDGET_CLOUD_INIT=70
+# Boot-time check (build-test-images): SeaBIOS, 512 MiB, 1 vCPU. The budgets are for
+# the machine whose kernel-alone boot takes BOOT_REFERENCE s, scaled to this one's
+# (build-test-images). Measured 2026-12-06 on that machine: SSH login 31.7-33.5 s,
+# cloud-installed's cloud-init done 71.4-77.8 s (on 2026-12-04 a faster lab machine
+# took 19 s and 35 s; the goal of issue 27 is 10 s and 35 s there). The budgets leave
+# 35-40 % for noise and catch what a regression costs most often: a wait that runs
+# into its timeout.
+BOOT_FIRMWARE=bios BOOT_MEMORY_MIB=512 BOOT_BUDGET=45 BOOT_BUDGET_CLOUD_INIT=105
 declare -A BOOT_CLOUD_INIT=([cloud-installed]=1)
 
 SET_TOOLS=(qemu-storage-daemon extlinux)

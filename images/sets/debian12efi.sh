@@ -35,10 +35,12 @@ declare -A LAYER_ROLE=([engine-installed]=engine [host-installed]=host)
 declare -A LAYER_PACKAGES=([engine-installed]="less" [host-installed]="netcat-openbsd python3-pytest lvm2")
 
 # Boot-time check (build-test-images): OVMF without Secure Boot, 640 MiB, 1 vCPU;
-# every layer has cloud-init. Measured 2026-12-04 on a lab machine: cloud-init done
-# after 60 s (the goal of issue 27 is 35 s); the budget leaves room for a machine
-# 1.8x slower and catches a wait that runs into its timeout.
-BOOT_FIRMWARE=efi BOOT_MEMORY_MIB=640 BOOT_BUDGET=110 BOOT_BUDGET_CLOUD_INIT=110
+# every layer has cloud-init. The budget is for the machine whose kernel-alone boot
+# takes BOOT_REFERENCE s, scaled to this one's (build-test-images). Measured
+# 2026-12-06 on that machine: cloud-init done after 92-96 s (on 2026-12-04 a faster
+# lab machine took 60 s; the goal of issue 27 is 35 s there); the budget leaves 35 %
+# for noise and catches a wait that runs into its timeout.
+BOOT_FIRMWARE=efi BOOT_MEMORY_MIB=640 BOOT_BUDGET=130 BOOT_BUDGET_CLOUD_INIT=130
 declare -A BOOT_CLOUD_INIT=([base]=1 [engine-installed]=1 [host-installed]=1)
 
 SET_TOOLS=(mkfs.vfat mmd mcopy)
