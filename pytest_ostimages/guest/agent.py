@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import WarmStartError
@@ -32,6 +33,23 @@ def has_nic(dom: "libvirt.virDomain", mac: str) -> bool:
     """Whether the guest has a network interface with MAC `mac` (its kernel registered it)."""
     interfaces = agent_command(dom, "guest-network-get-interfaces", {})
     return any(i.get("hardware-address", "").lower() == mac.lower() for i in interfaces)
+
+
+def clock_offset(dom: "libvirt.virDomain") -> int:
+    """Nanoseconds the guest's clock is behind this host's (a restored guest's stopped at its save).
+
+    guest-get-time is answered by the agent itself, at once: no process is started in the guest."""
+    before = time.time_ns()
+    guest = agent_command(dom, "guest-get-time", {})
+    return (before + time.time_ns()) // 2 - int(guest)
+
+
+def clock_script(offset_ns: int) -> str:
+    """Shell that moves the guest's clock ahead by `offset_ns`, measured from the moment it runs: the
+    agent of a busy guest may start it seconds after it was sent, and an absolute time would then set
+    the clock that many seconds late (dash's arithmetic is 64-bit, as bash's)."""
+    return (f"ost_t=$(($(date +%s%N) + {offset_ns}))\n"
+            "date -u -s \"@$((ost_t / 1000000000)).$(printf %09d $((ost_t % 1000000000)))\" >/dev/null\n")
 
 
 def guest_exec(dom: "libvirt.virDomain", command: str, timeout: float = 60) -> None:

@@ -48,7 +48,7 @@ from lxml import etree
 
 from .. import faults
 from ..errors import ImageError, WarmStartError
-from ..guest.agent import guest_exec, has_nic, wait_for_agent
+from ..guest.agent import clock_offset, clock_script, guest_exec, has_nic, wait_for_agent
 from ..hypervisor.connection import libvirt_module, remove
 from ..hypervisor.host import LOCAL
 from ..images.catalog import backing_chain
@@ -347,10 +347,10 @@ def restore(conn: "libvirt.virConnect", state: SavedState, fresh_xml: str, memor
                 dom.detachDeviceFlags(etree.tostring(old, encoding="unicode"), flags)
             attach_nics(dom, fresh.findall("devices/interface"), lambda mac: has_nic(dom, mac))
             step("new NICs")
-        # The guest's clock stopped at the save: it is set first thing in the same agent command, not
-        # with the agent's guest-set-time, which also writes the RTC with hwclock and so waits for a
-        # second's edge (the emulated RTC follows the host's clock anyway)
-        guest_exec(dom, f"date -u -s @{time.time():.6f} >/dev/null\n{guest_setup(kept)}")
+        # The guest's clock stopped at the save: it is moved ahead first thing in the same agent command,
+        # by its offset from this host's, not with the agent's guest-set-time, which also writes the RTC
+        # with hwclock and so waits for a second's edge (the emulated RTC follows the host's clock anyway)
+        guest_exec(dom, clock_script(clock_offset(dom)) + guest_setup(kept))
         step("clock and identity, addresses kept" if kept else "clock, addresses and identity")
     except (libvirt.libvirtError, KeyError, ValueError, WarmStartError) as exc:
         message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
