@@ -1,6 +1,9 @@
 """--ost-reuse: the next run attaches instead of booting, unless something changed;
 an attached environment is whole (clean_vm, more VMs); a reusing session that dies
-leaves nothing the reaper cannot take."""
+leaves nothing the reaper cannot take.
+
+The first VMs are the run's saved states where there are (RESTORABLE): booting is not the claim
+until something changed."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import time
 
 import pytest
 
-from .helpers import DISTRO, INNER, libvirt_objects, pid_namespace, read_until
+from .helpers import DISTRO, INNER, RESTORABLE, libvirt_objects, pid_namespace, read_until
 
 
 def boot_id(result: pytest.RunResult) -> str:
@@ -43,17 +46,18 @@ def test_reuse_skips_the_boot_until_something_changes(pytester: pytest.Pytester,
     pytester.makepyfile(TESTS)
     args = ["--ost-image=base", "-s", *INNER]
 
-    first = pytester.runpytest_subprocess("--ost-reuse", *args)
+    first = pytester.runpytest_subprocess("--ost-reuse", *args, *RESTORABLE)
     first.assert_outcomes(passed=3)
-    first.stdout.fnmatch_lines([f"*vm: booting {DISTRO}-base*", "*keeping 2 VMs for the next run*"])
+    first.stdout.fnmatch_lines([f"*vm: *{DISTRO}-base*", "*keeping 2 VMs for the next run*"])  # booted or restored
 
     # attached: the clean snapshot of the first run is reverted to, not taken again,
     # and a VM added now gets the next free address
     monkeypatch.setenv("OST_E2E_MORE_VMS", "1")
-    second = pytester.runpytest_subprocess("--ost-reuse", *args)
+    second = pytester.runpytest_subprocess("--ost-reuse", *args, *RESTORABLE)
     second.assert_outcomes(passed=3)
-    second.stdout.fnmatch_lines(["*reusing the VMs kept by an earlier run*", "*late: booting*"])
+    second.stdout.fnmatch_lines(["*reusing the VMs kept by an earlier run*", f"*late: *{DISTRO}-base*"])
     second.stdout.no_fnmatch_line("*vm: booting*")
+    second.stdout.no_fnmatch_line("*vm: restored*")
     assert boot_id(second) == boot_id(first)  # the same running guest
     monkeypatch.delenv("OST_E2E_MORE_VMS")
 
