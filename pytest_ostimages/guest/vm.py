@@ -15,7 +15,7 @@ import paramiko
 from lxml import etree
 
 from .. import faults
-from ..errors import BootError, OstError, VirtError, VMError
+from ..errors import BootError, OstError, VirtError, VMError, WarmStartError
 from ..hypervisor import checkpoint
 from ..hypervisor.checkpoint import Checkpoint
 from ..hypervisor.connection import domain_state, kvm_failure, libvirt_module
@@ -23,6 +23,7 @@ from ..hypervisor.host import LOCAL
 from ..hypervisor.render import HostEntry
 from ..images.catalog import Image
 from . import cloudinit, testinfra_host
+from .agent import clock_offset, clock_script, guest_exec, wait_for_agent
 from .identity import fixup_script
 from .keys import HostKey
 from .network import network_wait_script
@@ -283,7 +284,20 @@ class VM:
             else:
                 self.domain.revertToSnapshot(self.domain.snapshotLookupByName(name),
                                              libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
+        self._catch_up_clock()
         return time.monotonic() - start
+
+    def _catch_up_clock(self) -> None:
+        """The guest's clock went back with its memory, to the snapshot's time: it is moved ahead by
+        its offset from the host's through the guest agent. A guest whose agent never opened its
+        channel (libvirt says "disconnected") keeps the snapshot's time, as without the plugin."""
+        channel = etree.fromstring(self.domain.XMLDesc().encode()).find(
+            "devices/channel/target[@name='org.qemu.guest_agent.0']")
+        if channel is None or channel.get("state") == "disconnected":
+            return
+        with contextlib.suppress(libvirt_module().libvirtError, WarmStartError):
+            if wait_for_agent(self.domain, 5):
+                guest_exec(self.domain, clock_script(clock_offset(self.domain)), timeout=30)
 
     def replace_domain(self, domain: "libvirt.virDomain", overlay: Path, host_key: Optional[paramiko.PKey]) -> None:
         """The VM runs in `domain` now, on `overlay`, and answers with `host_key` (a restore)."""

@@ -3,6 +3,8 @@
 Each test holds in any order, alone or under -n: none relies on another having run.
 """
 
+import time
+
 import pytest
 
 from pytest_ostimages import VM
@@ -26,3 +28,7 @@ def test_revert_restores_disk_and_memory_without_a_reboot(clean_vm: VM) -> None:
     # disk (/root) and RAM (/dev/shm) are back to the snapshot, and SSH reconnected by itself
     assert clean_vm.ssh(MARKERS).stdout == ""
     assert clean_vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout == boot_id  # not rebooted
+    # its clock went back to the snapshot's time with its memory (seconds to minutes ago): it is set again
+    before = time.time()
+    guest = float(clean_vm.ssh("date +%s.%N", check=True).stdout)
+    assert before - 1 < guest < time.time() + 1, (before, guest)

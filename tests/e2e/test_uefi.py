@@ -31,6 +31,7 @@ CONFTEST = """
 """
 TESTS = """
     import os
+    import time
     from pathlib import Path
 
     NIC = "grep -lx {mac} /sys/class/net/*/address | cut -d/ -f5"
@@ -68,6 +69,9 @@ TESTS = """
         clean_vm.revert()
         assert clean_vm.ssh("test -e /root/dirty").returncode == 1
         assert clean_vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout == boot  # not rebooted
+        before = time.time()  # its clock, gone back with its memory, is set again
+        guest = float(clean_vm.ssh("date +%s.%N", check=True).stdout)
+        assert before - 1 < guest < time.time() + 1, (before, guest)
 """
 
 
