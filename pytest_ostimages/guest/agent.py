@@ -45,11 +45,12 @@ def clock_offset(dom: "libvirt.virDomain") -> int:
 
 
 def clock_script(offset_ns: int) -> str:
-    """Shell that moves the guest's clock ahead by `offset_ns`, measured from the moment it runs: the
+    """Shell that moves the guest's clock ahead by `offset_ns` from the time it reads as it runs: the
     agent of a busy guest may start it seconds after it was sent, and an absolute time would then set
-    the clock that many seconds late (dash's arithmetic is 64-bit, as bash's)."""
-    return (f"ost_t=$(($(date +%s%N) + {offset_ns}))\n"
-            "date -u -s \"@$((ost_t / 1000000000)).$(printf %09d $((ost_t % 1000000000)))\" >/dev/null\n")
+    the clock that many seconds late. One `date` (coreutils') reads the clock and sets it."""
+    sign = "-" if offset_ns < 0 else "+"
+    seconds, nanoseconds = divmod(abs(offset_ns), 1_000_000_000)
+    return f'date -u -s "now {sign}{seconds}.{nanoseconds:09d} seconds" >/dev/null\n'
 
 
 def guest_exec(dom: "libvirt.virDomain", command: str, timeout: float = 60) -> None:
