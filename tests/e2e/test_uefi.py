@@ -2,10 +2,11 @@
 NetworkManager, cloud-init and firewalld inside.
 
 One OST topology (an engine and a host on a management and a storage network, deploy
-scripts: the smallest that has both kinds of VM and a second network) boots on them (or is restored deployed, when an earlier run saved it) and is kept
-(--ost-reuse); the next session attaches to it; a third restores it deployed (warm start)
-on other subnets, every NIC re-addressed; a fourth on the first one's subnets, where the
-guests keep their NICs and leases; a suite runs inside a guest booted for it.
+scripts: the smallest that has both kinds of VM and a second network) boots on them (or is
+restored deployed, when an earlier run saved it) and is kept (--ost-reuse); the next session
+attaches to it; a third restores it deployed (warm start) on other subnets, every NIC
+re-addressed; a fourth on the first one's subnets, where the guests keep their NICs and
+leases; a suite runs inside a guest booted for it.
 """
 
 from __future__ import annotations
