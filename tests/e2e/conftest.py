@@ -19,7 +19,7 @@ import pytest
 
 from pytest_ostimages import vm_fixture
 
-from .helpers import IMAGES, WORKER, image_state, libvirt_objects, workdirs
+from .helpers import IMAGES, LOCKS, WORKER, image_state, libvirt_objects, workdirs
 
 
 # Under pytest-xdist (.ci/run: -n 2) every e2e module goes to one worker whole (its module fixtures set
@@ -29,7 +29,6 @@ SESSION_ENVIRONMENT = {"test_clean_vm", "test_environment", "test_identity"}
 # The longest modules (about 3-6 minutes each on a cold 2-core CI machine), handed out first, after the
 # modules with exclusive tests, so that no worker is left with one of them at the end.
 LONGEST = ["test_uefi", "test_warm_environments", "test_remote", "test_warm", "test_faults", "test_cloud_init"]
-LOCKS = Path("/var/lock/pytest-ostimages-e2e")  # the e2e tests of every run on this host take turns here
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

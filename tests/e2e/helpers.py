@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import os
@@ -47,6 +48,19 @@ INNER = ["-p", "no:cacheprovider", "--ost-memory=512", "--ost-vcpus=2", "--ost-w
 # the run (or of an earlier run) saved, booted and saved when there are none. They pass either way.
 # (One cache for all xdist workers: a state is saved under a host-wide lock.)
 RESTORABLE = ["--ost-warm=on", f"--ost-warm-dir={_ROOT.parent / 'pytest-ostimages-e2e-warm'}"]
+LOCKS = Path("/var/lock/pytest-ostimages-e2e")  # the e2e tests of every run on this host take turns here
+
+
+@contextlib.contextmanager
+def ost_example_pool() -> Iterator[str]:
+    """The subnet pool option of the example OST suite's sessions (examples/ost_suite: test_warm_environments,
+    test_remote), which share its saved states, held by one test at a time (another xdist worker's waits): so
+    each of its sessions gets the subnets they were saved on, whichever saved them, and restores the VMs
+    with their NICs kept (2-3 s a VM) instead of moving every NIC (15-20 s a VM under load)."""
+    LOCKS.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with open(LOCKS / "ost-example-pool", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield "--ost-subnet-pool=192.168.240.0/21"  # closing the file releases the lock
 
 
 def free_subnet(conn: "libvirt.virConnect") -> ipaddress.IPv4Network:

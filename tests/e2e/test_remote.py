@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from .helpers import DISTRO, RESTORABLE, WORKDIR, libvirt_objects, read_until
+from .helpers import DISTRO, RESTORABLE, WORKDIR, libvirt_objects, ost_example_pool, read_until
 from .remote import RemoteHypervisor, remote_hypervisor
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -216,12 +216,14 @@ def test_the_example_suite(hv: RemoteHypervisor, tmp_path: Path) -> None:
 
 def test_the_ost_example_suite_with_osts_own_ost_utils(hv: RemoteHypervisor, tmp_path: Path) -> None:
     # OST's ansible fixtures reach the VMs through the deployment's hosts file (a ProxyCommand through
-    # the hypervisor), its backend reads the domains over the same libvirt URI
+    # the hypervisor), its backend reads the domains over the same libvirt URI, testinfra reaches them
+    # too and finds what the deploy scripts did (the suite's every test: test_warm_environments.py)
     suite = tmp_path / "ost_suite"
     shutil.copytree(EXAMPLES / "ost_suite", suite)
     before = libvirt_objects()
-    output = assert_ok(client(hv, tmp_path, f"--ost-init-config={suite / 'basic-suite' / 'ost.json'}",
-                              f"--ost-root={suite}", str(suite / "basic-suite"), "-k",
-                              "ansible or resolve or deploy_scripts or testinfra", timeout=1200))
-    assert re.search(r"\d+ passed", output) and " failed" not in output, output
+    with ost_example_pool() as pool:  # where test_warm_environments' sessions save and restore them too
+        output = assert_ok(client(hv, tmp_path, f"--ost-init-config={suite / 'basic-suite' / 'ost.json'}",
+                                  f"--ost-root={suite}", pool, str(suite / "basic-suite"), "-k",
+                                  "backend_finds or ansible or testinfra", timeout=1200))
+    assert "4 passed" in output and " failed" not in output, output
     assert libvirt_objects() == before

@@ -19,13 +19,12 @@ from typing import Iterator
 
 import pytest
 
-from .helpers import INNER, RESTORABLE, libvirt_objects, scratch_root, workdirs
+from .helpers import INNER, RESTORABLE, libvirt_objects, ost_example_pool, scratch_root, workdirs
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ost_suite"
-# the deploy effects, both NICs, the extra disks with their data, and the checkpoint's effects
-SOME = "deploy_scripts or extra_disks or nic_on_each or enrolled or engines_service"  # 5 tests
-# a pool of its own: each session gets the same subnets, those its saved states were saved on
-POOL = "--ost-subnet-pool=192.168.240.0/21"
+# the deploy effects (read by testinfra: ansible costs seconds a call), both NICs, the extra disks with
+# their data, and the checkpoint's effects
+SOME = "testinfra or extra_disks or nic_on_each or enrolled or engines_service"  # 6 tests
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +34,27 @@ def warm_root() -> Iterator[Path]:
         yield root
 
 
-def command(suite: Path, root: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", *INNER, *RESTORABLE, POOL, f"--ost-workdir={root}",
+@pytest.fixture
+def pool() -> Iterator[str]:
+    """The example suite's pool, the test's alone: each session gets the subnets its saved states were saved on."""
+    with ost_example_pool() as option:
+        yield option
+
+
+def command(suite: Path, root: Path, pool: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", *INNER, *RESTORABLE, pool, f"--ost-workdir={root}",
             f"--ost-init-config={suite / 'basic-suite' / 'ost.json'}", f"--ost-root={suite}",
             str(suite / "basic-suite"), *args]
 
 
-def test_a_deployed_topology_and_its_checkpoint_are_restored(pytester: pytest.Pytester, warm_root: Path) -> None:
+def test_a_deployed_topology_and_its_checkpoint_are_restored(pytester: pytest.Pytester, warm_root: Path,
+                                                             pool: str) -> None:
     before = libvirt_objects(), workdirs()
     suite = pytester.path / "ost_suite"
     shutil.copytree(EXAMPLE, suite)
 
     # the example suite as shipped, every test
-    first = subprocess.run(command(suite, warm_root), cwd=pytester.path, capture_output=True, text=True)
+    first = subprocess.run(command(suite, warm_root, pool), cwd=pytester.path, capture_output=True, text=True)
     assert first.returncode == 0 and "14 passed" in first.stdout, first.stdout + first.stderr
     for pattern in (r"OST suite basic-suite: 2 networks, 4 VMs from \S*ost.json",
                     r"network ost-\w+-1 \(storage\): 192\.168\.\d+\.0/24, fd6f:7374:\S+::/64"):
@@ -61,9 +68,9 @@ def test_a_deployed_topology_and_its_checkpoint_are_restored(pytester: pytest.Py
     same_subnets = "restored deployed from saved environment" not in first.stdout or "addresses kept" in first.stdout
 
     # a later session restores both saved states (on its own networks) and reruns nothing
-    second = subprocess.run(command(suite, warm_root, "-k", SOME), cwd=pytester.path, capture_output=True, text=True)
+    second = subprocess.run(command(suite, warm_root, pool, "-k", SOME), cwd=pytester.path, capture_output=True, text=True)
     output = second.stdout
-    assert second.returncode == 0 and "5 passed" in output, output + second.stderr
+    assert second.returncode == 0 and "6 passed" in output, output + second.stderr
     assert "restored deployed from saved environment" in output, output
     assert "checkpoint hosts_enrolled: saved state " in output and "VMs restored from" in output, output
     assert not re.search(r"deploy script \S+ done|deploy scripts of|checkpoint hosts_enrolled: ran|: booting ",
