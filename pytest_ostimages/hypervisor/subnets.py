@@ -92,9 +92,11 @@ def network_subnets(conn: "libvirt.virConnect") -> list[ipaddress.IPv4Network]:
     return subnets
 
 
-def free_subnet(pool: ipaddress.IPv4Network,
-                used: list[ipaddress.IPv4Network]) -> Optional[ipaddress.IPv4Network]:
-    for candidate in pool.subnets(new_prefix=24):
+def free_subnet(pool: ipaddress.IPv4Network, used: list[ipaddress.IPv4Network],
+                prefer: Optional[ipaddress.IPv4Network] = None) -> Optional[ipaddress.IPv4Network]:
+    """The first /24 of `pool` that overlaps nothing `used`; `prefer` if it is such a /24."""
+    preferred = [prefer] if prefer is not None and prefer.prefixlen == 24 and prefer.subnet_of(pool) else []
+    for candidate in [*preferred, *pool.subnets(new_prefix=24)]:
         if not any(candidate.overlaps(u) for u in used):
             return candidate
     return None

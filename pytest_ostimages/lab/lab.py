@@ -12,6 +12,7 @@ environment is built from that record before it makes anything itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -247,8 +248,10 @@ class Lab:
         """The libvirt domain name and the short host name of VM `role`."""
         return vm_names(self.run_id, role, self.ost.suite if self.ost is not None else None)
 
-    def _create_network(self, spec: NetworkSpec, hosts: list[tuple[str, int]]) -> None:
-        """Create network `spec` with DHCP (and DNS) entries for `hosts` (name, host number)."""
+    def _create_network(self, spec: NetworkSpec, hosts: list[tuple[str, int]],
+                        prefer: Optional[ipaddress.IPv4Network] = None) -> None:
+        """Create network `spec` with DHCP (and DNS) entries for `hosts` (name, host number), on
+        the /24 `prefer` if that is free."""
         name = network_name(self.run_id, [n.role for n in self.topology].index(spec.role), spec.management)
         versions = self.config.ip_versions()
         templates = self.inputs.templates
@@ -268,13 +271,16 @@ class Lab:
             return Network(name, name, subnet, self.config.dns_domain, handle, spec.role, versions,
                            spec.management)
 
-        network = self.networks[spec.role] = with_free_subnet(self.conn, self.config.subnet_pool, create)
+        network = self.networks[spec.role] = with_free_subnet(self.conn, self.config.subnet_pool, create,
+                                                              prefer=prefer)
         addresses = [str(network.subnet)] * (4 in versions) + [str(network.subnet6)] * (6 in versions)
         self.progress(f"network {name} ({spec.role}): {', '.join(addresses)}, bridge {name}")
 
-    def _connect(self, specs: list[VMSpec]) -> list[tuple[tuple[str, HostEntry], ...]]:
+    def _connect(self, specs: list[VMSpec], prefer: Optional[dict[str, ipaddress.IPv4Network]] = None
+                 ) -> list[tuple[tuple[str, HostEntry], ...]]:
         """Each spec's NICs (network role, reservation), eth0 first; networks are created on
-        first use, with their entries; running ones get the new entries added."""
+        first use, with their entries (on the /24 `prefer` names for their role, where free);
+        running ones get the new entries added."""
         numbered = []
         for spec in specs:
             nics = []
@@ -294,7 +300,8 @@ class Lab:
         for net_spec in self.topology:
             if net_spec.role not in self.networks:
                 self._create_network(net_spec, [(name, host) for nics in numbered
-                                                for role, name, host in nics if role == net_spec.role])
+                                                for role, name, host in nics if role == net_spec.role],
+                                     (prefer or {}).get(net_spec.role))
                 created.add(net_spec.role)
         result = []
         for nics in numbered:
@@ -339,7 +346,7 @@ class Lab:
         if specs and self.current_environment is not None:  # a saved environment, and then these
             self.current_environment = recipe_key([self.current_environment, "then booted", self.fingerprint(specs)])
         self._start()
-        nics = self._connect(specs)
+        nics = self._connect(specs, self._saved_subnets(specs, images, environment))
         if not specs:
             return []
         names = self._names([nic for spec_nics in nics for nic in spec_nics])
@@ -427,15 +434,7 @@ class Lab:
                          secure_boot=self.config.secure_boot, nvram=nvram)
         # recorded before it exists: an interrupt at any point still removes it
         self.ledger.record("domain", name, self.owner)
-        warm_key = None
-        # a restored guest has run cloud-init already (with these user-data) and takes its new
-        # identity through the guest agent: a NoCloud seed is no reason to boot
-        if (self.warm_cache is not None and not spec.shares and len(nics) == 1
-                and not disks and not spec.deploy_scripts):
-            warm_key = recipe_key([plugin_source_digest(), image.identity(), memory, vcpus, self.virt_type,
-                                   self.cpu_mode, self.inputs.templates.text("domain.xml"),
-                                   self.config.identity, self.config.ip_version, firmware,
-                                   self.config.secure_boot, seed is not None, spec.user_data])
+        warm_key = self._warm_key(spec, image)
         guest_nics = tuple(GuestNIC(e, self.addressing(self.networks[role]), e is management) for role, e in nics)
         plan = BootPlan(spec.role, name, hostname, image, memory, vcpus, management, overlay, console, xml,
                         host_key, seed is not None, cloudinit.asked_modules(spec.user_data), warm_key, nics,
@@ -443,6 +442,38 @@ class Lab:
         if warm_key is not None and self.warm_cache is not None:
             return dataclasses.replace(plan, saved=self.warm_cache.state(warm_key))
         return plan
+
+    def _warm_key(self, spec: VMSpec, image: Image) -> Optional[str]:
+        """The warm cache's key of VM `spec` as booted alone, if its state can be saved and restored:
+        one NIC, no extra disks, shares or deploy scripts. A restored guest has run cloud-init already
+        (with these user-data) and takes its new identity through the guest agent: a NoCloud seed is no
+        reason to boot."""
+        if (self.warm_cache is None or spec.shares or len(spec.nics or (self.management_role,)) != 1
+                or spec.disks or spec.deploy_scripts):
+            return None
+        memory, vcpus = spec.size(self.config)
+        return recipe_key([plugin_source_digest(), image.identity(), memory, vcpus, self.virt_type,
+                           self.cpu_mode, self.inputs.templates.text("domain.xml"),
+                           self.config.identity, self.config.ip_version, self.inputs.firmware(image),
+                           self.config.secure_boot, self.inputs.cloud_init(image), spec.user_data])
+
+    def _saved_subnets(self, specs: list[VMSpec], images: dict[str, Image],
+                       environment: Optional[SavedState]) -> dict[str, ipaddress.IPv4Network]:
+        """The /24 of each network role that the states `specs` will be restored from were saved on
+        (from `environment`, or each VM's own): a restore there keeps the saved NICs and leases (2-3 s
+        a VM), elsewhere every NIC moves (5-20 s). Taken where free (a state saved before the plugin
+        recorded them, or unreadable, prefers none)."""
+        if self.warm_cache is None:
+            return {}
+        keys = [self._warm_key(spec, images[spec.role]) for spec in specs] if environment is None else []
+        states = [environment.vm(spec.role) for spec in specs] if environment is not None else \
+            [self.warm_cache.state(key) for key in keys if key is not None]
+        found: dict[str, ipaddress.IPv4Network] = {}
+        for state in states:
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                for role, subnet in state.data().get("subnets", {}).items():
+                    found.setdefault(role, ipaddress.IPv4Network(subnet))
+        return found
 
     def _started(self, vm: VM) -> None:
         self.vms[vm.role] = vm

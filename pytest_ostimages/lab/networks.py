@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
 
 from ..errors import VirtError
 from ..hypervisor.render import HostEntry
 from ..hypervisor.subnets import free_subnet, host_networks, network_subnets
-from ..state.environment import ipv6_subnet
+from ..state.environment import ipv4_subnet, ipv6_subnet
 from ..hypervisor.host import LOCAL
 from .inputs import MANAGEMENT
 
@@ -59,18 +59,32 @@ def entry(subnet: ipaddress.IPv4Network, versions: tuple[int, ...], name: str, h
                      ipv6_subnet(subnet).network_address + host if 6 in versions else None)
 
 
+def subnets_of(nics: "Sequence[tuple[str, HostEntry]]") -> dict[str, str]:
+    """The /24 of each network role that NICs (role, reservation) are on (a session's networks are /24s; an
+    IPv6-only one's /64 is made of its /24, ipv6_subnet)."""
+    found = {}
+    for role, entry in nics:
+        if entry.ip is not None:
+            found[role] = str(ipaddress.IPv4Network((entry.ip, 24), strict=False))
+        elif entry.ip6 is not None:
+            made_of = ipv4_subnet(ipaddress.IPv6Network((entry.ip6, 64), strict=False))
+            found.update({role: str(made_of)} if made_of is not None else {})
+    return found
+
+
 def with_free_subnet(conn: "libvirt.virConnect", pool: ipaddress.IPv4Network,
                      create: Callable[[ipaddress.IPv4Network], T],
-                     routes: Optional[Callable[[], list[ipaddress.IPv4Network]]] = None, host: "Host" = LOCAL) -> T:
+                     routes: Optional[Callable[[], list[ipaddress.IPv4Network]]] = None, host: "Host" = LOCAL,
+                     prefer: Optional[ipaddress.IPv4Network] = None) -> T:
     """Run `create(subnet)` with a /24 of `pool` that no libvirt network, route or address of the
-    hypervisor `host` uses (`routes` default: its routes and addresses).
+    hypervisor `host` uses (`routes` default: its routes and addresses), `prefer` if it is one.
 
     Under that hypervisor's host-wide "subnets" lock, held until `create` returns, so the next
     allocator (any session, any work directory, any client) sees the new network in libvirt.
     """
     with host.lock("subnets"):
         used = network_subnets(conn) + (routes() if routes is not None else host_networks(host))
-        subnet = free_subnet(pool, used)
+        subnet = free_subnet(pool, used, prefer)
         if subnet is None:
             raise VirtError(
                 f"No free /24 left in the subnet pool {pool}: every one overlaps a libvirt "

@@ -59,6 +59,7 @@ from ..state.files import write_atomic
 from ..state.owner import RUN_ID
 from ..state.warmcache import SavedState, WarmCache
 from ..waiting import poll
+from .networks import subnets_of
 
 if TYPE_CHECKING:
     import libvirt
@@ -96,7 +97,8 @@ def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], N
             faults.point("warm-save")
             move(host, vm.overlay, folder / "disk.qcow2")
         assert vm.host_key is not None
-        return {"image": str(vm.image.path), "role": vm.role, "host_key": openssh_line(vm.host_key)}
+        return {"image": str(vm.image.path), "role": vm.role, "host_key": openssh_line(vm.host_key),
+                "subnets": subnets_of(vm.nics)}
 
     if cache.save(key, write, progress):
         state = cache.state(key)
@@ -151,7 +153,7 @@ def save_vm(vm: "VM", folder: "AnyPath") -> SavedVM:
             vm.host.copyfile(vm.host.path(nvram), state.nvram)
         assert vm.host_key is not None
         write_atomic(state.meta, json.dumps({"role": vm.role, "image": str(vm.image.path),
-                                             "host_key": openssh_line(vm.host_key)}))
+                                             "host_key": openssh_line(vm.host_key), "subnets": subnets_of(vm.nics)}))
     except BaseException:
         saved.undo()
         raise

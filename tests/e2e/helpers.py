@@ -233,6 +233,22 @@ def users_own_objects() -> Iterator[str]:
         conn.close()
 
 
+@contextlib.contextmanager
+def users_network(subnet: ipaddress.IPv4Network) -> Iterator[str]:
+    """A running network of the user's (no label of ours) on `subnet`, for the block."""
+    import libvirt
+
+    conn = libvirt.open(LIBVIRT_URI)
+    name = f"users-{secrets.token_hex(3)}"
+    net = conn.networkCreateXML(f"<network><name>{name}</name><bridge name='{name[:15]}'/>"
+                                f"<ip address='{subnet.network_address + 1}' prefix='{subnet.prefixlen}'/></network>")
+    try:
+        yield name
+    finally:
+        net.destroy()
+        conn.close()
+
+
 def read_until(proc: "subprocess.Popen[str]", marker: str, forbidden: Optional[str] = None) -> str:
     """The output of `proc` up to the line with `marker`; fails if it ends first or says `forbidden`."""
     assert proc.stdout is not None

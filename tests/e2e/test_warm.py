@@ -3,10 +3,12 @@ addresses and names, several sessions at once; a changed input makes it boot.
 
 The states restored are the run's (RESTORABLE): the first session boots and saves them, or restores
 them where an earlier session of the run saved them first (saving is proven in test_shared_host,
-test_faults and test_remote). The changed input boots into a warm cache of the test's own."""
+test_faults and test_remote). The changed input boots into a warm cache of the test's own; the next
+session restores it on the /24 it was saved on, though another is its pool's first free one."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from .helpers import DISTRO, RESTORABLE, scratch_root
+from .helpers import DISTRO, RESTORABLE, scratch_root, users_network
 
 SESSION = """
     import time
@@ -87,9 +89,20 @@ def test_sessions_restore_saved_vms(pytester: pytest.Pytester, warm_workdir: Pat
         assert restored[0][0] == booted
     assert restored[0][1] != restored[1][1]  # each session's own address
 
-    changed = pytester.runpytest_subprocess(*own, "--ost-memory=640", "-k", "clean_vm")  # one VM is enough
+    # a changed input (one VM is enough) boots, into the test's own cache, on a pool of the test's own whose
+    # first /24 a network of the user's holds
+    pool = "--ost-subnet-pool=192.168.248.0/22"
+    with users_network(ipaddress.IPv4Network("192.168.248.0/24")):
+        changed = pytester.runpytest_subprocess(*own, pool, "--ost-memory=640", "-k", "clean_vm")
     changed.assert_outcomes(passed=1, deselected=1)
-    changed.stdout.fnmatch_lines(["*clean: booting *640 MiB*"])
+    changed.stdout.fnmatch_lines(["*management): 192.168.249.0/24*", "*clean: booting *640 MiB*",
+                                  "*clean: state saved for warm starts*"])
+    # the next session takes the /24 its state was saved on (free now, though not the pool's first) and
+    # restores the guest with its NIC kept
+    again = pytester.runpytest_subprocess(*own, pool, "--ost-memory=640", "-k", "clean_vm")
+    again.assert_outcomes(passed=1, deselected=1)
+    again.stdout.fnmatch_lines(["*management): 192.168.249.0/24*",
+                                "*clean: restored * from saved state *addresses kept*"])
 
     cleanup = pytester.runpytest_subprocess("--ost-cleanup", "--ost-warm-cache", f"--ost-workdir={warm_workdir}")
     cleanup.stdout.fnmatch_lines(["removed saved state *"])

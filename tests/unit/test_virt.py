@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import shutil
@@ -70,6 +71,26 @@ def test_subnet_skips_the_one_an_ipv6_only_network_was_made_of(conn) -> None:
             == ipaddress.IPv4Network("192.168.121.0/24")
     finally:
         reaper.remove(conn, Owned("network", "v6only", LABEL))
+
+
+def test_a_preferred_subnet_is_taken_where_it_is_free(conn) -> None:
+    # the /24 a saved state was saved on: a restore there keeps the guest's NICs (lab/warm.py)
+    pool = ipaddress.IPv4Network("192.168.120.0/22")
+    take = functools.partial(networks.with_free_subnet, conn, pool, lambda s: s, routes=lambda: [])
+    assert take(prefer=ipaddress.IPv4Network("192.168.121.0/24")) == ipaddress.IPv4Network("192.168.121.0/24")
+    # not where it is used (the test driver's "default" network), outside the pool or not a /24: the first free
+    for used_or_not_ours in ("192.168.122.0/24", "10.1.2.0/24", "192.168.120.0/23"):
+        assert take(prefer=ipaddress.IPv4Network(used_or_not_ours)) == ipaddress.IPv4Network("192.168.120.0/24")
+
+
+def test_a_vms_subnets_by_network_role() -> None:
+    # what a saved state records of the VM's NICs (the subnets a later session prefers)
+    subnet = ipaddress.IPv4Network("192.168.130.0/24")
+    both = networks.entry(subnet, (4, 6), "engine", 10)
+    v6_only = networks.entry(ipaddress.IPv4Network("192.168.131.0/24"), (6,), "engine-eth1", 10)
+    assert v6_only.ip is None
+    assert networks.subnets_of([("management", both), ("storage", v6_only)]) == \
+        {"management": "192.168.130.0/24", "storage": "192.168.131.0/24"}
 
 
 def test_exhausted_pool_is_a_clear_error(conn, tmp_path: Path) -> None:

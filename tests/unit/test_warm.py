@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from lxml import etree
 
 from pytest_ostimages.errors import WarmStartError
 from pytest_ostimages.hypervisor.saveimage import HEADER, MAGIC, patch_save_image, restored_xml
+from pytest_ostimages.lab.networks import entry
 from pytest_ostimages.state.owner import Label
 from pytest_ostimages.state.warmcache import SavedState, WarmCache
 
@@ -169,10 +171,12 @@ def test_a_saved_disk_takes_the_layers_of_the_run_with_it(conn, tmp_path: Path) 
 
     image, disk = layered_disk(tmp_path)
     vm = vm_on(conn, disk, image)
+    vm.nics = (("management", entry(ipaddress.IPv4Network("192.168.130.0/24"), (4, 6), "vm", 10)),)
     folder = tmp_path / "warm" / "k" / "vm"
     folder.parent.mkdir(parents=True)
     warm.save_vm(vm, folder)
     state = SavedState(folder)
+    assert state.data()["subnets"] == {"management": "192.168.130.0/24"}  # where a restore keeps its NIC
     info = json.loads(qemu("qemu-img", "info", "-U", "--backing-chain", "--output=json", str(state.disk)))
     assert [Path(layer["filename"]) for layer in info] == [state.disk, image]  # whole above the image
     assert reads(state.disk)
