@@ -18,7 +18,7 @@ from .. import faults
 from ..errors import BootError, OstError, VirtError, VMError, WarmStartError
 from ..hypervisor import checkpoint
 from ..hypervisor.checkpoint import Checkpoint
-from ..hypervisor.connection import domain_state, kvm_failure, libvirt_module
+from ..hypervisor.connection import domain_state, kvm_failure, libvirt_module, qemu_crash
 from ..hypervisor.host import LOCAL
 from ..hypervisor.render import HostEntry
 from ..images.catalog import Image
@@ -162,6 +162,10 @@ class VM:
             if kvm is not None:  # every VM of the host would stop the same way
                 raise VirtError(self.describe_failure(f"was stopped by KVM while booting: {kvm.rstrip('.')}",
                                                      hint=False)) from None
+            crash = qemu_crash(self.domain, self.host)
+            if crash is not None:  # not the image: no hint about it
+                raise BootError(self.describe_failure(f"stopped while booting: its qemu process crashed; {crash}",
+                                                      hint=False)) from None
             raise BootError(self.describe_failure(str(exc))) from None
         except HostKeyMismatch as exc:
             raise BootError(self.describe_failure(f"is not the machine it should be: {exc}", hint=False)) from None

@@ -222,9 +222,24 @@ STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting d
           5: "shut off", 6: "crashed", 7: "suspended (PM)"}
 
 
+SHUT_OFF, SHUTOFF_CRASHED = 5, 3  # libvirt's VIR_DOMAIN_SHUTOFF and its reason VIR_DOMAIN_SHUTOFF_CRASHED
+
+
 def domain_state(dom: "libvirt.virDomain") -> str:
     try:
-        state, _reason = dom.state()
+        state, reason = dom.state()
     except libvirt_error():
         return "gone (undefined)"
+    if (state, reason) == (SHUT_OFF, SHUTOFF_CRASHED):  # its qemu process died (a signal, an abort)
+        return "shut off: its qemu process crashed"
     return STATES.get(state, f"state {state}")
+
+
+def qemu_crash(dom: "libvirt.virDomain", host: "Host") -> Optional[str]:
+    """Where to read why the domain's qemu process crashed; None if it did not."""
+    if domain_state(dom) != "shut off: its qemu process crashed":
+        return None
+    log = qemu_log(dom, host)
+    return (f"libvirt's log of it{f' ({log})' if log is not None else ''} ends where qemu died, and the "
+            f"hypervisor's kernel log (dmesg) names a fault of qemu-system-* if it was one. The image is not "
+            f"the cause: rerun; if it happens again, the hypervisor's qemu is at fault")

@@ -3,14 +3,21 @@ the option boots what it names, failures say what happened, nothing is left."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from pytest_ostimages import Catalog
 
-from .helpers import DISTRO, IMAGES, INNER, LIBVIRT_URI
+from pytest_ostimages.waiting import poll
+
+from .helpers import DISTRO, IMAGES, INNER, LIBVIRT_URI, libvirt_objects
 
 
 def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None, tmp_path: Path) -> None:
@@ -60,6 +67,39 @@ def test_vm_that_never_boots_shows_its_console(pytester: pytest.Pytester, unchan
         "*No bootable device*",
     ])
     assert "pytest_ostimages/" not in result.stdout.str()  # no traceback from inside the plugin
+
+
+def test_a_qemu_that_crashes_while_booting_is_named(pytester: pytest.Pytester, unchanged: None) -> None:
+    # as a TCG qemu once crashed here while its guest probed its PCI devices: the error names qemu and
+    # libvirt's log of it, with no hint about the image
+    pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "--ost-image=base", *INNER], cwd=pytester.path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        qemu = poll(lambda: qemu_of(proc.pid), 60, 0.2)
+        assert qemu is not None, "the inner session started no domain within 60 s"
+        os.kill(qemu, signal.SIGSEGV)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:  # the test failed half-way: the session tears down
+            proc.terminate()
+            proc.wait(timeout=120)
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED, output
+    result = pytest.LineMatcher(output.splitlines())
+    result.fnmatch_lines([f"*VM vm (ost-*-vm, image {DISTRO}-base) stopped while booting: its qemu process "
+                          f"crashed; libvirt's log of it (/var/log/libvirt/qemu/ost-*-vm.log) ends where qemu died*",
+                          "*state: shut off: its qemu process crashed*"])
+    assert "Check that the image boots" not in output
+
+
+def qemu_of(pid: int) -> Optional[int]:
+    """The pid of the qemu process of session `pid`'s domain, once it runs."""
+    domains = [o.split()[1] for o in libvirt_objects(pid) if o.startswith("domain ")]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if any(f"guest={name},".encode() in cmdline.read_bytes() for name in domains):
+                return int(cmdline.parent.name)
+    return None
 
 
 def test_guest_that_refuses_the_key(pytester: pytest.Pytester, unchanged: None,

@@ -4,6 +4,7 @@ and an interrupt during the end-of-session saves still removes everything."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -16,6 +17,7 @@ from .helpers import INNER, RESTORABLE, libvirt_objects, read_until, scratch_roo
 
 VM_TEST = "def test_vm(ost_vm):\n    assert ost_vm.ssh('true').returncode == 0\n"
 ANOTHER_USER = 12345  # owns a work root, as a second person on the host would
+WARM = Path(RESTORABLE[1].split("=", 1)[1])  # the run's warm cache
 
 
 def session(folder: Path, *args: str) -> subprocess.CompletedProcess:
@@ -77,15 +79,22 @@ def readable_by_others(root: Path) -> list[str]:
 
 def test_no_key_guest_memory_or_disk_is_readable_by_other_users(tmp_path: Path) -> None:
     # kept work directory (--ost-keep): overlays, console logs, the key copy, clean_vm's snapshot;
-    # warm start: a saved state (memory, disk) in the cache
+    # warm start: the saved states (memory, disk) of the run's cache that its VMs were restored from, or
+    # that it saved them into (the first session of a run that needs them)
     (tmp_path / "test_it.py").write_text(VM_TEST + "\n\ndef test_clean(clean_vm):\n    clean_vm.ssh('true')\n")
     with scratch_root("ost-modes-") as root:
-        done = session(tmp_path, "--ost-image=base", "--ost-keep", "--ost-warm=on", f"--ost-workdir={root}",
+        done = session(tmp_path, "--ost-image=base", "--ost-keep", *RESTORABLE, f"--ost-workdir={root}",
                        "test_it.py")
-        assert done.returncode == 0 and "state saved for warm starts" in done.stdout, done.stdout + done.stderr
+        assert done.returncode == 0, done.stdout + done.stderr
         [run] = [p for p in root.iterdir() if p.name != "warm"]
         assert {p.suffix for p in run.iterdir()} >= {".qcow2", ".log"}
-        assert list((root / "warm").glob("*/memory.save")) and list((root / "warm").glob("*/disk.qcow2"))
+        # its states (the kept run uses those it was restored from: none goes while the test reads them)
+        states = set(re.findall(r"from saved state (\w+) ", done.stdout)) | \
+            {Path(folder).name for folder in re.findall(r"state saved for warm starts in .* MiB, (\S+)\)", done.stdout)}
+        assert states, done.stdout
+        for state in (WARM / key for key in states):
+            assert (state / "memory.save").is_file() and (state / "disk.qcow2").is_file()
+            assert readable_by_others(state) == []
         assert readable_by_others(root) == []
 
 

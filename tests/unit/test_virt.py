@@ -182,3 +182,16 @@ def test_free_subnets_skip_routes_of_every_table_and_every_address() -> None:
         assert found.stdout.strip() == "192.168.130.0/24"
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)
+
+
+def test_a_domain_whose_qemu_crashed_says_so() -> None:
+    class Domain:  # what libvirt's virDomain.state() answers: (state, reason)
+        def __init__(self, answer: tuple[int, int]) -> None:
+            self.answer = answer
+
+        def state(self) -> tuple[int, int]:
+            return self.answer
+
+    assert virt.domain_state(Domain((5, 3))) == "shut off: its qemu process crashed"  # VIR_DOMAIN_SHUTOFF_CRASHED
+    assert virt.domain_state(Domain((5, 2))) == "shut off"  # destroyed
+    assert virt.domain_state(Domain((1, 1))) == "running"
