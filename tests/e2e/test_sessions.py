@@ -17,7 +17,7 @@ from pytest_ostimages import Catalog
 
 from pytest_ostimages.waiting import poll
 
-from .helpers import DISTRO, IMAGES, INNER, LIBVIRT_URI, libvirt_objects
+from .helpers import DISTRO, IMAGES, INNER, LIBVIRT_URI, WORKDIR, libvirt_objects
 
 
 def test_ost_image_boots_that_layer(pytester: pytest.Pytester, unchanged: None, tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_a_qemu_that_crashes_while_booting_is_named(pytester: pytest.Pytester, u
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "--ost-image=base", *INNER], cwd=pytester.path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        qemu = poll(lambda: qemu_of(proc.pid), 60, 0.2)
+        qemu = poll(lambda: qemu_of(proc.pid), 60, 0.2, retry_on=(FileNotFoundError,))  # console not made yet
         assert qemu is not None, "the inner session started no domain within 60 s"
         os.kill(qemu, signal.SIGSEGV)
         output = proc.communicate(timeout=120)[0]
@@ -93,8 +93,9 @@ def test_a_qemu_that_crashes_while_booting_is_named(pytester: pytest.Pytester, u
 
 
 def qemu_of(pid: int) -> Optional[int]:
-    """The pid of the qemu process of session `pid`'s domain, once it runs."""
-    domains = [o.split()[1] for o in libvirt_objects(pid) if o.startswith("domain ")]
+    """The pid of the qemu process of session `pid`'s domain, once its guest boots (writes to its console)."""
+    domains = [name for name in (o.split()[1] for o in libvirt_objects(pid) if o.startswith("domain "))
+               if (WORKDIR / name.split("-")[1] / f"{name}.console.log").stat().st_size > 0]
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             if any(f"guest={name},".encode() in cmdline.read_bytes() for name in domains):
