@@ -153,7 +153,7 @@ class VM:
             if abort is not None and abort.is_set():
                 return "was not waited for any more: the session was interrupted"
             state = self.state()
-            return None if state == "running" else f"the VM stopped while booting (state: {state})"
+            return None if state == "running" else f"stopped while booting (state: {state})"
 
         try:
             self._ssh.wait_ready(timeout, died)

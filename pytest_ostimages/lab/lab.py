@@ -271,8 +271,9 @@ class Lab:
             return Network(name, name, subnet, self.config.dns_domain, handle, spec.role, versions,
                            spec.management)
 
+        # the hypervisor's routes and its host-wide lock: a remote one's, not this machine's
         network = self.networks[spec.role] = with_free_subnet(self.conn, self.config.subnet_pool, create,
-                                                              prefer=prefer)
+                                                              host=self.host, prefer=prefer)
         addresses = [str(network.subnet)] * (4 in versions) + [str(network.subnet6)] * (6 in versions)
         self.progress(f"network {name} ({spec.role}): {', '.join(addresses)}, bridge {name}")
 

@@ -172,6 +172,19 @@ def test_xdist_workers_are_placed_on_both_hypervisors(hv: RemoteHypervisor, tmp_
     assert placed == sorted(hv.uris), placed  # as much room on each: one worker each, not both on the first
 
 
+def test_a_subnet_the_hypervisor_uses_is_skipped(hv: RemoteHypervisor, tmp_path: Path) -> None:
+    # the hypervisor (this namespace) has an address in the pool's first /24 that the client cannot see
+    (tmp_path / "test_net.py").write_text("def test_net(ost_network):\n    print('SUBNET', ost_network.subnet)\n")
+    dummy = f"ostd{tmp_path.name[-6:]}"[:15]
+    subprocess.run(["ip", "link", "add", dummy, "type", "dummy"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.97.4.1/24", "dev", dummy], check=True)
+        output = assert_ok(client(hv, tmp_path, "--ost-subnet-pool=10.97.4.0/23", "test_net.py"))
+    finally:
+        subprocess.run(["ip", "link", "del", dummy], check=True)
+    assert "SUBNET 10.97.5.0/24" in output, output
+
+
 @pytest.mark.parametrize("case", ["unreachable", "refused key", "unknown host key", "no images", "libvirt down"])
 def test_a_bad_remote_hypervisor_is_one_clear_error(hv: RemoteHypervisor, tmp_path: Path, case: str) -> None:
     (tmp_path / "test_x.py").write_text("def test_x(ost_vm):\n    pass\n")
