@@ -230,14 +230,22 @@ def domain_state(dom: "libvirt.virDomain") -> str:
         state, reason = dom.state()
     except libvirt_error():
         return "gone (undefined)"
-    if (state, reason) == (SHUT_OFF, SHUTOFF_CRASHED):  # its qemu process died (a signal, an abort)
+    if (state, reason) == (SHUT_OFF, SHUTOFF_CRASHED):
         return "shut off: its qemu process crashed"
     return STATES.get(state, f"state {state}")
 
 
+def qemu_crashed(dom: "libvirt.virDomain") -> bool:
+    """Whether the domain stopped because its qemu process died (a signal, an abort)."""
+    try:
+        return tuple(dom.state()) == (SHUT_OFF, SHUTOFF_CRASHED)
+    except libvirt_error():
+        return False
+
+
 def qemu_crash(dom: "libvirt.virDomain", host: "Host") -> Optional[str]:
     """Where to read why the domain's qemu process crashed; None if it did not."""
-    if domain_state(dom) != "shut off: its qemu process crashed":
+    if not qemu_crashed(dom):
         return None
     log = qemu_log(dom, host)
     return (f"libvirt's log of it{f' ({log})' if log is not None else ''} ends where qemu died, and the "

@@ -466,9 +466,11 @@ class Lab:
         recorded them, or unreadable, prefers none)."""
         if self.warm_cache is None:
             return {}
-        keys = [self._warm_key(spec, images[spec.role]) for spec in specs] if environment is None else []
-        states = [environment.vm(spec.role) for spec in specs] if environment is not None else \
-            [self.warm_cache.state(key) for key in keys if key is not None]
+        if environment is not None:
+            states = [environment.vm(spec.role) for spec in specs]
+        else:
+            keys = (self._warm_key(spec, images[spec.role]) for spec in specs)
+            states = [self.warm_cache.state(key) for key in keys if key is not None]
         found: dict[str, ipaddress.IPv4Network] = {}
         for state in states:
             with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):

@@ -42,7 +42,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from lxml import etree
 
@@ -71,13 +71,21 @@ if TYPE_CHECKING:
 SNAPSHOT = "ost-warm"
 
 
+def vm_meta(vm: "VM") -> dict[str, Any]:
+    """A saved VM's meta data: its role, image and host key, and the /24 of each of its networks (a
+    restore there keeps its NICs: Lab._saved_subnets)."""
+    assert vm.host_key is not None
+    return {"role": vm.role, "image": str(vm.image.path), "host_key": openssh_line(vm.host_key),
+            "subnets": subnets_of(vm.nics)}
+
+
 def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], None]) -> None:
     """Save `vm` (running, with the SNAPSHOT taken when it was ready) as state `key` of `cache`."""
     start = time.monotonic()
 
     host = cache.host
 
-    def write(folder: "AnyPath") -> dict[str, str]:
+    def write(folder: "AnyPath") -> dict[str, Any]:
         vm.close()
         dom = vm.domain
         ready = vm.checkpoints.get(SNAPSHOT)
@@ -96,9 +104,7 @@ def save_state(cache: WarmCache, vm: "VM", key: str, progress: Callable[[str], N
             dom.save(str(folder / "memory.save"))
             faults.point("warm-save")
             move(host, vm.overlay, folder / "disk.qcow2")
-        assert vm.host_key is not None
-        return {"image": str(vm.image.path), "role": vm.role, "host_key": openssh_line(vm.host_key),
-                "subnets": subnets_of(vm.nics)}
+        return vm_meta(vm)
 
     if cache.save(key, write, progress):
         state = cache.state(key)
@@ -151,9 +157,7 @@ def save_vm(vm: "VM", folder: "AnyPath") -> SavedVM:
         nvram = live.findtext("os/nvram")
         if nvram:
             vm.host.copyfile(vm.host.path(nvram), state.nvram)
-        assert vm.host_key is not None
-        write_atomic(state.meta, json.dumps({"role": vm.role, "image": str(vm.image.path),
-                                             "host_key": openssh_line(vm.host_key), "subnets": subnets_of(vm.nics)}))
+        write_atomic(state.meta, json.dumps(vm_meta(vm)))
     except BaseException:
         saved.undo()
         raise
