@@ -24,14 +24,14 @@ __all__ = ["LOCK_DIR", "LOCK_DIR_VARIABLE", "any_host_slot", "host_lock", "host_
            "write_atomic"]
 
 
-def write_atomic(path: "AnyPath", text: str) -> None:
+def write_atomic(path: "AnyPath", text: str, mode: int = 0o644) -> None:
     """Replace `path` (here, or a hypervisor's: host.HostPath) with `text` in one step: readers see
-    the old or the new content."""
+    the old or the new content. `mode`: 0o644 for what other users may read (names, public keys)."""
     if not isinstance(path, Path):  # a hypervisor's: SFTP's rename replaces atomically there (posix-rename)
         temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         try:
             temporary.write_text(text)
-            temporary.chmod(0o644)
+            temporary.chmod(mode)
             temporary.replace(path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -44,7 +44,7 @@ def write_atomic(path: "AnyPath", text: str) -> None:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(temporary_name, 0o644)
+        os.chmod(temporary_name, mode)
         os.replace(temporary_name, path)
     except BaseException:
         with contextlib.suppress(OSError):

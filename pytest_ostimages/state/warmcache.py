@@ -112,7 +112,7 @@ class WarmCache:
             users.mkdir(mode=0o700, exist_ok=True)
             # in use while this file exists: the run's owner record, or the later state's meta data
             marker = user / (OWNER_FILE if RUN_ID.fullmatch(user.name) else "meta.json")
-            write_atomic(users / user.name, str(marker))
+            write_atomic(users / user.name, str(marker), mode=0o600)  # like all of a state's files
             _touch(self.host, state.meta)  # last use, for the least-recently-used eviction
             return True
 

@@ -92,6 +92,19 @@ def test_least_recently_used_states_go_first_but_never_one_in_use(tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_registered_in_a_state_is_readable_by_nobody_else(tmp_path: Path) -> None:
+    # users/<run> names a run's work directory; like every file of a saved state, only its owner reads it
+    cache = WarmCache(tmp_path, limit=2500)
+    state = make_state(tmp_path, "a" * 16, 1000, 1)
+    run = tmp_path.parent / f"{tmp_path.name}-runs" / "0123abcd"
+    run.mkdir(parents=True)
+    Label.current(run.name, run).write(run)
+    assert cache.use(state, run)
+    users = state.folder / "users"
+    assert [(p.name, oct(p.stat().st_mode & 0o777)) for p in [users, *users.iterdir()]] == \
+        [("users", "0o700"), (run.name, "0o600")]
+
+
 def test_eviction_stops_as_soon_as_the_cache_fits(tmp_path: Path) -> None:
     cache = WarmCache(tmp_path, limit=2500)
     states = [make_state(tmp_path, k * 16, 1000, age) for k, age in (("a", 1), ("b", 2), ("c", 3), ("d", 4))]
