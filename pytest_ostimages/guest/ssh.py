@@ -38,6 +38,14 @@ AUTH_GRACE = 10.0  # seconds a guest may refuse the key while it finishes bootin
 # What a booting guest's SSH raises until it is ready (socket.timeout is an OSError).
 NOT_READY_YET = (OSError, EOFError, paramiko.SSHException)
 NOT_CONNECTED = NOT_READY_YET  # what a connection that dropped raises
+# Put before every command, on a line of its own. Closing a channel alone would leave a command that
+# writes nothing running in the guest (holding its locks: dnf's, a device's). So the command's stdin is
+# /dev/null, and a watcher holds the channel's stdin: when the channel closes (a timeout, an abort,
+# Ctrl-C) while the command still runs, sshd closes that stdin and the watcher sends SIGTERM to its
+# own process group: the command's (sshd starts each command's shell in a session of its own). A
+# command that ended by itself leaves alone what it started in the background.
+WATCHED = ('exec 3<&0 </dev/null; { while read -r _; do :; done <&3; kill -0 $$ 2>/dev/null && kill -TERM 0; } '
+           '>/dev/null 2>&1 & exec 3<&-\n')
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,7 @@ class SSH:
         end = time.monotonic() + timeout if timeout is not None else None
         channel = self._open_channel(command, timeout, end)
         try:
-            channel.exec_command(command)
+            channel.exec_command(WATCHED + command)
             stdout, stderr, sent = bytearray(), bytearray(), 0
             while not self._finished(channel):
                 self._check(command, timeout, end)
@@ -227,9 +235,9 @@ class SSH:
     def _check(self, command: str, timeout: Optional[float], end: Optional[float]) -> None:
         """Raise OstError once the deadline has passed or `abort` is set."""
         if end is not None and time.monotonic() >= end:
-            raise OstError(f"Command {command!r} on {self.host} did not finish within {timeout} s. Its channel "
-                           f"was closed (a command that writes nothing may still run there): allow it more "
-                           f"time, or bound it in the VM itself (timeout N COMMAND).")
+            raise OstError(f"Command {command!r} on {self.host} did not finish within {timeout} s; it was "
+                           f"ended there (SIGTERM to its processes). Allow it more time, or bound it in the VM "
+                           f"itself (timeout N COMMAND).")
         if self.abort is not None and self.abort.is_set():
             raise OstError(f"Command {command!r} on {self.host} was stopped: the session was interrupted.")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ostimages import VM, Catalog, Network, SSHCommandError, VMError
+from pytest_ostimages import VM, Catalog, Network, OstError, SSHCommandError, VMError
 from pytest_ostimages.guest.ssh import SSH
 
 from .helpers import IMAGES
@@ -113,6 +113,15 @@ def test_command_results_and_check(engine: VM) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
     with pytest.raises(SSHCommandError, match="exited with 3(.|\n)*err"):
         engine.ssh("echo err >&2; exit 3", check=True)
+
+
+def test_a_command_that_times_out_is_ended_in_the_guest(engine: VM) -> None:
+    # it writes nothing and reads its stdin (empty): without the plugin's watcher it would run on, holding
+    # whatever it holds, after its channel closed
+    with pytest.raises(OstError, match="did not finish within 2 s; it was ended there"):
+        engine.ssh("cat; sleep 600.5 | cat", timeout=2)
+    gone = "for i in $(seq 50); do pgrep -f 'sleep 600[.]5' >/dev/null || exit 0; sleep 0.1; done; exit 1"
+    assert engine.ssh(gone, timeout=30).returncode == 0
 
 
 def test_dropped_connection_is_reopened(host1: VM) -> None:

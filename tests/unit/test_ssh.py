@@ -59,12 +59,30 @@ def test_a_timeout_limits_the_whole_command(ssh: SSH, thread_errors: list) -> No
     assert not thread_errors  # nor one that died
 
 
+def ended(ssh: SSH, command: str) -> bool:
+    """Whether no process runs `command` (its whole command line) there any more, within 5 s."""
+    return ssh.run(f"for i in $(seq 50); do pgrep -fx '{command}' >/dev/null || exit 0; sleep 0.1; done; exit 1",
+                   timeout=30).returncode == 0
+
+
 def test_the_connection_is_still_usable_after_a_timeout(ssh: SSH) -> None:
     client = ssh.connect()
-    with pytest.raises(OstError):
-        ssh.run("sleep 30", timeout=0.5)
+    with pytest.raises(OstError, match="it was ended there"):
+        ssh.run("sleep 30.1", timeout=0.5)  # writes nothing: closing its channel alone would leave it running
+    assert ended(ssh, "sleep 30.1")
     assert ssh.run("echo still here", timeout=10).stdout == "still here\n"
     assert ssh.connect() is client  # the same connection: only the command's channel was closed
+
+
+def test_what_a_command_leaves_running_stays_and_its_stdin_is_empty(ssh: SSH, tmp_path: Path) -> None:
+    done = ssh.run("cat; setsid -f sleep 30.4 >/dev/null 2>&1; sleep 30.5 >/dev/null 2>&1 & echo started",
+                   timeout=10)
+    try:
+        assert done.stdout == "started\n"  # cat read an empty stdin, as the guest's commands all do
+        time.sleep(1)  # the channel is closed: nothing is ended for it
+        assert not ended(ssh, "sleep 30.5") and not ended(ssh, "sleep 30.4")
+    finally:
+        ssh.run("pkill -fx 'sleep 30.[45]'", timeout=10)
 
 
 def test_large_stdout_and_stderr_are_both_collected(ssh: SSH) -> None:
@@ -98,10 +116,12 @@ def test_setting_abort_stops_a_command(ssh: SSH, thread_errors: list) -> None:
     start = time.monotonic()
     try:
         with pytest.raises(OstError, match="interrupted"):
-            ssh.run("sleep 30", timeout=None)
+            ssh.run("sleep 30.2", timeout=None)
     finally:
         interrupt.join()
     assert time.monotonic() - start < 3
+    ssh.abort = None
+    assert ended(ssh, "sleep 30.2")
     assert threading.active_count() == threads
     assert not thread_errors
 
@@ -116,11 +136,12 @@ def test_ctrl_c_interrupts_a_command(ssh: SSH) -> None:
     start = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
-            ssh.run(TICKING, timeout=None)
+            ssh.run("sleep 30.3 | cat", timeout=None)  # every process of the command ends
     finally:
         ctrl_c.join()
         signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 3
+    assert ended(ssh, "sleep 30.3")
     assert ssh.run("echo after", timeout=10).stdout == "after\n"
 
 
