@@ -280,7 +280,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hosts", _positive_int, "number of VMs in the hosts fixture (default 2)"),
     Setting("max_boots", _max_boots, "how many VMs may boot at once on this host, across all "
             "sessions and workers: auto (CPUs + 1, the default), 0 (no limit) or a number"),
-    Setting("boot_timeout", _seconds, "seconds to wait for a VM to answer SSH (default 600)"),
+    Setting("boot_timeout", _seconds, "seconds a VM has to answer SSH and be ready (default 600)"),
     Setting("workdir", _absolute_path, "where session work directories are made, one root per user; must be "
             "traversable by libvirt's qemu user (default /var/tmp/pytest-ostimages-<user>)"),
     Setting("keep", _bool, "keep the work directory (overlays, console logs) after the session", flag=True),

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import paramiko
 
 
-NETWORK_WAIT = 30.0  # seconds a booted VM may take for its IPv6 address and its resolver after SSH answers
+NETWORK_WAIT = 30.0  # seconds a booted VM may take for its IPv6 address, and for its resolver (then, with a word, more)
 
 
 @dataclass(frozen=True)
@@ -81,23 +81,31 @@ class BootPlan:
 
 
 def wait_for_network(vm: VM, own: HostEntry, names: Sequence[HostEntry], restored: bool,
-                     progress: Callable[[str], None]) -> None:
+                     progress: Callable[[str], None], deadline: float) -> None:
     """Until the VM has its IPv6 address and, restored, its fresh DHCP leases are bound, for at most
     NETWORK_WAIT s; then until it resolves the session's names over DNS (`names`: the management
-    network's, its own `own` among them), for at most NETWORK_WAIT s more. A VM that does not resolve
-    them is not handed over (its DHCP clients set its resolver in the background after SSH answers: a
-    test would race them); one without its DHCPv6 address or its fresh leases is, with a word (an
-    image without DHCPv6 by DUID-LL works over IPv4)."""
+    network's, its own `own` among them), for at most NETWORK_WAIT s more, and then, with a word, on
+    until `deadline` (time.monotonic(): its boot's, --ost-boot-timeout from its start): a guest on a
+    busy host is slow, not broken. A VM that does not resolve them is not handed over (its DHCP clients
+    set its resolver in the background after SSH answers: a test would race them); one without its
+    DHCPv6 address or its fresh leases is, with a word (an image without DHCPv6 by DUID-LL works over
+    IPv4)."""
     wanted = {name: own.addresses for name in (own.name, vm.hostname)}
     wanted.update({entry.name: entry.addresses for entry in names if entry.name != own.name})
+    start = time.monotonic()
     missing = vm.wait_for_network(own.ip6 if vm.ip != own.ip6 else None, wanted, NETWORK_WAIT,
                                   also=[FRESH_LEASES_BOUND] if restored else [])
     unresolved = [line for line in missing if line.startswith("name ")]
+    left = deadline - time.monotonic()
+    if unresolved and left >= 1:
+        progress(f"{vm.role}: does not resolve every name of the session yet ({'; '.join(unresolved)}): "
+                 f"waiting up to {left:.0f} s more, until its boot timeout")
+        unresolved = vm.wait_for_network(None, wanted, left)
     if unresolved:
         raise BootError(vm.describe_failure(
-            f"does not resolve the session's names over DNS within {NETWORK_WAIT:.0f} s ({'; '.join(unresolved)}): "
-            f"its resolver should be the session network's. The guest's /etc/resolv.conf:\n"
-            f"{vm.diagnostic('cat /etc/resolv.conf')}", hint=False))
+            f"does not resolve the session's names over DNS within {time.monotonic() - start:.0f} s "
+            f"({'; '.join(unresolved)}): its resolver should be the session network's. The guest's "
+            f"/etc/resolv.conf:\n{vm.diagnostic('cat /etc/resolv.conf')}", hint=False))
     if any(line.startswith("address ") for line in missing):
         progress(f"{vm.role}: no IPv6 address {own.ip6} within {NETWORK_WAIT:.0f} s: does the image "
                  f"ask for it by DHCPv6 with a DUID-LL (NetworkManager: dhcp-duid=ll)?")
@@ -144,6 +152,7 @@ class Booter:
                               f"{plan.memory} MiB, {self.virt_type}) at {plan.ip}")
             faults.point("ssh-wait")
             seconds = vm.wait_for_ssh(self.boot_timeout, self.abort)
+        ready_by = time.monotonic() - seconds + self.boot_timeout  # its boot's deadline
         if plan.cloud_init and plan.host_key is not None and vm.origin == "booted":
             left = max(1.0, self.boot_timeout - seconds)
             done, unasked = vm.finish_cloud_init(plan.host_key, left, plan.cloud_init_asks)
@@ -159,7 +168,7 @@ class Booter:
         else:
             vm.pin_offered_key()
             identity = ", image's identity kept"
-        self._wait_for_network(vm, plan)
+        wait_for_network(vm, plan.entry, plan.names, vm.origin != "booted", self.progress, ready_by)
         if plan.warm_key is not None and vm.origin == "booted":
             # a restore needs the agent (its new lease and identity come through it)
             if wait_for_agent(vm.domain, 30):
@@ -172,9 +181,6 @@ class Booter:
         self.progress(f"{plan.role}: ssh ready in {seconds:.1f} s{identity}, host key "
                       f"{fingerprint(vm.host_key)}")
         return vm
-
-    def _wait_for_network(self, vm: VM, plan: BootPlan) -> None:
-        wait_for_network(vm, plan.entry, plan.names, vm.origin != "booted", self.progress)
 
     def _restore(self, conn: "libvirt.virConnect", plan: BootPlan, key: "paramiko.PKey",
                  started: Callable[[VM], None]) -> Optional[VM]:

@@ -604,8 +604,9 @@ class Lab:
                                           self.host)
         vm.replace_domain(domain, overlay, public_key(saved.host_key()))
         vm.backed_by = saved.folder.parent.name
-        vm.wait_for_ssh(self.config.boot_timeout)
-        wait_for_network(vm, management, self._names(), True, self.progress)
+        seconds = vm.wait_for_ssh(self.config.boot_timeout)
+        wait_for_network(vm, management, self._names(), True, self.progress,
+                         time.monotonic() - seconds + self.config.boot_timeout)
 
     def _names(self, batch: Sequence[tuple[str, HostEntry]] = ()) -> tuple[HostEntry, ...]:
         """The session's names on the management network (DNS): each NIC there of its VMs and of

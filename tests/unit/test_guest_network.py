@@ -283,3 +283,54 @@ def test_a_restored_guest_that_kept_its_nics_only_takes_its_identity(tmp_path: P
     # moved to other addresses, it gets them and fresh leases, its identity between the two
     addresses, fresh_leases = move_to(TWO_NICS)
     assert script(False) == f"{addresses}\necho identity taken\n{fresh_leases}"
+
+
+class ShellGuest:
+    """The part of a VM that wait_for_network uses, its commands run by a real shell here (with the
+    stand-in tools of `env`) as they run in the guest."""
+
+    role, hostname, ip = "engine", "engine", ipaddress.IPv4Address("192.0.2.10")
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def ssh(self, command: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", "-c", command], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def wait_for_network(self, ip6, names, timeout, also=()) -> list[str]:  # as VM.wait_for_network
+        done = self.ssh(network_wait_script(ip6, names, timeout, also), timeout=2 * timeout + 30)
+        return [line for line in done.stdout.splitlines() if line.strip()] if done.returncode else []
+
+    def diagnostic(self, command: str) -> str:
+        return self.ssh(command, timeout=10).stdout
+
+    def describe_failure(self, reason: str, hint: bool = True) -> str:
+        return f"VM engine {reason}"
+
+
+@pytest.mark.parametrize("answers_after, deadline, resolves", [(3, 10, True), (60, 3, False)])
+def test_a_slow_guests_names_are_awaited_until_its_boot_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  answers_after: int, deadline: int,
+                                                                  resolves: bool) -> None:
+    """A guest on a busy host whose resolver answers after the network wait (1 s here) is handed over
+    once it does, with a word; one that never answers fails by its boot's deadline, not later."""
+    from pytest_ostimages.errors import BootError
+    from pytest_ostimages.lab import booter
+
+    monkeypatch.setattr(booter, "NETWORK_WAIT", 1.0)
+    ready = int(time.time()) + answers_after
+    guest = ShellGuest(stand_ins(tmp_path, getent=f'#!/bin/sh\n[ "$(date +%s)" -ge {ready} ] || exit 2\n{RESOLVES}\n',
+                                 ip="#!/bin/sh\necho 2: enp1s0 inet6 fd00::10/64\n"))  # it holds its IPv6 address
+    own = HostEntry("engine", "52:54:00:00:00:10", *NAMES["engine"])
+    said: list[str] = []
+    start = time.monotonic()
+    if resolves:
+        booter.wait_for_network(guest, own, [own], False, said.append, start + deadline)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(BootError, match=r"does not resolve the session's names over DNS within [34] s "
+                                            r"\(name engine \(IPv4: 192.0.2.10\), answered: nothing"):
+            booter.wait_for_network(guest, own, [own], False, said.append, start + deadline)  # type: ignore[arg-type]
+    assert time.monotonic() - start < deadline + 3
+    assert len(said) == 1 and said[0].startswith("engine: does not resolve every name of the session yet (name "
+                                                 "engine (IPv4: 192.0.2.10), answered: nothing"), said
+    assert "until its boot timeout" in said[0]
