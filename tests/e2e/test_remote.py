@@ -105,7 +105,9 @@ def test_a_session_runs_its_vms_on_the_hypervisor_and_leaves_nothing(hv: RemoteH
     assert re.search(r"^RUN (\w+) (\S+)", again, re.M).groups() == (run, boot)  # type: ignore[union-attr]
     cleanup = assert_ok(hv.run([sys.executable, "-m", "pytest", "--ost-cleanup", f"--ost-libvirt-uri={hv.uri}"],
                                cwd=suite, timeout=300))
-    assert f"removed domain ost-{run}-vm" in cleanup, cleanup
+    # its run is removed: its work directory by this cleanup, its domains by it or, once it forgot the kept
+    # VMs, by another session's reaper that ran at the same moment (another xdist worker's): both are right
+    assert "removed workdir " in cleanup and f"(run {run}, " in cleanup, cleanup
     assert (libvirt_objects(), leftovers_on_the_hypervisor()) == before
 
 
