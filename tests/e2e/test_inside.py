@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import venv
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -39,16 +41,19 @@ def test_example_passes_inside_and_lists_each_test(pytester: pytest.Pytester, tm
 
 
 def test_an_inner_failure_keeps_its_traceback(pytester: pytest.Pytester) -> None:
+    suite = pytester.path / "suite"  # in the rootdir (the tree copied to the guest), with a virtualenv in it
+    shutil.copytree(EXAMPLE, suite)
+    venv.create(suite / "env", with_pip=False)
     result = pytester.runpytest_subprocess("--ost-run-inside=host-installed", "--ost-inside-share=copy",
-                                           str(EXAMPLE), "-m", "demo_fail", *SMALL, *RESTORABLE)
+                                           str(suite), "-m", "demo_fail", *SMALL, *RESTORABLE)
     result.assert_outcomes(failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines([
-        "*inside: * copied to /root/ost-tree*",
+        f"*inside: {pytester.path} copied to /root/ost-tree (* KiB in * s; not the virtual environments suite/env)",
         "*_ test_fails_on_purpose _*",
         "*assert sizes[[]\"lv\"[]] == sizes[[]\"pv\"[]], \"this test fails on purpose (-m demo_fail)\"*",
         "*AssertionError: this test fails on purpose*",
-        "FAILED *examples/inside/test_storage.py::test_fails_on_purpose*",
+        "FAILED *test_storage.py::test_fails_on_purpose*",
     ])
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from pytest_ostimages.config import SETTINGS
 from pytest_ostimages.errors import OstError
-from pytest_ostimages.inside.run import inner_args
+from pytest_ostimages.inside.run import inner_args, tree_archive
 
 VALUE_OPTIONS = {s.option for s in SETTINGS if not s.flag}
 
@@ -63,3 +64,18 @@ def test_a_bad_inner_argument_is_a_usage_error_not_a_traceback(pytester: pytest.
     assert "INTERNALERROR" not in output and "Traceback" not in output, output
     # it got as far as booting (the test driver's VMs never answer)
     result.stderr.fnmatch_lines(["ERROR: VM inside (ost-*-inside, image testos-base) not reachable over SSH within 1 s*"])
+
+
+def test_the_copied_tree_leaves_out_virtual_environments_under_any_name(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for folder, files in {"tests": ["test_a.py"], ".venv-floor": ["pyvenv.cfg", "lib/site.py"],
+                          "sub/env311": ["pyvenv.cfg", "bin/python"], ".git": ["HEAD"],
+                          "data": ["pyvenv.cfg.example"]}.items():
+        for name in files:
+            (tree / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / folder / name).write_text("x")
+    left_out = tree_archive(tree, tmp_path / "tree.tar.gz")
+    assert sorted(left_out) == [".venv-floor", "sub/env311"]
+    with tarfile.open(tmp_path / "tree.tar.gz") as tar:
+        files = sorted(m.name for m in tar.getmembers() if m.isfile())
+    assert files == ["./data/pyvenv.cfg.example", "./tests/test_a.py"]
