@@ -283,6 +283,7 @@ class VM:
         """Go back to snapshot `name`, running; SSH reconnects on next use. Return seconds."""
         start = time.monotonic()
         self._ssh.close()  # the guest forgot this connection: it predates the snapshot
+        agent = self._agent_connected()  # asked now: right after the restore libvirt may not know yet
         with self._snapshot_errors(f"go back to snapshot {name!r}"):
             if name in self.checkpoints:
                 self.domain = checkpoint.go_back(self.domain, self.checkpoints[name], self.overlay, self.nvram,
@@ -290,17 +291,22 @@ class VM:
             else:
                 self.domain.revertToSnapshot(self.domain.snapshotLookupByName(name),
                                              libvirt_module().VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
-        self._catch_up_clock()
+        if agent:
+            self._catch_up_clock()
         return time.monotonic() - start
+
+    def _agent_connected(self) -> bool:
+        """Whether the guest's agent has its channel open, as libvirt last heard from QEMU. Right after
+        a restore libvirt says "disconnected" until QEMU replays the guest's open (tens of ms, longer
+        on a loaded host): what counts for a revert is the state before it."""
+        channel = etree.fromstring(self.domain.XMLDesc().encode()).find(
+            "devices/channel/target[@name='org.qemu.guest_agent.0']")
+        return channel is not None and channel.get("state") != "disconnected"
 
     def _catch_up_clock(self) -> None:
         """The guest's clock went back with its memory, to the snapshot's time: it is moved ahead by
-        its offset from the host's through the guest agent. A guest whose agent never opened its
-        channel (libvirt says "disconnected") keeps the snapshot's time, as without the plugin."""
-        channel = etree.fromstring(self.domain.XMLDesc().encode()).find(
-            "devices/channel/target[@name='org.qemu.guest_agent.0']")
-        if channel is None or channel.get("state") == "disconnected":
-            return
+        its offset from the host's through the guest agent. (A guest whose agent never opened its
+        channel keeps the snapshot's time, as without the plugin: revert does not call this.)"""
         try:
             # a restored guest on a busy host may take seconds to run its agent again (5 s was too few)
             if not wait_for_agent(self.domain, 30):
