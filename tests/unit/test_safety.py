@@ -481,6 +481,8 @@ def test_a_refused_snapshot_is_a_vm_error(conn, tmp_path: Path) -> None:
         domain.destroy()
 
 
+# --- a revert sets the clock of a guest whose agent libvirt has not heard of again yet --------------
+
 
 class JustRestored:
     """A test-driver domain as libvirt shows a running guest whose agent has its channel open, and,
