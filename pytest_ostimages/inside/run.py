@@ -101,7 +101,7 @@ def _in_tree(value: str, rootdir: Path) -> str:
 def tree_archive(rootdir: Path, archive: Path) -> list[str]:
     """The rootdir as a gzipped tarball for the guest, without what NOT_COPIED names and without
     virtual environments under any name (a folder with a pyvenv.cfg): the host's Python packages
-    are of no use to the guest's Python, and unpacking them under TCG costs a minute. Returns
+    are of no use to the guest's Python, and unpacking them under TCG costs tens of seconds. Returns
     the virtual environments left out, relative to the rootdir."""
     venvs: list[str] = []
 
@@ -110,7 +110,7 @@ def tree_archive(rootdir: Path, archive: Path) -> list[str]:
         if path.name in NOT_COPIED:
             return None
         if info.isdir() and (rootdir / path / "pyvenv.cfg").is_file():
-            venvs.append(str(path.relative_to(".")))
+            venvs.append(str(path))  # "./sub/env" is Path("sub/env")
             return None
         return info
 
