@@ -32,6 +32,10 @@ class BootError(OstError):
     """A VM did not become reachable over SSH."""
 
 
+class QemuCrashed(BootError):
+    """A VM's qemu process died while the VM booted (a signal, an abort): the hypervisor's fault, not the image's."""
+
+
 class VMError(OstError):
     """A running VM died or stopped answering during a test."""
 

@@ -16,7 +16,7 @@ import paramiko
 from lxml import etree
 
 from .. import faults
-from ..errors import BootError, OstError, VirtError, VMError, WarmStartError
+from ..errors import BootError, OstError, QemuCrashed, VirtError, VMError, WarmStartError
 from ..hypervisor import checkpoint
 from ..hypervisor.checkpoint import Checkpoint
 from ..hypervisor.connection import domain_state, kvm_failure, libvirt_module, qemu_crash
@@ -144,10 +144,11 @@ class VM:
     def state(self) -> str:
         return domain_state(self.domain)
 
-    def wait_for_ssh(self, timeout: float, abort: Optional[threading.Event] = None) -> float:
+    def wait_for_ssh(self, timeout: float, abort: Optional[threading.Event] = None, again: bool = False) -> float:
         """Block until root can log in; return the seconds it took.
 
-        Setting `abort` (the session is being interrupted) stops the wait at once.
+        Setting `abort` (the session is being interrupted) stops the wait at once. `again`: the VM was
+        started once more after its qemu crashed (a second crash says so).
         """
         start = time.monotonic()
 
@@ -166,8 +167,9 @@ class VM:
                                                      hint=False)) from None
             crash = qemu_crash(self.domain, self.host)
             if crash is not None:  # not the image: no hint about it
-                raise BootError(self.describe_failure(f"stopped while booting: its qemu process crashed; {crash}",
-                                                      hint=False)) from None
+                twice = " again, after it was started once more" if again else ""
+                raise QemuCrashed(self.describe_failure(f"stopped while booting: its qemu process crashed{twice}; "
+                                                        f"{crash}", hint=False)) from None
             raise BootError(self.describe_failure(str(exc))) from None
         except HostKeyMismatch as exc:
             raise BootError(self.describe_failure(f"is not the machine it should be: {exc}", hint=False)) from None

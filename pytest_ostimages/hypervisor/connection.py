@@ -250,4 +250,4 @@ def qemu_crash(dom: "libvirt.virDomain", host: "Host") -> Optional[str]:
     log = qemu_log(dom, host)
     return (f"libvirt's log of it{f' ({log})' if log is not None else ''} ends where qemu died, and the "
             f"hypervisor's kernel log (dmesg) names a fault of qemu-system-* if it was one. The image is not "
-            f"the cause: rerun; if it happens again, the hypervisor's qemu is at fault")
+            f"the cause: the hypervisor's qemu is")
