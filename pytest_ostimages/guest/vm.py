@@ -31,6 +31,12 @@ from .network import network_wait_script
 from .ssh import SSH, CommandResult, HostKeyMismatch, NotReady
 
 CLEAN_SNAPSHOT = "ost-clean"
+BOOT_HINT = ("Check that the image boots and starts sshd (the console shows how far it got); "
+             "under TCG emulation (--ost-virt-type=qemu) give it more --ost-boot-timeout.")
+STUCK_HINT = ("The guest stopped where its console stops: it is stuck, not slow, and more --ost-boot-timeout "
+              "would not help. If it stops at the same place on every run, the image is the cause; if it boots on "
+              "the next run, it was that one boot (guests under TCG emulation have stopped this way early in their "
+              "boot, rarely, with nothing in the image to blame).")
 log = logging.getLogger("pytest_ostimages")
 
 if TYPE_CHECKING:
@@ -38,6 +44,31 @@ if TYPE_CHECKING:
 
     from ..hypervisor.host import AnyPath, Host
     from testinfra.host import Host as TestinfraHost
+
+
+class ConsoleWatch:
+    """When a booting guest's console last grew (its log's size, looked at once a second)."""
+
+    def __init__(self, path: "AnyPath") -> None:
+        self._path = path
+        self._size = 0
+        self._grew = self._looked = time.monotonic()
+
+    def look(self) -> None:
+        now = time.monotonic()
+        if now - self._looked < 1.0:
+            return
+        self._looked = now
+        try:
+            size = self._path.stat().st_size
+        except (OSError, OstError):  # a diagnostic: never a reason to stop waiting
+            return
+        if size != self._size:
+            self._size, self._grew = size, now
+
+    def silent_for(self) -> float:
+        """Seconds since the console last grew; 0 if it never printed anything."""
+        return time.monotonic() - self._grew if self._size else 0.0
 
 
 @dataclass(eq=False)
@@ -151,11 +182,13 @@ class VM:
         started once more after its qemu crashed (a second crash says so).
         """
         start = time.monotonic()
+        console = ConsoleWatch(self.console_path)
 
         def died() -> Optional[str]:
             if abort is not None and abort.is_set():
                 return "was not waited for any more: the session was interrupted"
             state = self.state()
+            console.look()
             return None if state == "running" else f"stopped while booting (state: {state})"
 
         try:
@@ -170,6 +203,10 @@ class VM:
                 twice = " again, after it was started once more" if again else ""
                 raise QemuCrashed(self.describe_failure(f"stopped while booting: its qemu process crashed{twice}; "
                                                         f"{crash}", hint=False)) from None
+            silent = console.silent_for()
+            if silent >= timeout / 2:  # it printed, then stopped: stuck, not slow
+                raise BootError(self.describe_failure(f"{exc}; its console has printed nothing for the last {silent:.0f} s",
+                                                      hint=STUCK_HINT)) from None
             raise BootError(self.describe_failure(str(exc))) from None
         except HostKeyMismatch as exc:
             raise BootError(self.describe_failure(f"is not the machine it should be: {exc}", hint=False)) from None
@@ -247,16 +284,16 @@ class VM:
         """Keep the guest as it is; accept only the host key it offered at first contact."""
         self._ssh.pin(self._ssh.offered_key())
 
-    def describe_failure(self, reason: str, console_lines: int = 30, hint: bool = True) -> str:
+    def describe_failure(self, reason: str, console_lines: int = 30, hint: Union[bool, str] = True) -> str:
+        """`hint`: True for the boot hint, a text of its own, or False for none."""
         tail = self.console_log(console_lines) or "(the console log is empty)"
+        advice = BOOT_HINT if hint is True else hint or ""
         return (
             f"VM {self.role} ({self.name}, image {self.image.label}) {reason}.\n"
             f"  state: {self.state()}\n  address: {self.ip} ({self.hostname}, MAC {self.mac})\n"
             f"  console log: {self.console_path}\n"
             f"--- last {console_lines} lines of the serial console ---\n{tail}\n---"
-            + ("\nCheck that the image boots and starts sshd (the console shows how far it got); "
-               "under TCG emulation (--ost-virt-type=qemu) give it more --ost-boot-timeout."
-               if hint else "")
+            + (f"\n{advice}" if advice else "")
         )
 
     def snapshot(self, name: str = CLEAN_SNAPSHOT) -> float:
