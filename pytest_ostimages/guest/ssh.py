@@ -103,7 +103,12 @@ def load_key(path: "AnyPath") -> paramiko.PKey:
 
 
 class NotReady(Exception):
-    """SSH did not come up; the reason is for the BootError the VM builds."""
+    """SSH did not come up; the reason is for the BootError the VM builds. `unanswered`: the wait ran
+    out and nothing answered on the SSH port at its last try."""
+
+    def __init__(self, reason: str, unanswered: bool = False) -> None:
+        super().__init__(reason)
+        self.unanswered = unanswered
 
 
 class HostKeyMismatch(OstError):
@@ -271,6 +276,7 @@ class SSH:
         """
         deadline = time.monotonic() + timeout
         last = ["no answer yet"]
+        unanswered = [True]  # at the last try
         first_refusal: list[float] = []
 
         def attempt() -> None:
@@ -279,6 +285,7 @@ class SSH:
                 raise NotReady(dead)
             sock = sshd_socket(self.host, self.port) if self.via is None else \
                 self.via.guest_socket(self.host, self.port, PROBE_CONNECT)
+            unanswered[0] = sock is None
             if sock is None:
                 through = "" if self.via is None else f" (through {self.via.name})"
                 last[0] = (f"nothing answers on {self.host}:{self.port}{through} (no address yet, or sshd not "
@@ -313,7 +320,7 @@ class SSH:
         try:
             retrying(attempt)
         except NOT_READY_YET:
-            raise NotReady(f"not reachable over SSH within {timeout:.0f} s: {last[0]}") from None
+            raise NotReady(f"not reachable over SSH within {timeout:.0f} s: {last[0]}", unanswered[0]) from None
 
 
 def sshd_socket(host: str, port: int = 22, connect_timeout: float = 0.25,

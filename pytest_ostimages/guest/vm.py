@@ -204,7 +204,7 @@ class VM:
                 raise QemuCrashed(self.describe_failure(f"stopped while booting: its qemu process crashed{twice}; "
                                                         f"{crash}", hint=False)) from None
             silent = console.silent_for()
-            if silent >= timeout / 2:  # it printed, then stopped: stuck, not slow
+            if exc.unanswered and silent >= timeout / 2:  # it printed, then stopped: stuck, not slow
                 raise BootError(self.describe_failure(f"{exc}; its console has printed nothing for the last {silent:.0f} s",
                                                       hint=STUCK_HINT)) from None
             raise BootError(self.describe_failure(str(exc))) from None

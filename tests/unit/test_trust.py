@@ -294,8 +294,12 @@ def test_probe_does_not_retry_programming_errors() -> None:
     with pytest.raises(ZeroDivisionError):  # at once, not as a stale "not ready" after 30 s
         probe.wait_ready(30, buggy_liveness_check)
     # what means "not ready yet" is retried until the deadline, then explained
-    with pytest.raises(NotReady, match="nothing answers on 127.0.0.1:1"):
+    with pytest.raises(NotReady, match="nothing answers on 127.0.0.1:1") as ran_out:
         probe.wait_ready(0.5, lambda: None)
+    assert ran_out.value.unanswered  # what lets a VM whose console stopped be named stuck
+    with pytest.raises(NotReady, match="stopped") as stopped:
+        probe.wait_ready(30, lambda: "stopped")
+    assert not stopped.value.unanswered  # a reason of its own: never "stuck"
 
 
 def test_a_kept_environment_whose_network_is_gone_is_not_attached(root: Path, conn, images_dir: Path) -> None:
