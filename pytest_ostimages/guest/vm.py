@@ -35,8 +35,8 @@ BOOT_HINT = ("Check that the image boots and starts sshd (the console shows how 
              "under TCG emulation (--ost-virt-type=qemu) give it more --ost-boot-timeout.")
 STUCK_HINT = ("The guest stopped where its console stops: it is stuck, not slow, and more --ost-boot-timeout "
               "would not help. If it stops at the same place on every run, the image is the cause; if it boots on "
-              "the next run, it was that one boot (guests under TCG emulation have stopped this way early in their "
-              "boot, rarely, with nothing in the image to blame).")
+              "the next run, it was that one boot (under TCG emulation, guests have been seen to stop this way early "
+              "in their boot, rarely, and to boot on the next try).")
 log = logging.getLogger("pytest_ostimages")
 
 if TYPE_CHECKING:
