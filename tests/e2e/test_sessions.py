@@ -4,6 +4,7 @@ the option boots what it names, failures say what happened, nothing is left."""
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import signal
 import subprocess
@@ -187,12 +188,14 @@ def test_image_unreadable_for_qemu(pytester: pytest.Pytester, unchanged: None,
                                  "*qemu user must be able to read every image of the chain*"])
 
 
-@pytest.mark.parametrize("cpu_mode, said", [
-    ("default", "*stopped by KVM while booting: libvirt's log of it (*) says 'KVM internal error. Suberror: 1'*"),
-    ("auto", "*Cannot start domain ost-*-vm: *failed to set MSR*"),  # host-passthrough
-])
-def test_kvm_that_cannot_run_the_guest_is_named(pytester: pytest.Pytester, unchanged: None, cpu_mode: str,
-                                                said: str) -> None:
+# How a KVM that cannot run the guest shows it depends on the host's KVM, not on the CPU mode asked for
+# (seen on two kinds of lab machine with either mode): qemu refused at start, or the guest stopped early.
+KVM_FAILURES = ("*Cannot start domain ost-*-vm: *failed to set MSR*",
+                "*stopped by KVM while booting: libvirt's log of it (*) says 'KVM internal error. Suberror: 1'*")
+
+
+@pytest.mark.parametrize("cpu_mode", ["default", "auto"])  # auto: host-passthrough
+def test_kvm_that_cannot_run_the_guest_is_named(pytester: pytest.Pytester, unchanged: None, cpu_mode: str) -> None:
     # a host whose /dev/kvm opens but whose KVM cannot run the guest (nested, paravirtualized: this
     # lab's machines): --ost-virt-type=auto would pick kvm, and the error must say what to do
     pytester.makepyfile("def test_x(ost_vm):\n    pass\n")
@@ -201,5 +204,7 @@ def test_kvm_that_cannot_run_the_guest_is_named(pytester: pytest.Pytester, uncha
     if result.ret == 0:
         pytest.skip("this host's KVM runs the guest: its failure cannot be shown here")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines([said, "*This host's KVM cannot run the guest (common on nested or paravirtualized "
-                                       "hosts)*--ost-virt-type=qemu*"])
+    assert any(fnmatch.fnmatch(line, failure) for line in result.stdout.lines for failure in KVM_FAILURES), \
+        result.stdout.str()
+    result.stdout.fnmatch_lines(["*This host's KVM cannot run the guest (common on nested or paravirtualized "
+                                 "hosts)*--ost-virt-type=qemu*"])
