@@ -233,13 +233,15 @@ def test_the_example_suite(hv: RemoteHypervisor, tmp_path: Path) -> None:
 def test_the_ost_example_suite_with_osts_own_ost_utils(hv: RemoteHypervisor, tmp_path: Path) -> None:
     # OST's ansible fixtures reach the VMs through the deployment's hosts file (a ProxyCommand through
     # the hypervisor), its backend reads the domains over the same libvirt URI, testinfra reaches them
-    # too and finds what the deploy scripts did (the suite's every test: test_warm_environments.py)
+    # too and finds what the deploy scripts did, and its checkpoint fixture is saved (or restored) there too
+    # (the suite's every test: test_warm_environments.py, which then restores what this session saved)
     suite = tmp_path / "ost_suite"
     shutil.copytree(EXAMPLES / "ost_suite", suite)
     before = libvirt_objects()
     with ost_example_pool() as pool:  # where test_warm_environments' sessions save and restore them too
         output = assert_ok(client(hv, tmp_path, f"--ost-init-config={suite / 'basic-suite' / 'ost.json'}",
                                   f"--ost-root={suite}", pool, str(suite / "basic-suite"), "-k",
-                                  "backend_finds or ansible or testinfra", timeout=1200))
-    assert "4 passed" in output and " failed" not in output, output
+                                  "backend_finds or ansible or testinfra or engines_service", timeout=1200))
+    assert "5 passed" in output and " failed" not in output, output
+    assert re.search(r"checkpoint hosts_enrolled: (ran in|saved state \w+ found)", output), output
     assert libvirt_objects() == before
