@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import pytest
 
+from .guest.vm import JOURNAL
 from .hypervisor import kvm_access
 from .images.catalog import backing_name
 
@@ -61,7 +62,7 @@ def vm_sections(vms: Iterable["VM"]) -> list[tuple[str, str]]:
         sections.append((f"ost {vm.role}: serial console (last {CONSOLE_TAIL} lines, {state})",
                          vm.console_log(CONSOLE_TAIL) or "(empty)"))
         if state == "running" and vm.boot_seconds is not None:  # it answered SSH once
-            journal = vm.diagnostic(f"journalctl --no-pager -n {JOURNAL_TAIL}")
+            journal = vm.diagnostic(f"{JOURNAL} -n {JOURNAL_TAIL}")
             if journal is not None:
                 sections.append((f"ost {vm.role}: journal (last {JOURNAL_TAIL} lines)", journal))
     return sections

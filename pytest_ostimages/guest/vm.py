@@ -31,6 +31,12 @@ from .network import network_wait_script
 from .ssh import SSH, CommandResult, HostKeyMismatch, NotReady
 
 CLEAN_SNAPSHOT = "ost-clean"
+# The guest's journal, whatever machine-id it has now: the plugin gives each VM its own after journald
+# started (identity, the NoCloud seed's bootcmd), and journalctl alone reads only the persistent journal
+# filed under the current one ("-- No entries --" for everything logged before the change).
+JOURNAL = "journalctl --no-pager --merge"
+# this boot's entries (journalctl refuses -b with --merge)
+BOOT_JOURNAL = f"{JOURNAL} _BOOT_ID=$(tr -d - </proc/sys/kernel/random/boot_id)"
 BOOT_HINT = ("Check that the image boots and starts sshd (the console shows how far it got); "
              "under TCG emulation (--ost-virt-type=qemu) give it more --ost-boot-timeout.")
 STUCK_HINT = ("The guest stopped where its console stops: it is stuck, not slow, and more --ost-boot-timeout "

@@ -25,7 +25,7 @@ import pytest
 
 from ..config import OstConfig
 from ..errors import OstError
-from ..guest.vm import VM
+from ..guest.vm import BOOT_JOURNAL, VM
 from ..lab.inputs import VMSpec
 from ..lab.lab import Lab
 from .reporter import PREFIX
@@ -286,7 +286,7 @@ class InsideRun:
         """The guest's journal, pytest log and the files the suite named, under dest/inside/."""
         folder = dest / "inside"
         folder.mkdir(parents=True, exist_ok=True)
-        journal = vm.ssh("journalctl --no-pager -b", timeout=120)
+        journal = vm.ssh(BOOT_JOURNAL, timeout=120)
         (folder / "journal.txt").write_text(journal.stdout)
         if vm.ssh(f"test -e {TOOLS}/pytest.log").returncode == 0:
             vm.get(f"{TOOLS}/pytest.log", folder / "pytest.log")

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..guest.vm import BOOT_JOURNAL
+
 if TYPE_CHECKING:
     from .lab import Lab
 
@@ -39,7 +41,7 @@ def collect_artifacts(lab: "Lab", dest: Path) -> Path:
             (folder / "domain.xml").write_text(vm.domain.XMLDesc())
         (folder / "state.txt").write_text(vm.state() + "\n")
         if vm.state() == "running" and vm.boot_seconds is not None:
-            journal = vm.diagnostic("journalctl --no-pager -b", timeout=60)
+            journal = vm.diagnostic(BOOT_JOURNAL, timeout=60)
             if journal is not None:
                 (folder / "journal.txt").write_text(journal)
             with contextlib.suppress(Exception):

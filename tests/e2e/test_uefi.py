@@ -158,13 +158,18 @@ def test_an_ost_topology_on_uefi_images_kept_attached_and_restored(suite: Path, 
     assert (libvirt_objects(), workdirs()) == before
 
 
-def test_a_suite_runs_inside_a_uefi_guest(pytester: pytest.Pytester) -> None:
+def test_a_suite_runs_inside_a_uefi_guest(pytester: pytest.Pytester, tmp_path: Path) -> None:
     before = libvirt_objects(), workdirs()
     # booted (with its NoCloud seed: cloud-init and firewalld at work), every run
     result = pytester.runpytest_subprocess("--ost-run-inside=host-installed", f"--ost-distro={EFI}",
                                            "--ost-inside-share=copy", str(EXAMPLE_INSIDE), "-p", "no:cacheprovider",
-                                           "--ost-memory=640", "--ost-vcpus=2", "--ost-warm=off")
+                                           "--ost-memory=640", "--ost-vcpus=2", "--ost-warm=off",
+                                           f"--ost-artifacts={tmp_path}")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines([f"*inside: booting {EFI}-host-installed *",
                                  "*inside: ssh ready in *, cloud-init done in *"])
+    # the guest's whole journal, though the seed gave it its own machine-id after journald had started
+    [run] = tmp_path.iterdir()
+    journal = (run / "inside" / "journal.txt").read_text()
+    assert "running 'init-local'" in journal and "Reached target" in journal, journal[-2000:]
     assert (libvirt_objects(), workdirs()) == before
