@@ -33,6 +33,8 @@ TESTS = """
     import os, subprocess
     from pathlib import Path
 
+    from pytest_ostimages.waiting import poll
+
     def test_vm_through_the_hypervisor(ost_vm, ost_lab, tmp_path):
         # this machine has none of the hypervisor's files: images, RPM database, work root
         assert not list(Path("/usr/share/ost-images").iterdir())
@@ -43,9 +45,9 @@ TESTS = """
         assert (tmp_path / "out").read_text() == "to the guest and back"
         assert ost_vm.testinfra.file("/etc/ost-layer").content_string.strip() == "engine-installed"
         # the hypervisor's file: what the guest writes to its serial console (a guest restored with its
-        # NICs kept may have written nothing there since the restore)
+        # NICs kept may have written nothing there since the restore), there a moment after the guest wrote it
         ost_vm.ssh("echo ost-console-marker >/dev/ttyS0", check=True)
-        assert "ost-console-marker" in ost_vm.console_log()
+        assert poll(lambda: "ost-console-marker" in ost_vm.console_log(), 30, 0.2), ost_vm.console_log()
         # OpenSSH (and so ansible) through the hypervisor, with the written config
         config = ost_lab.workdir.client / "ssh_config"
         done = subprocess.run(["ssh", "-F", str(config), "vm", "hostname"], capture_output=True, text=True,
