@@ -70,6 +70,7 @@ from pytest_ostimages.lab.lab import OstDeployment, Roots, Run  # noqa: E402
 from pytest_ostimages.hypervisor.host import LOCAL  # noqa: E402
 from pytest_ostimages.lab.networks import with_free_subnet  # noqa: E402
 from pytest_ostimages.guest.ssh import SSH  # noqa: E402
+from pytest_ostimages.guest.vm import JOURNAL  # noqa: E402
 from pytest_ostimages.hypervisor import connection as virt  # noqa: E402
 from pytest_ostimages.hypervisor.render import HostEntry, Templates, domain_xml, network_xml  # noqa: E402
 from pytest_ostimages.images.catalog import Image  # noqa: E402
@@ -196,7 +197,7 @@ def readiness_latency(vm, ready_wall: float) -> float:
     guest_now = float(vm.ssh("date +%s.%N").stdout)
     after = time.time()
     offset = guest_now - (before + after) / 2  # guest clock minus host clock, +- RTT/2
-    line = vm.ssh("journalctl -o short-unix -u ssh --no-pager | grep -m1 'Server listening'").stdout
+    line = vm.ssh(f"{JOURNAL} -o short-unix -u ssh | grep -m1 'Server listening'").stdout
     if not line.split():
         return float("nan")  # no such journal line (another image's sshd unit)
     listening_guest = float(line.split()[0])

@@ -2,9 +2,9 @@
 
 The example OST suite (engine, 2 hosts, storage with 2 extra disks, two networks, deploy
 scripts, the checkpoint fixture hosts_enrolled) is run whole: booted and deployed, saving
-its deployed environment and its checkpoint (or restoring both, when an earlier session
-saved them: then it proves the restore itself); a later session then restores both, on
-networks of its own.
+its deployed environment and its checkpoint, and a later session restores both, on networks
+of its own; or, when an earlier session saved both (test_remote's, in CI), it restores them
+itself and no later session is needed.
 (Several sessions restoring one state at once: test_warm.py.)
 (A checkpoint's changed source and damaged states: test_checkpoints.py, always saved anew.)
 """
