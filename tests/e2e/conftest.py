@@ -11,6 +11,8 @@ import fcntl
 import os
 import pwd
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -19,7 +21,7 @@ import pytest
 
 from pytest_ostimages import vm_fixture
 
-from .helpers import IMAGES, LOCKS, WORKER, image_state, libvirt_objects, workdirs
+from .helpers import IMAGES, INNER, LOCKS, RESTORABLE, WORKER, image_state, libvirt_objects, workdirs
 
 
 # Under pytest-xdist (.ci/run: -n 2) every e2e module goes to one worker whole (its module fixtures set
@@ -92,6 +94,29 @@ def turn(exclusive: bool) -> Iterator[None]:
             fcntl.flock(room, fcntl.LOCK_SH)
             fcntl.flock(gate, fcntl.LOCK_UN)
         yield  # closing the files releases their locks
+
+
+@pytest.fixture(scope="session")
+def engine_vm_saved(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The run's saved state of the VM that most inner sessions ask for (`--ost-image=engine-installed`,
+    INNER's size, RESTORABLE), booted and saved before the first of them starts. Sessions with
+    --ost-reuse keep their VMs and save none, so on a cold machine each of them booted it. One seeding
+    session for the run (both workers: the controller's pid marks it done); the tests pass without it."""
+    LOCKS.mkdir(mode=0o755, parents=True, exist_ok=True)
+    run = str(os.getppid()) if WORKER else str(os.getpid())  # the xdist controller: one per run
+    with open(LOCKS / "engine-vm-saved", "a+") as marker:
+        fcntl.flock(marker, fcntl.LOCK_EX)
+        marker.seek(0)
+        if marker.read() == run:
+            return
+        folder = tmp_path_factory.mktemp("engine-vm")
+        (folder / "test_vm.py").write_text("def test_vm(ost_vm):\n    pass\n")
+        done = subprocess.run([sys.executable, "-m", "pytest", *INNER, *RESTORABLE, "-s",
+                               "--ost-image=engine-installed", "test_vm.py"], cwd=folder, capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=900)
+        assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+        marker.truncate(0)
+        marker.write(run)
 
 
 @pytest.fixture

@@ -68,7 +68,8 @@ def pidns() -> Iterator[PidNamespace]:
 
 
 @pytest.fixture(scope="module")
-def bystanders(pidns: PidNamespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bystanders]:
+def bystanders(pidns: PidNamespace, tmp_path_factory: pytest.TempPathFactory,
+               engine_vm_saved: None) -> Iterator[Bystanders]:
     already = libvirt_objects()  # the outer session's own VMs, for one
     folder = tmp_path_factory.mktemp("bystanders")
     release = folder / "release"

@@ -64,8 +64,9 @@ TESTS = """
 
 
 @pytest.fixture(scope="module")
-def hv() -> Iterator[RemoteHypervisor]:
-    """Two hypervisors (two sshd addresses of the lab), for every test of the module."""
+def hv(engine_vm_saved: None) -> Iterator[RemoteHypervisor]:
+    """Two hypervisors (two sshd addresses of the lab), for every test of the module (whose sessions restore
+    the engine-installed VM where booting it is not the claim)."""
     with remote_hypervisor(count=2, hide=[WARM, OWN_WARM]) as rig:
         yield rig
 
