@@ -210,6 +210,15 @@ def scratch_root(prefix: str, pidns: Optional[PidNamespace] = None) -> Iterator[
         shutil.rmtree(root, ignore_errors=True)
 
 
+def inactive_domains(conn: "libvirt.virConnect") -> list[str]:
+    """The names of the defined domains that do not run, in one call: listDefinedDomains() counts them
+    first and then lists at most that many, so a domain another session defines in between pushes one
+    of them out of its answer."""
+    import libvirt
+
+    return [dom.name() for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE)]
+
+
 @contextlib.contextmanager
 def users_own_objects() -> Iterator[str]:
     """A defined (persistent) domain and a running network of the user's, both of the name

@@ -25,8 +25,8 @@ import pytest
 from pytest_ostimages import faults
 from pytest_ostimages.state.kept import KEPT_FILE
 
-from .helpers import (INNER, LIBVIRT_URI, RESTORABLE, PidNamespace, libvirt_objects, pid_namespace, read_until,
-                      scratch_root, users_own_objects)
+from .helpers import (INNER, LIBVIRT_URI, RESTORABLE, PidNamespace, inactive_domains, libvirt_objects,
+                      pid_namespace, read_until, scratch_root, users_own_objects)
 
 VM_TEST = "def test_vm(ost_vm):\n    assert ost_vm.ssh('true').returncode == 0\n"
 VM = ["--ost-image=engine-installed"]  # the bystanders and the sessions killed after boot: restorable
@@ -54,7 +54,7 @@ class Bystanders:
 
         conn = libvirt.open(LIBVIRT_URI)
         try:
-            return (self.foreign in conn.listDefinedDomains(), conn.networkLookupByName(self.foreign).isActive(),
+            return (self.foreign in inactive_domains(conn), conn.networkLookupByName(self.foreign).isActive(),
                     libvirt_objects(), (self.kept_root / KEPT_FILE).exists(),
                     sorted(p.name for p in self.kept_root.iterdir()), sorted(p.name for p in self.live_root.iterdir()))
         finally:

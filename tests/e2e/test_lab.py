@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from .helpers import LIBVIRT_URI, users_own_objects
+from .helpers import LIBVIRT_URI, inactive_domains, users_own_objects
 
 pytestmark = pytest.mark.exclusive  # .ci/lab's down runs --ost-cleanup
 LAB = Path(__file__).resolve().parents[2] / ".ci" / "lab"
@@ -36,7 +36,7 @@ def state(name: str) -> tuple[bool, bool, bool]:
 
     conn = libvirt.open(LIBVIRT_URI)
     try:
-        return (name in conn.listDefinedDomains(), name in [n.name() for n in conn.listAllNetworks()],
+        return (name in inactive_domains(conn), name in [n.name() for n in conn.listAllNetworks()],
                 conn.networkLookupByName(name).isActive() == 1)
     finally:
         conn.close()
