@@ -206,7 +206,10 @@ def network_wait_script(ip6: Optional[ipaddress.IPv6Address],
     checks = ([f'ip -o addr show to {ip6} | grep -q . || echo "address {ip6}"'] if ip6 is not None else [])
     checks += also
     lookups, numbers = [], []
-    left = 'left=$((end - $(date +%s))); [ "$left" -ge 1 ] || left=1'  # each lookup: the time left when it starts
+    # deadlines in ms (`date +%s` would end a wait of N s anywhere from N-1 to N s after it starts, as the
+    # second it starts in is already under way); each lookup gets the time left when it starts, 1 s at least
+    left = ('left=$((end - $(ost_ms))); [ "$left" -ge 1000 ] || left=1000; '
+            'left=$((left / 1000)).$((left % 1000 / 100))')
     for name, addresses in names.items():
         for ip in addresses:
             number = len(numbers)
@@ -217,15 +220,15 @@ def network_wait_script(ip6: Optional[ipaddress.IPv6Address],
                            f'case " $got" in *" {ip} "*) return 0 ;; esac; '
                            f'got=${{got% }}; echo "name {name} (IPv{ip.version}: {ip}), answered: ${{got:-nothing}}"; return 1; }}')
     return "\n".join([
-        *lookups,
-        f"end=$(($(date +%s) + {int(timeout)}))", "while :; do",
+        "ost_ms() { echo $(($(date +%s%N) / 1000000)); }", *lookups,
+        f"end=$(($(ost_ms) + {int(timeout * 1000)}))", "while :; do",
         f"    missing=$({'; '.join(checks) or ':'})", '    [ -z "$missing" ] && break',
-        '    [ "$(date +%s)" -ge "$end" ] && break', "    sleep 0.2", "done",
-        f"end=$(($(date +%s) + {int(timeout)})); pending='{' '.join(numbers)}'", "while :; do",
+        '    [ "$(ost_ms)" -ge "$end" ] && break', "    sleep 0.2", "done",
+        f"end=$(($(ost_ms) + {int(timeout * 1000)})); pending='{' '.join(numbers)}'", "while :; do",
         "    still=; unresolved=",
         '    for n in $pending; do line=$(ost_name_$n) || { still="$still $n"; unresolved="$unresolved$line',
         '"; }; done',
         '    pending=$still; [ -z "$pending" ] && break',
-        '    [ "$(date +%s)" -ge "$end" ] && break', "    sleep 0.2", "done",
+        '    [ "$(ost_ms)" -ge "$end" ] && break', "    sleep 0.2", "done",
         '[ -z "$missing$pending" ] && exit 0',
         'printf "%s\\n%s" "$missing" "$unresolved"', "exit 1"])

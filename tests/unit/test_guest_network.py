@@ -255,6 +255,17 @@ def test_names_are_looked_up_once_the_leases_are_bound_with_time_of_their_own(tm
     assert lookups.read_text().split() == ["engine", "engine"]  # each address once, after the leases
 
 
+def test_a_wait_of_one_second_lasts_one_second_late_in_a_clock_second(tmp_path: Path) -> None:
+    """The deadline is the time asked for from the wait's start, not the next whole clock second: a check
+    that passes after half a second passes within a wait of 1 s begun at .8 of a second."""
+    while time.time() % 1 < 0.8:
+        time.sleep(0.01)
+    passes_at = time.time_ns() + 500_000_000
+    done, seconds = wait(tmp_path, timeout=1, also=(f'[ "$(date +%s%N)" -ge {passes_at} ] || echo "not yet"',),
+                         getent=RESOLVES)
+    assert done.returncode == 0 and done.stdout == "", (done, seconds)
+
+
 def test_a_name_resolved_once_is_not_asked_again(tmp_path: Path) -> None:
     """A lookup that fails now and then (a lost answer) does not keep a guest waiting for a round in
     which every name answers at once."""
