@@ -60,7 +60,6 @@ def foreign_networks() -> Iterator[list[str]]:
     conn.close()
 
 
-@pytest.mark.exclusive  # its leftovers are its next session's to reap
 def test_sigkill_leftovers_are_reaped(pytester: pytest.Pytester, unchanged: None,
                                       foreign_networks: list[str]) -> None:
     proc = start_booting(pytester)

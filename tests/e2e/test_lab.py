@@ -16,7 +16,7 @@ import pytest
 
 from .helpers import LIBVIRT_URI, inactive_domains, users_own_objects
 
-pytestmark = pytest.mark.exclusive  # .ci/lab's down runs --ost-cleanup
+# Every test here runs alone (EXCLUSIVE in conftest.py): .ci/lab's down runs --ost-cleanup.
 LAB = Path(__file__).resolve().parents[2] / ".ci" / "lab"
 
 

@@ -31,7 +31,6 @@ def chown_tree(root: Path, uid: int) -> None:
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="makes a work root of another user (needs root)")
-@pytest.mark.exclusive  # --ost-cleanup of the default work root: what it finds on the host
 def test_another_users_kept_vms_survive_cleanup_and_other_sessions(tmp_path: Path, engine_vm_saved: None) -> None:
     (tmp_path / "test_it.py").write_text(VM_TEST)
     (tmp_path / "test_net.py").write_text("def test_net(ost_network):\n    pass\n")
