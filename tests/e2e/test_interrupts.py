@@ -60,6 +60,7 @@ def foreign_networks() -> Iterator[list[str]]:
     conn.close()
 
 
+# runs alone: EXCLUSIVE in conftest.py
 def test_sigkill_leftovers_are_reaped(pytester: pytest.Pytester, unchanged: None,
                                       foreign_networks: list[str]) -> None:
     proc = start_booting(pytester)

@@ -132,6 +132,7 @@ def test_warm_start_saves_and_restores_on_the_hypervisor(hv: RemoteHypervisor, s
         shutil.rmtree(warm, ignore_errors=True)
 
 
+# runs alone: EXCLUSIVE in conftest.py
 def test_a_killed_client_session_is_reaped_by_the_clients_next_one(hv: RemoteHypervisor, tmp_path: Path) -> None:
     (tmp_path / "test_sleep.py").write_text("def test_sleep(ost_vm):\n    print('VM-READY', flush=True)\n"
                                             "    __import__('time').sleep(300)\n")

@@ -31,6 +31,7 @@ def chown_tree(root: Path, uid: int) -> None:
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="makes a work root of another user (needs root)")
+# runs alone: EXCLUSIVE in conftest.py
 def test_another_users_kept_vms_survive_cleanup_and_other_sessions(tmp_path: Path, engine_vm_saved: None) -> None:
     (tmp_path / "test_it.py").write_text(VM_TEST)
     (tmp_path / "test_net.py").write_text("def test_net(ost_network):\n    pass\n")
